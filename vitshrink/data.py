@@ -1,0 +1,297 @@
+"""Labelled image data: ImageFolder directories or tars, the bundled CIFAR-10 subset, transforms, loaders.
+
+Reading is timm's (its folder and tar readers); vitshrink adds split discovery, a seeded stratified
+hold-out, and a loader that skips unreadable images and counts them instead of failing.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vitshrink.errors import UserError
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED_TRAIN = ASSETS / "cifar10_train_5k.tar"
+BUNDLED_VAL = ASSETS / "cifar10_test_1k.tar"
+SPLIT_NAMES_TRAIN = ("train",)
+SPLIT_NAMES_VAL = ("val", "validation", "test")
+
+
+def _open_reader(path: Path):
+    """A timm reader over an ImageFolder directory or tar, or a UserError saying why not."""
+    from timm.data.readers import create_reader
+
+    if not path.exists():
+        raise UserError(f"{path}: data path not found")
+    if path.is_file() and not path.name.endswith(".tar"):
+        raise UserError(f"{path}: expected an ImageFolder directory or a .tar in ImageFolder layout")
+    try:
+        reader = create_reader("", root=str(path))
+    except Exception as exc:  # timm raises RuntimeError/AssertionError/TarError for bad roots
+        raise UserError(f"{path}: cannot read as an image folder ({type(exc).__name__}: {exc})") from None
+    if len(reader) == 0:
+        raise UserError(f"{path}: no images found (expected <class>/<image> layout)")
+    return reader
+
+
+def _class_names(reader) -> list[str]:
+    # timm's folder reader calls it class_to_idx, its tar reader class_name_to_idx.
+    mapping = getattr(reader, "class_to_idx", None) or reader.class_name_to_idx
+    return [name for name, _ in sorted(mapping.items(), key=lambda item: item[1])]
+
+
+def reader_targets(reader) -> list[int]:
+    """The class index of every sample of a timm reader, without decoding any image."""
+    targets = getattr(reader, "targets", None)
+    if targets is not None:
+        return [int(t) for t in targets]
+    return [int(t) for _, t in reader.samples]
+
+
+def _forget_open_files(reader) -> None:
+    """Drop tar handles inherited from a parent process (a shared file offset corrupts reads)."""
+    state = getattr(reader, "tar_state", None)
+    if state is None:
+        return
+    states = [state] if getattr(reader, "root_is_tar", False) else list(state.values())
+    for item in states:
+        item.tf = None
+        for child in (getattr(item, "children", None) or {}).values():
+            child.tf = None
+
+
+class ImageSplit(Dataset):
+    """A view of some samples of a timm reader with its own transform.
+
+    ``__getitem__`` returns ``None`` for an unreadable image so that the loader can skip and count it.
+    """
+
+    def __init__(self, reader, indices: Sequence[int] | None = None, transform: Callable | None = None,
+                 img_mode: str = "RGB"):
+        self.reader = reader
+        self.indices = list(range(len(reader))) if indices is None else list(indices)
+        self.transform = transform
+        self.img_mode = img_mode
+        self._pid = os.getpid()
+        self._all_targets = reader_targets(reader)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def targets(self) -> list[int]:
+        return [self._all_targets[i] for i in self.indices]
+
+    def filename(self, index: int) -> str:
+        return self.reader.filename(self.indices[index])
+
+    def __getitem__(self, index: int):
+        if os.getpid() != self._pid:
+            _forget_open_files(self.reader)
+            self._pid = os.getpid()
+        try:
+            fileobj, target = self.reader[self.indices[index]]
+            img = Image.open(fileobj)
+            img = img.convert(self.img_mode)  # decodes the pixels, so corrupt data fails here
+        except (OSError, ValueError, SyntaxError):
+            return None
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(target)
+
+
+@dataclass
+class LabelledData:
+    """Train and validation splits of one labelled data set."""
+
+    train: ImageSplit | None
+    val: ImageSplit
+    class_names: list[str]
+    description: str
+    note: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def stratified_holdout(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (train, val) keeping each class's share; at least one val image per class."""
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"--val-split must be in (0, 1), got {fraction}")
+    by_class: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(int(target), []).append(index)
+    rng = random.Random(seed)
+    train, val = [], []
+    for cls in sorted(by_class):
+        members = by_class[cls][:]
+        rng.shuffle(members)
+        n_val = max(1, math.ceil(fraction * len(members))) if len(members) > 1 else 0
+        val.extend(members[:n_val])
+        train.extend(members[n_val:])
+    return sorted(train), sorted(val)
+
+
+def _find_split_dirs(root: Path) -> tuple[Path | None, Path | None]:
+    if not root.is_dir():
+        return None, None
+    train = next((root / n for n in SPLIT_NAMES_TRAIN if (root / n).is_dir()), None)
+    val = next((root / n for n in SPLIT_NAMES_VAL if (root / n).is_dir()), None)
+    return train, val
+
+
+def resolve_data(
+    data: str | os.PathLike | None = None,
+    val_data: str | os.PathLike | None = None,
+    *,
+    val_split: float = 0.1,
+    seed: int = 0,
+    in_chans: int = 3,
+) -> LabelledData:
+    """Find the train/val splits of ``data`` (default: the bundled CIFAR-10 subset).
+
+    A root with ``train/`` and ``val/`` (or ``validation/``, ``test/``) uses those; ``val_data`` names a
+    separate validation set; otherwise a seeded stratified hold-out of ``val_split`` is taken.
+    """
+    img_mode = "L" if in_chans == 1 else "RGB"
+    if data is None and val_data is None:
+        train_reader, val_reader = _open_reader(BUNDLED_TRAIN), _open_reader(BUNDLED_VAL)
+        return LabelledData(
+            ImageSplit(train_reader, img_mode=img_mode), ImageSplit(val_reader, img_mode=img_mode),
+            _class_names(train_reader), "bundled CIFAR-10 (train_5k / test_1k)")
+    if data is None:
+        raise UserError("--val-data given without --data")
+    root = Path(data)
+    train_dir, val_dir = _find_split_dirs(root)
+    note = None
+    if val_data is not None:
+        train_reader = _open_reader(train_dir or root)
+        val_reader = _open_reader(Path(val_data))
+        train, val = ImageSplit(train_reader, img_mode=img_mode), ImageSplit(val_reader, img_mode=img_mode)
+        description = f"{train_dir or root} (validation: {val_data})"
+    elif train_dir is not None and val_dir is not None:
+        train_reader, val_reader = _open_reader(train_dir), _open_reader(val_dir)
+        train, val = ImageSplit(train_reader, img_mode=img_mode), ImageSplit(val_reader, img_mode=img_mode)
+        description = f"{root} ({train_dir.name}/ and {val_dir.name}/)"
+    else:
+        train_reader = _open_reader(root)
+        train_idx, val_idx = stratified_holdout(reader_targets(train_reader), val_split, seed)
+        train = ImageSplit(train_reader, train_idx, img_mode=img_mode)
+        val = ImageSplit(train_reader, val_idx, img_mode=img_mode)
+        description = str(root)
+        note = (f"{root} has no train/val split: held out {len(val_idx)} of {len(train_reader)} images "
+                f"({val_split:.0%}, stratified, seed {seed}) for validation")
+    names = _class_names(train_reader)
+    val_names = _class_names(val.reader)
+    if val_names != names:
+        raise UserError(f"{val.reader.root if hasattr(val.reader, 'root') else val_data}: validation classes "
+                        f"{val_names[:5]}... differ from training classes {names[:5]}...")
+    return LabelledData(train, val, names, description, note)
+
+
+def resolve_eval_split(
+    data: str | os.PathLike | None = None,
+    val_data: str | os.PathLike | None = None,
+    *,
+    in_chans: int = 3,
+) -> tuple[ImageSplit, str]:
+    """The images to evaluate on: ``val_data``; else the validation split of a root with splits; else the
+    whole of ``data`` (an evaluation set needs no hold-out); else the bundled CIFAR-10 test subset."""
+    img_mode = "L" if in_chans == 1 else "RGB"
+    if val_data is not None:
+        return ImageSplit(_open_reader(Path(val_data)), img_mode=img_mode), str(val_data)
+    if data is None:
+        return ImageSplit(_open_reader(BUNDLED_VAL), img_mode=img_mode), "bundled CIFAR-10 test_1k"
+    root = Path(data)
+    _, val_dir = _find_split_dirs(root)
+    path = val_dir or root
+    return ImageSplit(_open_reader(path), img_mode=img_mode), str(path)
+
+
+def sample_images(model_cfg: dict[str, Any], data: str | os.PathLike | None = None, n: int = 8) -> torch.Tensor:
+    """``n`` real images (one per class first) from ``data`` or the bundled set, transformed for a model."""
+    split, _ = resolve_eval_split(data, in_chans=int(model_cfg["input_size"][0]))
+    split.transform = build_transform(model_cfg, is_training=False)
+    targets = split.targets
+    first_of_class: dict[int, int] = {}
+    for index, target in enumerate(targets):
+        first_of_class.setdefault(target, index)
+    order = list(first_of_class.values()) + [i for i in range(len(split)) if i not in first_of_class.values()]
+    images = []
+    for index in order:
+        item = split[index]
+        if item is not None:
+            images.append(item[0])
+        if len(images) == n:
+            break
+    if not images:
+        raise UserError(f"{data or BUNDLED_VAL}: no readable images to check the export with")
+    return torch.stack(images)
+
+
+def build_transform(cfg: dict[str, Any], is_training: bool = False, **aug: Any) -> Callable:
+    """timm's transform for a model's data config (input size, mean/std, interpolation, crop_pct)."""
+    from timm.data import create_transform
+
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+    kwargs = {k: cfg[k] for k in keys if k in cfg}
+    if not is_training:
+        kwargs.pop("crop_mode", None) if kwargs.get("crop_mode") is None else None
+    kwargs["input_size"] = tuple(kwargs["input_size"])
+    in_chans = kwargs["input_size"][0]
+    for key in ("mean", "std"):
+        if key in kwargs and len(kwargs[key]) != in_chans:
+            # A 1-channel model with a 3-value default (or the reverse): use the first value per channel.
+            kwargs[key] = tuple(kwargs[key][:1]) * in_chans
+    return create_transform(is_training=is_training, **kwargs, **aug)
+
+
+class SkippingCollate:
+    """Collate that drops unreadable samples (``None``) and reports how many were dropped."""
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+        good = [item for item in batch if item is not None]
+        skipped = len(batch) - len(good)
+        if not good:
+            return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+        images = torch.stack([item[0] for item in good])
+        targets = torch.tensor([item[1] for item in good], dtype=torch.long)
+        return images, targets, skipped
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    workers: int | None = None,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """A DataLoader yielding ``(images, targets, n_skipped)`` batches."""
+    if workers is None:
+        workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=SkippingCollate(),
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        generator=generator,
+    )

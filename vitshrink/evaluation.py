@@ -1,0 +1,74 @@
+"""Top-1/top-5 accuracy of a classifier on a labelled split, with a progress bar."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitshrink.data import ImageSplit, build_transform, make_loader
+from vitshrink.loading import data_config
+
+
+@dataclass
+class EvalResult:
+    top1: float  # fraction in [0, 1]
+    top5: float
+    n_images: int
+    n_skipped: int  # unreadable images, not counted in n_images
+    loss: float  # mean cross-entropy
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _logits(output: Any) -> torch.Tensor:
+    # Distilled ViTs return (cls, dist) in train mode; evaluation averages the two heads.
+    if isinstance(output, (tuple, list)):
+        return sum(output) / len(output)
+    return output
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader, *, device: str | torch.device = "cpu",
+                    progress=None, description: str = "evaluate", amp: bool = False) -> EvalResult:
+    """Accuracy over every batch of ``loader`` (batches of ``(images, targets, n_skipped)``).
+
+    ``progress`` is an optional ``rich.progress.Progress``; a task is added and advanced per batch.
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    correct1 = correct5 = seen = skipped = 0
+    loss_sum = 0.0
+    task = progress.add_task(description, total=len(loader)) if progress is not None else None
+    for images, targets, n_bad in loader:
+        skipped += n_bad
+        if len(targets):
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+                logits = _logits(model(images)).float()
+            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hits = top.eq(targets[:, None])
+            correct1 += hits[:, 0].sum().item()
+            correct5 += hits.any(dim=1).sum().item()
+            seen += len(targets)
+        if task is not None:
+            progress.advance(task)
+    if was_training:
+        model.train()
+    if seen == 0:
+        return EvalResult(0.0, 0.0, 0, skipped, float("nan"))
+    return EvalResult(correct1 / seen, correct5 / seen, seen, skipped, loss_sum / seen)
+
+
+def evaluate(model: nn.Module, dataset: ImageSplit, *, batch_size: int = 256, workers: int | None = None,
+             device: str | torch.device = "cpu", progress=None) -> EvalResult:
+    """Evaluate ``model`` on ``dataset`` using the model's own eval transform (timm's, from its data config)."""
+    dataset.transform = build_transform(data_config(model), is_training=False)
+    model.to(device)
+    loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
+    return evaluate_loader(model, loader, device=device, progress=progress)
