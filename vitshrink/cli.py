@@ -225,6 +225,119 @@ def _print_benchmark(output: dict[str, Any]) -> None:
         console.print(table)
 
 
+@app.command()
+def distill(
+    teacher: Annotated[Optional[str], typer.Argument(help="teacher SPEC (default: the bundled CIFAR-10 ViT)")] = None,
+    recipe: Annotated[str, typer.Option("--recipe", help="vanilla | deit | ce | ... (recipes/NAME.yaml)")] = "vanilla",
+    student: Annotated[Optional[str], typer.Option(
+        "--student", help="file or NAME:key=value,... (default: the teacher at half depth)")] = None,
+    data: DataOpt = None,
+    val_data: Annotated[Optional[Path], typer.Option("--val-data", help="separate validation set")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("-b", "--batch-size")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option("--warmup-epochs")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay")] = None,
+    clip_grad: Annotated[Optional[float], typer.Option("--clip-grad")] = None,
+    smoothing: Annotated[Optional[float], typer.Option("--smoothing")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda")] = "auto",
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bf16 autocast (default: on CUDA)")] = None,
+    out: Annotated[Path, typer.Option("--out", "--output", help="run folder")] = Path("output/distill"),
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from last.pt")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    config: Annotated[Optional[Path], typer.Option("-c", "--config", help="YAML with preset keys")] = None,
+    workers: Annotated[Optional[int], typer.Option("-j", "--workers")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile student and teacher")] = False,
+    flops_target: Annotated[Optional[float], typer.Option(
+        "--flops-target", help="target share of the teacher's FLOPs (recipes that search)")] = None,
+    checkpoint_steps: Annotated[Optional[int], typer.Option(
+        "--checkpoint-steps", help="write last.pt every N steps (0: epoch ends only)")] = None,
+    steps_per_epoch: Annotated[Optional[int], typer.Option(
+        "--steps-per-epoch", help="cap the optimizer steps of each epoch")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="any preset key: KEY=VALUE (repeatable)")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
+    num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
+) -> None:
+    """Distil TEACHER into a smaller student with a recipe; writes the run folder and prints the report."""
+    import yaml
+
+    from vitshrink.engine import distill as run_distill
+    from vitshrink.engine import load_bundled_teacher
+
+    overrides: dict[str, Any] = {}
+    for key, value in (("warmup_epochs", warmup_epochs), ("weight_decay", weight_decay), ("clip_grad", clip_grad),
+                       ("smoothing", smoothing), ("checkpoint_steps", checkpoint_steps),
+                       ("steps_per_epoch", steps_per_epoch)):
+        if value is not None:
+            overrides[key] = value
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    if teacher is None:
+        model = load_bundled_teacher()
+    else:
+        model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
+        model.vitshrink_spec = teacher
+    result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out, epochs=epochs,
+                         batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
+                         config=config, overrides=overrides, workers=workers, compile=compile_model,
+                         progress=progress, flops_target=flops_target)
+    if result.report:
+        console.print((result.out_dir / "report.md").read_text())
+        console.print(f"wrote {result.out_dir}: " + ", ".join(sorted(p.name for p in result.paths.values())))
+
+
+@app.command("select-wild")
+def select_wild(
+    teacher: Annotated[str, typer.Option("--teacher", help="teacher SPEC (timm name, .safetensors, .pt, HF dir)")],
+    pool: Annotated[Path, typer.Option("--pool", help="folder tree of unlabelled images")],
+    num: Annotated[Optional[int], typer.Option("--num", help="how many images to select")] = None,
+    fraction: Annotated[Optional[float], typer.Option("--fraction", help="share of the readable images to select")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="output dir (default: <pool>-selected)")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="copy|link the selected images into OUT/<class>/, or list")] = "copy",
+    criterion: Annotated[str, typer.Option("--criterion", help="combined|probe|confidence|energy")] = "combined",
+    blocks: Annotated[Optional[str], typer.Option("--blocks", help="0-based blocks to probe, e.g. 3,7 (default: 1/3 and 2/3 of the depth)")] = None,
+    batch_size: Annotated[int, typer.Option("-b", "--batch-size")] = 256,
+    workers: Annotated[Optional[int], typer.Option("-j", "--workers")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda")] = "auto",
+    arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
+    num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
+) -> None:
+    """Select the pool images the teacher finds meaningful (Attention Probe); resumable; writes scores.csv."""
+    from vitshrink.wild import select_wild as run_select_wild
+
+    try:
+        block_list = [int(b) for b in blocks.split(",")] if blocks else None
+    except ValueError:
+        raise UserError(f"--blocks must be comma-separated block indices, got {blocks!r}") from None
+    model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
+    out_dir = out if out is not None else pool.parent / f"{pool.name}-selected"
+    summary = run_select_wild(model, pool, out_dir, num=num, fraction=fraction, mode=mode, criterion=criterion,
+                              blocks=block_list, batch_size=batch_size, workers=workers, device=_device(device))
+    table = Table(title=f"select-wild: {pool} -> {out_dir}", show_header=False)
+    table.add_row("criterion", f"{summary.criterion} (probe blocks {summary.blocks or 'none'})")
+    table.add_row("scored", f"{summary.scored} ({summary.resumed} from an earlier run)")
+    for reason, count in summary.skipped.items():
+        table.add_row(f"skipped: {reason}", str(count))
+    if summary.other_files:
+        table.add_row("ignored (not an image extension)", str(summary.other_files))
+    table.add_row("selected", str(summary.selected))
+    console.print(table)
+    histogram = Table(title="selected per predicted class")
+    histogram.add_column("class")
+    histogram.add_column("images", justify="right")
+    for name, count in summary.class_histogram.items():
+        histogram.add_row(name, str(count))
+    console.print(histogram)
+    for note in summary.notes:
+        err_console.print(f"[yellow]note:[/yellow] {note}")
+    where = f"images in {out_dir}/<class>/" if summary.mode != "list" else f"list in {out_dir / 'selected.txt'}"
+    console.print(f"wrote {summary.scores_csv} and the {where}")
+
+
 def main() -> None:
     """Entry point: run the app; bad input becomes one stderr line and exit code 2."""
     try:

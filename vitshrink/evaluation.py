@@ -42,7 +42,7 @@ def evaluate_loader(model: nn.Module, loader, *, device: str | torch.device = "c
     device = torch.device(device)
     correct1 = correct5 = seen = skipped = 0
     loss_sum = 0.0
-    task = progress.add_task(description, total=len(loader)) if progress is not None else None
+    task = progress.add_task(description, total=len(loader), stats="") if progress is not None else None
     for images, targets, n_bad in loader:
         skipped += n_bad
         if len(targets):

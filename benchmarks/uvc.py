@@ -1,0 +1,110 @@
+"""Benchmark the ``uvc`` recipe (issue 4): UVC at FLOPs targets 0.7 and 0.5 against the teacher, uniform pruning
+to the same FLOPs, the depth-halved student, and the ablations (--no-skip, --skip-only, --no-kd).
+
+Every student gets the same post-training (the uvc preset's KD schedule; uniform and depth-halved students via
+the ``vanilla`` recipe, i.e. the same logit KD). Each row: top-1 on the validation tar, parameters, GMACs (batch 1;
+GFLOPs = 2 x GMACs) and onnxruntime CPU latency p50 at batch 1 and 32, from each run's report.json.
+
+    python benchmarks/uvc.py TEACHER.safetensors --data ../shared/data/cifar10/train.tar \\
+        --val-data ../shared/data/cifar10/test.tar --epochs 30 --out output/bench_uvc --json benchmarks/uvc.json
+
+Writes JSON (``--json``) with the command, date, machine and every row. Runs are sequential, on one machine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitshrink._atomic import atomic_write_text
+from vitshrink.engine import distill
+from vitshrink.loading import load_model
+from vitshrink.surgery import slice_vit, uniform_plan
+from vitshrink.uvc_search import ResourceModel
+
+
+def uniform_student(teacher, target: float):
+    """Uniform pruning to ``target``: the largest keep fraction (same in every block) with R <= target."""
+    resource = ResourceModel(teacher)
+    lo, hi = 0.0, 1.0
+    for _ in range(30):  # bisection on the keep fraction
+        mid = (lo + hi) / 2
+        if resource.plan_ratio(uniform_plan(teacher, max(mid, 1e-6))) <= target:
+            lo = mid
+        else:
+            hi = mid
+    plan = uniform_plan(teacher, max(lo, 1e-6))
+    return slice_vit(teacher, plan), resource.plan_ratio(plan), lo
+
+
+def row(name: str, result, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    student = result.report["student"]
+    return {"name": name, "top1": student["top1"], "params": student["params"], "gmacs": student["gmacs"],
+            "ort_p50_ms": student["ort_p50_ms"], "out_dir": str(result.out_dir), **(extra or {})}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("teacher", help="teacher .safetensors (the bundled CIFAR-10 ViT)")
+    parser.add_argument("--data", default=None, help="training tar/dir (default: bundled train_5k)")
+    parser.add_argument("--val-data", default=None, help="validation tar/dir (e.g. cifar10/test.tar)")
+    parser.add_argument("--targets", default="0.7,0.5")
+    parser.add_argument("--ablation-target", type=float, default=0.5)
+    parser.add_argument("--epochs", type=int, default=None, help="post-training epochs (default: preset)")
+    parser.add_argument("--steps-per-epoch", type=int, default=None, help="cap optimizer steps per epoch")
+    parser.add_argument("--search-steps", type=int, default=None, help="UVC search steps (default: preset)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="output/bench_uvc")
+    parser.add_argument("--json", default="benchmarks/uvc.json")
+    args = parser.parse_args(argv)
+
+    targets = [float(t) for t in args.targets.split(",")]
+    out = Path(args.out)
+    common = dict(data=args.data, val_data=args.val_data, epochs=args.epochs, device=args.device, progress=False)
+    shared = {"steps_per_epoch": args.steps_per_epoch} if args.steps_per_epoch else {}
+    uvc_only = {**shared, **({"search_steps": args.search_steps} if args.search_steps else {})}
+    teacher = load_model(args.teacher)
+    rows: list[dict[str, Any]] = []
+    teacher_entry = None
+    for target in targets:
+        result = distill(teacher, "uvc", out_dir=out / f"uvc_{target}", flops_target=target, overrides=uvc_only,
+                         **common)
+        teacher_entry = teacher_entry or result.report["teacher"]
+        plan = json.loads((result.out_dir / "uvc_plan.json").read_text())
+        rows.append(row(f"uvc@{target}", result, {"flops_ratio": plan["flops_ratio"], "adjusted": plan["adjusted"]}))
+        student, ratio, keep = uniform_student(load_model(args.teacher), target)
+        result = distill(teacher, "vanilla", student=student, out_dir=out / f"uniform_{target}", overrides=shared,
+                         **common)
+        rows.append(row(f"uniform@{target}", result, {"flops_ratio": ratio, "keep_fraction": keep}))
+    result = distill(teacher, "vanilla", out_dir=out / "depth_half", overrides=shared, **common)
+    rows.append(row("depth-halved (vanilla)", result))
+    for flag in ("no_skip", "skip_only", "no_kd"):
+        result = distill(teacher, "uvc", out_dir=out / f"uvc_{args.ablation_target}_{flag}",
+                         flops_target=args.ablation_target, overrides={**uvc_only, flag: True}, **common)
+        plan = json.loads((result.out_dir / "uvc_plan.json").read_text())
+        rows.append(row(f"uvc@{args.ablation_target} --{flag.replace('_', '-')}", result,
+                        {"flops_ratio": plan["flops_ratio"]}))
+    record = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "teacher": {"path": args.teacher, **(teacher_entry or {})},
+        "rows": rows,
+    }
+    atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+    for r in rows:
+        print(f"{r['name']:32s} top1 {r['top1']:.4f}  GMACs {r['gmacs']:.4f}  params {r['params']:,}  "
+              f"ORT p50 {r['ort_p50_ms']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""report.json / report.md of a distillation run, from numbers measured elsewhere (``vitshrink.measure``,
+``vitshrink.evaluation``). This module formats; it measures nothing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vitshrink._atomic import atomic_write_text
+
+
+def _ort_p50(bench: dict[str, Any], batch_size: int) -> float | None:
+    rows = (bench.get("runtimes", {}).get("onnxruntime") or {}).get("batches", [])
+    return next((row["p50_ms"] for row in rows if row["batch_size"] == batch_size), None)
+
+
+def model_entry(top1: float | None, bench: dict[str, Any], batch_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """One model's row: top-1, params, MACs/FLOPs and ORT latency p50 per batch size (from ``measure.benchmark``)."""
+    return {
+        "top1": top1,
+        "params": bench.get("params"),
+        "gmacs": bench.get("gmacs"),
+        "gflops": bench.get("gflops"),
+        "ort_p50_ms": {str(b): _ort_p50(bench, b) for b in batch_sizes},
+        "benchmark": bench,
+    }
+
+
+def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any], distill_seconds: float,
+                 epochs: int, best_epoch: int | None, onnx: dict[str, Any] | None, data: str,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report dict: teacher vs student and the ratios between them (speed-up = teacher p50 / student p50)."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    speedup = {b: ratio(teacher["ort_p50_ms"].get(b), student["ort_p50_ms"].get(b)) for b in student["ort_p50_ms"]}
+    return {
+        "recipe": recipe,
+        "data": data,
+        "epochs": epochs,
+        "best_epoch": best_epoch,
+        "distill_seconds": distill_seconds,
+        "teacher": teacher,
+        "student": student,
+        "ratios": {
+            "params": ratio(student["params"], teacher["params"]),
+            "gmacs": ratio(student["gmacs"], teacher["gmacs"]),
+            "ort_speedup": speedup,
+            "top1_delta": (student["top1"] - teacher["top1"]) if None not in (student["top1"], teacher["top1"]) else None,
+        },
+        "onnx": onnx,
+        **(extra or {}),
+    }
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    teacher, student, ratios = report["teacher"], report["student"], report["ratios"]
+    lines = [
+        f"# vitshrink distill report: `{report['recipe']}`",
+        "",
+        f"Data: {report['data']}. {report['epochs']} epochs (best top-1 at epoch {report['best_epoch']}), "
+        f"distillation wall time {report['distill_seconds']:.1f} s.",
+        "",
+        "| | teacher | student | student / teacher |",
+        "|---|---:|---:|---:|",
+        f"| top-1 | {_fmt(teacher['top1'], '.2%')} | {_fmt(student['top1'], '.2%')} | "
+        f"{_fmt(ratios['top1_delta'] * 100 if ratios['top1_delta'] is not None else None, '+.2f')} pt |",
+        f"| params | {_fmt(teacher['params'], ',')} | {_fmt(student['params'], ',')} | {_fmt(ratios['params'], '.3f')} |",
+        f"| GMACs (batch 1) | {_fmt(teacher['gmacs'], '.4f')} | {_fmt(student['gmacs'], '.4f')} | "
+        f"{_fmt(ratios['gmacs'], '.3f')} |",
+    ]
+    for batch, speedup in ratios["ort_speedup"].items():
+        lines.append(f"| ORT latency p50, batch {batch} (ms) | {_fmt(teacher['ort_p50_ms'].get(batch), '.3f')} | "
+                     f"{_fmt(student['ort_p50_ms'].get(batch), '.3f')} | speed-up {_fmt(speedup, '.2f')}x |")
+    lines += ["", "GFLOPs = 2 x GMACs. Latency: onnxruntime, CPU provider unless stated in report.json."]
+    if report.get("onnx"):
+        onnx = report["onnx"]
+        lines.append(f"ONNX parity: max |logit diff| {_fmt(onnx.get('max_abs_diff'), '.2e')}, top-1 agreement "
+                     f"{_fmt(onnx.get('top1_agree'), '.0%')} on {onnx.get('n_images')} images.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write report.json and report.md atomically; return their paths."""
+    out_dir = Path(out_dir)
+    paths = {"report_json": out_dir / "report.json", "report_md": out_dir / "report.md"}
+    atomic_write_text(paths["report_json"], json.dumps(report, indent=2))
+    atomic_write_text(paths["report_md"], render_markdown(report))
+    return paths
