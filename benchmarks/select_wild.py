@@ -1,24 +1,32 @@
 """select-wild + probe distillation, closer to the paper (issue 5): does the attention probe pick useful images?
 
-1. A ViT teacher is trained (plain CE loop) on 5 CIFAR-10 classes of cifar10/train.tar.
-2. Pool = other cifar10/train.tar images of all 10 classes + MNIST digits (read as RGB), unlabelled.
-3. select-wild picks --num images with each criterion; precision = share from the teacher's 5 classes.
+1. A 5-class ViT teacher (airplane, automobile, bird, cat, deer). ``--teacher-source bundled`` (default): the
+   bundled CIFAR-10 ViT (6 blocks, 192 wide, patch 4) with its head cut to those 5 classes' rows, then
+   fine-tuned with CE on those 5 classes' images of cifar10/train.tar only. CAVEAT: the bundled teacher was
+   trained on all 50k train.tar images of all 10 classes, so its features know the other 5 classes; this
+   teacher is "trained on 5 classes" only in its head and its last fine-tune. That is why its pool is taken
+   from cifar10/test.tar (images it never saw), not train.tar. ``--teacher-source scratch``: the strict
+   setting, a ViT trained from scratch on the 5 classes only (weak on a CPU budget); pool from train.tar.
+2. Pool, unlabelled: CIFAR-10 images of all 10 classes (disjoint from the teacher's training images and from
+   the test images the students are scored on) + MNIST test digits (read as RGB).
+3. select-wild picks N images with each criterion, globally (the paper) and class-balanced (``balanced``:
+   the best N/C of each predicted class first); precision = share from the teacher's 5 classes.
 4. Throughput: select-wild (decode + teacher + probe hooks + scores.csv) vs the teacher's plain inference
    over the same images with the same loader (decode + forward), and the model-only ratio (hooks vs none).
-5. Students (derived by the engine from the teacher) trained with ``probe`` on (a) the selected images,
-   (b) a random pool subset of the same size (pseudo-labelled by the teacher the same way), and with
-   ``vanilla`` on (c) the teacher's labelled training images; top-1 on those 5 classes of cifar10/test.tar.
+5. Students (derived by the engine from the teacher: half its depth, initialised from it or not) trained for
+   the same epochs on the same number N of images: ``probe`` on (a) each selection, (b) a random pool
+   subset (pseudo-labelled by the teacher the same way), and ``vanilla`` on (c) N labelled images of the
+   teacher's training data; top-1 on the teacher's 5 classes of cifar10/test.tar (held-out part).
 
-    .venv/bin/python benchmarks/select_wild.py --train-per-class 500 --pool-cifar 2000 --pool-mnist 2000 \
-        --num 1000 --json benchmarks/results/select_wild.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/select_wild.py --num 1000 2500 \
+        --json benchmarks/results/select_wild_cpu.json
 
-Sizes are knobs; the paper-like setting is --pool-cifar 45000 (the rest of train.tar) --pool-mnist 10000.
+The JSON is rewritten after every student run, so a stopped run keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import platform
@@ -40,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from vitshrink.attention_probe import ClassTokenAttention, check_probeable  # noqa: E402
 from vitshrink.data import build_transform  # noqa: E402
-from vitshrink.engine import distill  # noqa: E402
+from vitshrink.engine import distill, load_bundled_teacher  # noqa: E402
 from vitshrink.loading import create_model, data_config, save_model, set_data_config  # noqa: E402
 from vitshrink.wild import CRITERIA, _collate, _PoolImages, score_batch, select_wild  # noqa: E402
 
@@ -72,35 +80,36 @@ def extract(tar_path: Path, out: Path, pick) -> int:
     return written
 
 
-def load_folder(root: Path, classes: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def load_folder(root: Path, classes: tuple[str, ...], model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of ``root/<class>/`` as one tensor, normalised the way ``model`` expects."""
     xs, ys = [], []
     for label, cls in enumerate(classes):
         for path in sorted((root / cls).iterdir()):
             xs.append(torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0))
             ys.append(label)
-    x = torch.stack(xs).permute(0, 3, 1, 2)
-    mean, std = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-    return (x - mean) / std, torch.tensor(ys)
+    cfg = data_config(model)
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    return (torch.stack(xs).permute(0, 3, 1, 2) - mean) / std, torch.tensor(ys)
 
 
-def train_teacher(train_dir: Path, test_dir: Path, args) -> tuple[torch.nn.Module, float]:
-    torch.manual_seed(args.seed)
-    x, y = load_folder(train_dir, TEACHER_CLASSES)
-    xt, yt = load_folder(test_dir, TEACHER_CLASSES)
-    model = create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=args.teacher_width,
-                         depth=args.teacher_depth, num_heads=3, num_classes=len(TEACHER_CLASSES))
-    set_data_config(model, mean=CIFAR_MEAN, std=CIFAR_STD)
+def top1_on(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.inference_mode():
+        pred = torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    return float((pred == y).float().mean())
+
+
+def fit_ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float) -> None:
+    """Plain CE training with random crop (pad 4) + flip, as the official teacher/student training."""
     batch = 128
-    steps = args.teacher_epochs * max(1, len(x) // batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.teacher_lr, total_steps=steps, pct_start=0.1)
+    steps = max(1, epochs * max(1, len(x) // batch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
     model.train()
-    for _ in range(args.teacher_epochs):
+    for _ in range(epochs):
         order = torch.randperm(len(x))
         for start in range(0, len(x) - batch + 1, batch):
-            xb = x[order[start:start + batch]]
-            # random crop (pad 4) + flip, as the official teacher/student training
-            xb = F.pad(xb, (4, 4, 4, 4), mode="reflect")
+            xb = F.pad(x[order[start:start + batch]], (4, 4, 4, 4), mode="reflect")
             i, j = random.randint(0, 8), random.randint(0, 8)
             xb = xb[:, :, i:i + 32, j:j + 32]
             if random.random() < 0.5:
@@ -111,25 +120,75 @@ def train_teacher(train_dir: Path, test_dir: Path, args) -> tuple[torch.nn.Modul
             optimizer.step()
             schedule.step()
     model.eval()
-    with torch.no_grad():
-        top1 = float((model(xt).argmax(1) == yt).float().mean())
-    return model, top1
 
 
-def precision(scores_csv: Path) -> float:
+def make_teacher(train_dir: Path, test_dir: Path, args) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(args.seed)
+    info: dict = {"source": args.teacher_source, "classes": list(TEACHER_CLASSES)}
+    if args.teacher_source == "bundled":
+        base = load_bundled_teacher()
+        names = list(base.vitshrink_meta["class_names"])
+        rows = [names.index(c) for c in TEACHER_CLASSES]
+        model = create_model(base.vitshrink_arch["name"], **(base.vitshrink_arch["kwargs"] | {"num_classes": 5}))
+        cfg = data_config(base)
+        set_data_config(model, mean=cfg["mean"], std=cfg["std"])
+        state = base.state_dict()
+        state["head.weight"], state["head.bias"] = state["head.weight"][rows], state["head.bias"][rows]
+        model.load_state_dict(state)
+        x, y = load_folder(train_dir, TEACHER_CLASSES, model)
+        xt, yt = load_folder(test_dir, TEACHER_CLASSES, model)
+        info["top1_head_cut_only"] = top1_on(model, xt, yt)
+        start = time.perf_counter()
+        fit_ce(model, x, y, args.teacher_epochs, args.teacher_lr)
+        info["note"] = ("bundled CIFAR-10 ViT (trained on all 50k train.tar images, 10 classes) with its head cut "
+                        "to the 5 classes' rows, then CE fine-tuned on the 5 classes' train.tar images only: its "
+                        "features have seen the other 5 classes (knowledge leak); the pool therefore comes from "
+                        "test.tar images it never saw")
+    else:
+        model = create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=args.teacher_width,
+                             depth=args.teacher_depth, num_heads=3, num_classes=len(TEACHER_CLASSES))
+        set_data_config(model, mean=CIFAR_MEAN, std=CIFAR_STD)
+        x, y = load_folder(train_dir, TEACHER_CLASSES, model)
+        xt, yt = load_folder(test_dir, TEACHER_CLASSES, model)
+        start = time.perf_counter()
+        fit_ce(model, x, y, args.teacher_epochs, args.teacher_lr)
+        info["note"] = "trained from scratch on the 5 classes' train.tar images only (strict setting)"
+    info.update(train_seconds=time.perf_counter() - start, train_images=len(x), epochs=args.teacher_epochs,
+                lr=args.teacher_lr, top1=top1_on(model, xt, yt), test_images=len(xt),
+                arch=model.vitshrink_arch)
+    return model, info
+
+
+def precision(scores_csv: Path) -> tuple[float, dict[str, int]]:
+    """Share of selected images from the teacher's classes, and the selection's true-source histogram."""
     with scores_csv.open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["selected"] == "1"]
-    return sum(r["path"].split("/")[1] in TEACHER_CLASSES and r["path"].startswith("cifar/") for r in rows) / len(rows)
+    sources: dict[str, int] = {}
+    for r in rows:
+        source = "mnist" if r["path"].startswith("mnist/") else r["path"].split("/")[1]
+        sources[source] = sources.get(source, 0) + 1
+    return sum(sources.get(c, 0) for c in TEACHER_CLASSES) / len(rows), dict(sorted(sources.items()))
 
 
-def place_random(pool: Path, scores_csv: Path, out: Path, n: int, seed: int) -> None:
+def place_random(pool: Path, scores_csv: Path, out: Path, n: int, seed: int) -> float:
     """A random pool subset of n images in OUT/<teacher's predicted class>/, like select-wild's layout."""
     with scores_csv.open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if not r["skipped"]]
-    for row in random.Random(seed).sample(rows, n):
+    picked = random.Random(seed).sample(rows, n)
+    for row in picked:
         target = out / row["pred_name"] / row["path"].replace("/", "__")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(pool / row["path"], target)
+    return sum(r["path"].startswith("cifar/") and r["path"].split("/")[1] in TEACHER_CLASSES for r in picked) / n
+
+
+def labelled_subset(source: Path, out: Path, n: int) -> Path:
+    """The first n / 5 labelled training images of each teacher class."""
+    for cls in TEACHER_CLASSES:
+        (out / cls).mkdir(parents=True, exist_ok=True)
+        for path in sorted((source / cls).iterdir())[: n // len(TEACHER_CLASSES)]:
+            shutil.copy2(path, out / cls / path.name)
+    return out
 
 
 def labelled(train_dir: Path, val_dir: Path):
@@ -189,30 +248,58 @@ def throughput(teacher, pool: Path, out: Path, args) -> dict:
     return {"images": n, "plain_inference_ips": plain_ips, "select_wild_ips": wild_ips,
             "ratio_end_to_end": wild_ips / plain_ips, "model_only_plain_ips": model_plain,
             "model_only_probe_ips": model_wild, "ratio_model_only": model_wild / model_plain,
-            "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads}
+            "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads,
+            "goal": "select_wild_ips >= 0.8 x plain_inference_ips"}
+
+
+def print_table(results: dict) -> None:
+    t = results["teacher"]
+    print(f"\nteacher ({t['source']}): top-1 {t['top1']:.4f} on {t['test_images']} test images of 5 classes"
+          + (f" (head cut only, before fine-tune: {t['top1_head_cut_only']:.4f})" if "top1_head_cut_only" in t else ""))
+    print(f"pool: {results['pool_images']} images, in-distribution share {results['random_precision_expected']:.3f}")
+    print(f"{'N':>6} {'selection':<22} {'precision':>9}  class histogram (predicted)")
+    for n, sel in results["selections"].items():
+        for name, entry in sel.items():
+            print(f"{n:>6} {name:<22} {entry['precision']:>9.3f}  {entry.get('class_histogram', '')}")
+    if "throughput" in results:
+        tp = results["throughput"]
+        print(f"throughput: select-wild {tp['select_wild_ips']:.0f} img/s vs plain inference "
+              f"{tp['plain_inference_ips']:.0f} img/s = {tp['ratio_end_to_end']:.2f}x (model only "
+              f"{tp['ratio_model_only']:.2f}x; goal >= 0.8x)")
+    print(f"\n{'N':>6} {'init':<8} {'epochs':>6} {'student data':<24} {'recipe':<8} {'in-dist':>7} {'top-1':>7}")
+    for run in results["students"]:
+        print(f"{run['num']:>6} {run['init']:<8} {run['epochs']:>6} {run['data']:<24} {run['recipe']:<8} "
+              f"{run['in_distribution_share']:>7.3f} {run['top1']:>7.4f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("output/bench_select_wild"))
-    parser.add_argument("--train-per-class", type=int, default=500, help="teacher images per class (train.tar)")
-    parser.add_argument("--pool-cifar", type=int, default=2000, help="pool images from train.tar (after the "
-                        "teacher's), spread over 10 classes")
-    parser.add_argument("--pool-mnist", type=int, default=2000)
-    parser.add_argument("--test-per-class", type=int, default=1000, help="test.tar images per teacher class")
-    parser.add_argument("--num", type=int, default=1000, help="images to select")
-    parser.add_argument("--teacher-epochs", type=int, default=30)
-    parser.add_argument("--teacher-width", type=int, default=96)
-    parser.add_argument("--teacher-depth", type=int, default=6)
-    parser.add_argument("--teacher-lr", type=float, default=2e-3)
-    parser.add_argument("--student-epochs", type=int, default=10)
-    parser.add_argument("--student-init", choices=("teacher", "random"), default="teacher")
+    parser.add_argument("--teacher-source", choices=("bundled", "scratch"), default="bundled")
+    parser.add_argument("--train-per-class", type=int, default=1000, help="teacher images per class (train.tar)")
+    parser.add_argument("--teacher-epochs", type=int, default=1)
+    parser.add_argument("--teacher-lr", type=float, default=1e-4)
+    parser.add_argument("--teacher-width", type=int, default=96, help="scratch teacher only")
+    parser.add_argument("--teacher-depth", type=int, default=6, help="scratch teacher only")
+    parser.add_argument("--test-per-class", type=int, default=500, help="test.tar images per teacher class to "
+                        "score students on (the first ones of each class)")
+    parser.add_argument("--pool-per-class", type=int, default=500, help="CIFAR-10 pool images per class (10 "
+                        "classes); bundled teacher: test.tar images after the first --test-per-class; scratch: "
+                        "train.tar images after the first --train-per-class")
+    parser.add_argument("--pool-mnist", type=int, default=2500)
+    parser.add_argument("--num", type=int, nargs="+", default=[1000], help="images to select (one or more N)")
+    parser.add_argument("--selections", nargs="+", default=["combined", "combined_balanced"],
+                        help="selections students are trained on: CRITERION or CRITERION_balanced")
+    parser.add_argument("--student-epochs", type=int, default=5)
+    parser.add_argument("--student-init", nargs="+", choices=("teacher", "random"), default=["teacher"])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: best on a shared CPU)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model-batches", type=int, default=8)
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-students", action="store_true")
+    parser.add_argument("--skip-labelled", action="store_true", help="no (c) vanilla-on-labelled student")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -222,63 +309,98 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     started = time.perf_counter()
+    results: dict = {
+        "command": " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "unset"),
+                             ".venv/bin/python", *sys.argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": "CPU: 2 cores, shared",
+        "platform": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
 
-    per_class_pool = args.pool_cifar // 10
+    def save() -> None:
+        results["seconds"] = time.perf_counter() - started
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+
     extract(CIFAR_TRAIN, work / "teacher_data",
             lambda c, i: c if c in TEACHER_CLASSES and i < args.train_per_class else None)
     extract(CIFAR_TEST, work / "test5", lambda c, i: c if c in TEACHER_CLASSES and i < args.test_per_class else None)
     pool = work / "pool"
-    extract(CIFAR_TRAIN, pool / "cifar",
-            lambda c, i: c if args.train_per_class <= i < args.train_per_class + per_class_pool else None)
+    if args.teacher_source == "bundled":  # images the bundled teacher never saw, none of them a student test image
+        first = args.test_per_class
+        extract(CIFAR_TEST, pool / "cifar", lambda c, i: c if first <= i < first + args.pool_per_class else None)
+    else:
+        first = args.train_per_class
+        extract(CIFAR_TRAIN, pool / "cifar", lambda c, i: c if first <= i < first + args.pool_per_class else None)
     extract(MNIST_TEST, pool / "mnist", lambda c, i: c if i < args.pool_mnist // 10 else None)
 
-    teacher, teacher_top1 = train_teacher(work / "teacher_data", work / "test5", args)
+    teacher, results["teacher"] = make_teacher(work / "teacher_data", work / "test5", args)
     save_model(teacher, work / "teacher.safetensors", class_names=list(TEACHER_CLASSES))
     teacher.vitshrink_meta = {"class_names": list(TEACHER_CLASSES)}
-    print(f"teacher top-1 on {len(TEACHER_CLASSES)} classes of test.tar: {teacher_top1:.4f}", flush=True)
+    print(f"teacher: {json.dumps(results['teacher'])}", flush=True)
 
-    n_pool = sum(1 for _ in pool.rglob("*.*"))
-    share = 5 * per_class_pool / n_pool
-    results: dict = {"teacher_top1": teacher_top1, "pool_images": n_pool, "random_precision_expected": share,
-                     "precision": {}, "selected": args.num}
-    for criterion in CRITERIA:
-        out = work / f"select_{criterion}"
-        select_wild(teacher, pool, out, num=args.num, mode="copy", criterion=criterion,
-                    batch_size=args.batch_size, workers=args.workers, progress=False)
-        results["precision"][criterion] = precision(out / "scores.csv")
-        print(f"precision {criterion}: {results['precision'][criterion]:.4f} (random: {share:.4f})", flush=True)
+    n_pool = sum(1 for p in pool.rglob("*") if p.is_file())
+    n_in = sum(1 for c in TEACHER_CLASSES for p in (pool / "cifar" / c).iterdir())
+    results.update(pool_images=n_pool, pool_in_distribution=n_in, random_precision_expected=n_in / n_pool,
+                   selections={}, students=[])
+    save()
+    # Score once per criterion dir; every further N / balancing re-ranks the same scores.csv (resume).
+    for n in args.num:
+        results["selections"][n] = {}
+        for criterion in CRITERIA:
+            for balanced in (False, True):
+                name = criterion + ("_balanced" if balanced else "")
+                out = work / f"select_{criterion}"
+                if not out.exists() and (work / "select_combined" / "scores.csv").exists():
+                    out.mkdir()  # same scores: select_wild resumes from them and only re-ranks
+                    shutil.copy2(work / "select_combined" / "scores.csv", out / "scores.csv")
+                summary = select_wild(teacher, pool, out, num=n, mode="copy", criterion=criterion,
+                                      balanced=balanced, batch_size=args.batch_size, workers=args.workers,
+                                      progress=False)
+                prec, sources = precision(out / "scores.csv")
+                results["selections"][n][name] = {"precision": prec, "class_histogram": summary.class_histogram,
+                                                  "true_sources": sources}
+                if name in args.selections:  # keep a copy of the selected ImageFolder for the students
+                    shutil.copytree(out, work / f"data_{name}_{n}",
+                                    ignore=shutil.ignore_patterns("scores.csv", "selection.json"))
+                print(f"N={n} precision {name}: {prec:.4f} (random: {n_in / n_pool:.4f}) "
+                      f"{summary.class_histogram}", flush=True)
+    save()
 
-    results["throughput"] = throughput(teacher, pool, work, args)
-    print("throughput", json.dumps(results["throughput"]), flush=True)
+    if not args.skip_throughput:
+        results["throughput"] = throughput(teacher, pool, work, args)
+        print("throughput", json.dumps(results["throughput"]), flush=True)
+        save()
 
     if not args.skip_students:
-        random_dir = work / "random_subset"
-        place_random(pool, work / "select_combined" / "scores.csv", random_dir, args.num, args.seed)
-        overrides = {"init_from_teacher": args.student_init == "teacher"}
-        runs = {"probe_selected": ("probe", work / "select_combined"),
-                "probe_random": ("probe", random_dir),
-                "vanilla_labelled": ("vanilla", work / "teacher_data")}
-        results["students"] = {}
-        for name, (recipe, data) in runs.items():
-            result = distill(teacher, recipe, data=labelled(data, work / "test5"), out_dir=work / f"run_{name}",
-                             epochs=args.student_epochs, overrides=overrides, seed=args.seed, progress=False)
-            results["students"][name] = {"top1": result.report["student"]["top1"], "recipe": recipe,
-                                          "train_images": sum(1 for p in data.rglob("*") if p.is_file()
-                                                              and p.suffix.lower() in (".jpg", ".png"))}
-            print(f"student {name}: top-1 {result.report['student']['top1']:.4f}", flush=True)
-
-    results.update({
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "seconds": time.perf_counter() - started,
-    })
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        for init in args.student_init:
+            overrides = {"init_from_teacher": init == "teacher", "bench_batch_sizes": [1]}
+            for n in args.num:
+                random_dir = work / f"data_random_{n}"
+                random_share = place_random(pool, work / "select_combined" / "scores.csv", random_dir, n, args.seed)
+                runs = [(f"{name}", "probe", work / f"data_{name}_{n}",
+                         results["selections"][n][name]["precision"]) for name in args.selections]
+                runs.append(("random", "probe", random_dir, random_share))
+                if not args.skip_labelled:
+                    runs.append(("labelled", "vanilla",
+                                 labelled_subset(work / "teacher_data", work / f"data_labelled_{n}", n), 1.0))
+                for name, recipe, data, share in runs:
+                    start = time.perf_counter()
+                    result = distill(teacher, recipe, data=labelled(data, work / "test5"),
+                                     out_dir=work / f"run_{init}_{n}_{name}", epochs=args.student_epochs,
+                                     overrides=overrides, seed=args.seed, progress=False)
+                    run = {"num": n, "init": init, "epochs": args.student_epochs, "data": name, "recipe": recipe,
+                           "in_distribution_share": share, "top1": result.report["student"]["top1"],
+                           "train_images": sum(1 for p in data.rglob("*") if p.is_file()),
+                           "seconds": time.perf_counter() - start}
+                    results["students"].append(run)
+                    print(f"student {json.dumps(run)}", flush=True)
+                    save()
+    save()
+    print_table(results)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,32 @@ def test_resume_after_stop_scores_each_image_once(reference, teacher_file, pool,
     assert set(_selected(tmp_path)) == set(_selected(reference[0]))
 
 
+def test_balanced_selection_takes_each_classes_best(reference, teacher_file, pool, tmp_path):
+    """``balanced``: re-ranks the same scores (no rescoring), the best N // C of every predicted class first."""
+    import shutil
+
+    shutil.copy2(reference[0] / "scores.csv", tmp_path / "scores.csv")
+    teacher = load_model(teacher_file)
+    calls = {"forwards": 0}
+    handle = teacher.register_forward_hook(lambda m, i, o: calls.__setitem__("forwards", calls["forwards"] + 1))
+    summary = select_wild(teacher, pool, tmp_path, num=N_DIGITS, mode="list", balanced=True, progress=False)
+    handle.remove()
+    assert calls["forwards"] == 0 and summary.selected == N_DIGITS
+    with (tmp_path / "scores.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if not r["skipped"]]
+    by_class: dict[str, list[tuple[float, str]]] = {}
+    for r in rows:
+        by_class.setdefault(r["pred"], []).append((float(r["combined"]), r["path"]))
+    quota = N_DIGITS // len(by_class)
+    chosen = {r["path"] for r in rows if r["selected"] == "1"}
+    for pred, ranked in by_class.items():  # each class's `quota` best are in, whatever the global rank
+        assert {path for _, path in sorted(ranked)[:quota]} <= chosen, pred
+    first = {path for ranked in by_class.values() for _, path in sorted(ranked)[:quota]}
+    rest = sorted((float(r["combined"]), r["path"]) for r in rows if r["path"] not in first)
+    assert chosen == first | {path for _, path in rest[:N_DIGITS - len(first)]}  # the rest: global rank
+    assert min(summary.class_histogram.values()) >= min(quota, min(len(v) for v in by_class.values()))
+
+
 def test_probe_hook_matches_explicit_attention(teacher_file, pool):
     teacher = load_model(teacher_file)
     transform = build_transform(data_config(teacher))

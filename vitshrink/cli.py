@@ -233,6 +233,7 @@ def distill(
         "--student", help="file or NAME:key=value,... (default: the teacher at half depth)")] = None,
     data: DataOpt = None,
     val_data: Annotated[Optional[Path], typer.Option("--val-data", help="separate validation set")] = None,
+    val_split: Annotated[float, typer.Option("--val-split", help="hold-out share when --data has no val split")] = 0.1,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     batch_size: Annotated[Optional[int], typer.Option("-b", "--batch-size")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
@@ -254,6 +255,9 @@ def distill(
         "--checkpoint-steps", help="write last.pt every N steps (0: epoch ends only)")] = None,
     steps_per_epoch: Annotated[Optional[int], typer.Option(
         "--steps-per-epoch", help="cap the optimizer steps of each epoch")] = None,
+    no_skip: Annotated[bool, typer.Option("--no-skip", help="uvc ablation: prune within blocks only")] = False,
+    skip_only: Annotated[bool, typer.Option("--skip-only", help="uvc ablation: only skip whole blocks")] = False,
+    no_kd: Annotated[bool, typer.Option("--no-kd", help="uvc ablation: post-train on labels, no KD")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="any preset key: KEY=VALUE (repeatable)")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
@@ -271,6 +275,9 @@ def distill(
                        ("steps_per_epoch", steps_per_epoch)):
         if value is not None:
             overrides[key] = value
+    for key, flag in (("no_skip", no_skip), ("skip_only", skip_only), ("no_kd", no_kd)):
+        if flag:
+            overrides[key] = True
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -284,7 +291,7 @@ def distill(
     result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out, epochs=epochs,
                          batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
                          config=config, overrides=overrides, workers=workers, compile=compile_model,
-                         progress=progress, flops_target=flops_target)
+                         progress=progress, flops_target=flops_target, val_split=val_split)
     if result.report:
         console.print((result.out_dir / "report.md").read_text())
         console.print(f"wrote {result.out_dir}: " + ", ".join(sorted(p.name for p in result.paths.values())))

@@ -75,13 +75,18 @@ class ImageSplit(Dataset):
     """
 
     def __init__(self, reader, indices: Sequence[int] | None = None, transform: Callable | None = None,
-                 img_mode: str = "RGB"):
+                 img_mode: str = "RGB", target_map: Sequence[int] | None = None):
         self.reader = reader
+        # target_map[i]: the class index reported for the reader's class i (aligns a subset of classes
+        # with a validation set that has them all).
+        self.target_map = list(target_map) if target_map is not None else None
         self.indices = list(range(len(reader))) if indices is None else list(indices)
         self.transform = transform
         self.img_mode = img_mode
         self._pid = os.getpid()
         self._all_targets = reader_targets(reader)
+        if self.target_map is not None:
+            self._all_targets = [self.target_map[t] for t in self._all_targets]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -105,6 +110,8 @@ class ImageSplit(Dataset):
             return None
         if self.transform is not None:
             img = self.transform(img)
+        if self.target_map is not None:
+            target = self.target_map[int(target)]
         return img, int(target)
 
 
@@ -168,9 +175,7 @@ def resolve_data(
         return LabelledData(
             ImageSplit(train_reader, img_mode=img_mode), ImageSplit(val_reader, img_mode=img_mode),
             _class_names(train_reader), "bundled CIFAR-10 (train_5k / test_1k)")
-    if data is None:
-        raise UserError("--val-data given without --data")
-    root = Path(data)
+    root = Path(data) if data is not None else BUNDLED_TRAIN  # --val-data alone: bundled training images
     train_dir, val_dir = _find_split_dirs(root)
     note = None
     if val_data is not None:
@@ -193,8 +198,14 @@ def resolve_data(
     names = _class_names(train_reader)
     val_names = _class_names(val.reader)
     if val_names != names:
-        raise UserError(f"{val.reader.root if hasattr(val.reader, 'root') else val_data}: validation classes "
-                        f"{val_names[:5]}... differ from training classes {names[:5]}...")
+        missing = [name for name in names if name not in val_names]
+        if missing:
+            raise UserError(f"{val_data or val_dir}: has no class folder for training classes {missing[:5]}")
+        # Training data with a subset of the classes (e.g. a pseudo-labelled selection): use the
+        # validation set's class indices for both.
+        train.target_map = [val_names.index(name) for name in names]
+        train._all_targets = [train.target_map[t] for t in reader_targets(train.reader)]
+        names = val_names
     return LabelledData(train, val, names, description, note)
 
 

@@ -288,6 +288,7 @@ def distill(
     compile: bool = False,
     progress: bool = True,
     flops_target: float | None = None,
+    val_split: float = 0.1,
 ) -> DistillResult:
     """Distil ``teacher`` into a smaller student with ``recipe``; write the run folder; return the result.
 
@@ -297,7 +298,8 @@ def distill(
     """
     ddp = _init_distributed(device)
     try:
-        return _distill(teacher, recipe, student=student, data=data, val_data=val_data, out_dir=Path(out_dir),
+        return _distill(teacher, recipe, student=student, data=data, val_data=val_data, val_split=val_split,
+                        out_dir=Path(out_dir),
                         epochs=epochs, batch_size=batch_size, lr=lr, device_name=device, amp=amp, resume=resume,
                         seed=seed, config=config, overrides=overrides, workers=workers, compile=compile,
                         show_progress=progress, flops_target=flops_target, ddp=ddp)
@@ -315,7 +317,7 @@ def load_bundled_teacher() -> nn.Module:
     return load_model(BUNDLED_TEACHER)
 
 
-def _distill(teacher, recipe_name, *, student, data, val_data, out_dir: Path, epochs, batch_size, lr, device_name,
+def _distill(teacher, recipe_name, *, student, data, val_data, val_split, out_dir: Path, epochs, batch_size, lr, device_name,
              amp, resume, seed, config, overrides, workers, compile, show_progress, flops_target, ddp: Dist):
     recipe = get_recipe(recipe_name)
     cfg = resolve_config(recipe_name, config, {"epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -334,7 +336,7 @@ def _distill(teacher, recipe_name, *, student, data, val_data, out_dir: Path, ep
     torch.manual_seed(seed + ddp.rank)
 
     labelled = data if isinstance(data, LabelledData) else resolve_data(
-        data, val_data, seed=seed, in_chans=int(data_config(teacher)["input_size"][0]))
+        data, val_data, val_split=val_split, seed=seed, in_chans=int(data_config(teacher)["input_size"][0]))
     if labelled.train is None:
         raise UserError(f"--data {data}: no training images")
     t_classes = getattr(_unwrap(teacher), "num_classes", None)
@@ -389,9 +391,9 @@ def _distill(teacher, recipe_name, *, student, data, val_data, out_dir: Path, ep
                             f"({len(sampler)} images): no full batch to train on")
         train_loader = make_loader(train_set, cfg["batch_size"], sampler=sampler, workers=cfg["workers"],
                                    drop_last=True, seed=seed)
-        val_split = labelled.val
-        val_split.transform = build_transform(data_config(model), is_training=False)
-        val_shard = Subset(val_split, range(ddp.rank, len(val_split), ddp.world_size))
+        val_images = labelled.val
+        val_images.transform = build_transform(data_config(model), is_training=False)
+        val_shard = Subset(val_images, range(ddp.rank, len(val_images), ddp.world_size))
         val_loader = make_loader(val_shard, cfg["eval_batch_size"], workers=cfg["workers"])
 
         from timm.optim import create_optimizer_v2

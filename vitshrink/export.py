@@ -125,17 +125,11 @@ def write_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequenc
 
 
 def bundled_sample(model: nn.Module, n_images: int = 8) -> torch.Tensor:
-    """``n_images`` real images of the bundled CIFAR-10 val tar, one class after another, in the model's transform."""
-    from vitshrink.data import build_transform, resolve_data
+    """``n_images`` real images of the bundled CIFAR-10 val tar, spanning the classes, in the model's transform."""
+    from vitshrink.data import sample_images
     from vitshrink.loading import data_config
 
-    cfg = data_config(model)
-    split = resolve_data(in_chans=int(cfg["input_size"][0])).val
-    split.transform = build_transform(cfg, is_training=False)
-    # The tar is grouped by class: stride through it so the sample spans classes.
-    stride = max(1, len(split) // n_images)
-    images = [split[i] for i in range(0, stride * n_images, stride)]
-    return torch.stack([item[0] for item in images if item is not None])
+    return sample_images(data_config(model), None, n=n_images)
 
 
 def check_parity(model: nn.Module, path: str | os.PathLike, sample: torch.Tensor, *, atol: float = 1e-4) -> ParityResult:
