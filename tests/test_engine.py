@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from distill_support import PYTHON, REPO, small_data, subprocess_env, tiny_teacher_path  # noqa: F401
+from conftest import SHARED_DATA
 from vitshrink.engine import distill, load_checkpoint
 from vitshrink.errors import UserError
 from vitshrink.loading import load_model
@@ -131,7 +132,7 @@ def test_loader_workers_do_not_change_training(tiny_teacher_path, tmp_path):
 def test_deit_from_a_cnn_teacher_exports_one_output(tmp_path):
     import onnx
 
-    teacher = load_model("/work/shared/data/checkpoints/cifar10_resnet20_akamaster.th", arch="cifar_resnet20")
+    teacher = load_model(SHARED_DATA / "checkpoints" / "cifar10_resnet20_akamaster.th", arch="cifar_resnet20")
     result = distill(teacher, "deit", student="vit_tiny_patch16_224:img_size=32,patch_size=8,embed_dim=48,depth=2,"
                      "num_heads=3,mlp_ratio=2.0", data=small_data(192, 40), out_dir=tmp_path, epochs=1,
                      batch_size=32, workers=0, progress=False, overrides={"steps_per_epoch": 3})
