@@ -72,34 +72,40 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_model(args.teacher)
     rows: list[dict[str, Any]] = []
     teacher_entry = None
+
+    def write_json() -> None:  # after every row, so a long run that is stopped keeps what it measured
+        record = {
+            "command": " ".join([sys.executable, *sys.argv]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "torch_threads": torch.get_num_threads(),
+                        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+            "teacher": {"path": args.teacher, **(teacher_entry or {})},
+            "rows": rows,
+        }
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
     for target in targets:
         result = distill(teacher, "uvc", out_dir=out / f"uvc_{target}", flops_target=target, overrides=uvc_only,
                          **common)
         teacher_entry = teacher_entry or result.report["teacher"]
         plan = json.loads((result.out_dir / "uvc_plan.json").read_text())
         rows.append(row(f"uvc@{target}", result, {"flops_ratio": plan["flops_ratio"], "adjusted": plan["adjusted"]}))
+        write_json()
         student, ratio, keep = uniform_student(load_model(args.teacher), target)
         result = distill(teacher, "vanilla", student=student, out_dir=out / f"uniform_{target}", overrides=shared,
                          **common)
         rows.append(row(f"uniform@{target}", result, {"flops_ratio": ratio, "keep_fraction": keep}))
+        write_json()
     result = distill(teacher, "vanilla", out_dir=out / "depth_half", overrides=shared, **common)
     rows.append(row("depth-halved (vanilla)", result))
+    write_json()
     for flag in ("no_skip", "skip_only", "no_kd"):
         result = distill(teacher, "uvc", out_dir=out / f"uvc_{args.ablation_target}_{flag}",
                          flops_target=args.ablation_target, overrides={**uvc_only, flag: True}, **common)
         plan = json.loads((result.out_dir / "uvc_plan.json").read_text())
         rows.append(row(f"uvc@{args.ablation_target} --{flag.replace('_', '-')}", result,
                         {"flops_ratio": plan["flops_ratio"]}))
-    record = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch_threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "teacher": {"path": args.teacher, **(teacher_entry or {})},
-        "rows": rows,
-    }
-    atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+        write_json()
     for r in rows:
         print(f"{r['name']:32s} top1 {r['top1']:.4f}  GMACs {r['gmacs']:.4f}  params {r['params']:,}  "
               f"ORT p50 {r['ort_p50_ms']}")
