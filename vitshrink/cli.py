@@ -306,6 +306,8 @@ def select_wild(
     out: Annotated[Optional[Path], typer.Option("--out", help="output dir (default: <pool>-selected)")] = None,
     mode: Annotated[str, typer.Option("--mode", help="copy|link the selected images into OUT/<class>/, or list")] = "copy",
     criterion: Annotated[str, typer.Option("--criterion", help="combined|probe|confidence|energy")] = "combined",
+    balanced: Annotated[bool, typer.Option(
+        "--balanced", help="best N/C of each predicted class first, then global rank (not in the paper)")] = False,
     blocks: Annotated[Optional[str], typer.Option("--blocks", help="0-based blocks to probe, e.g. 3,7 (default: 1/3 and 2/3 of the depth)")] = None,
     batch_size: Annotated[int, typer.Option("-b", "--batch-size")] = 256,
     workers: Annotated[Optional[int], typer.Option("-j", "--workers")] = None,
@@ -323,6 +325,7 @@ def select_wild(
     model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
     out_dir = out if out is not None else pool.parent / f"{pool.name}-selected"
     summary = run_select_wild(model, pool, out_dir, num=num, fraction=fraction, mode=mode, criterion=criterion,
+                              balanced=balanced,
                               blocks=block_list, batch_size=batch_size, workers=workers, device=_device(device))
     table = Table(title=f"select-wild: {pool} -> {out_dir}", show_header=False)
     table.add_row("criterion", f"{summary.criterion} (probe blocks {summary.blocks or 'none'})")
