@@ -18,6 +18,7 @@ import json
 import platform
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -62,7 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="output/bench_uvc")
     parser.add_argument("--json", default="benchmarks/uvc.json")
+    parser.add_argument("--parts", default="main,ablations",
+                        help="main (UVC + uniform per target, depth-halved) and/or ablations")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a row from its run folder's report.json when that run already finished")
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
 
     targets = [float(t) for t in args.targets.split(",")]
     out = Path(args.out)
@@ -72,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     teacher = load_model(args.teacher)
     rows: list[dict[str, Any]] = []
     teacher_entry = None
+
+    def run(name: str, *distill_args, **distill_kwargs):
+        folder = out / name
+        if args.reuse and (folder / "report.json").exists():
+            return SimpleNamespace(report=json.loads((folder / "report.json").read_text()), out_dir=folder)
+        return distill(*distill_args, out_dir=folder, **distill_kwargs)
 
     def write_json() -> None:  # after every row, so a long run that is stopped keeps what it measured
         record = {
@@ -84,24 +96,25 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
         }
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
-    for target in targets:
-        result = distill(teacher, "uvc", out_dir=out / f"uvc_{target}", flops_target=target, overrides=uvc_only,
-                         **common)
+    for target in targets if "main" in parts else []:
+        result = run(f"uvc_{target}", teacher, "uvc", flops_target=target, overrides=uvc_only, **common)
         teacher_entry = teacher_entry or result.report["teacher"]
         plan = json.loads((result.out_dir / "uvc_plan.json").read_text())
         rows.append(row(f"uvc@{target}", result, {"flops_ratio": plan["flops_ratio"], "adjusted": plan["adjusted"]}))
         write_json()
         student, ratio, keep = uniform_student(load_model(args.teacher), target)
-        result = distill(teacher, "vanilla", student=student, out_dir=out / f"uniform_{target}", overrides=shared,
-                         **common)
+        result = run(f"uniform_{target}", teacher, "vanilla", student=student, overrides=shared, **common)
         rows.append(row(f"uniform@{target}", result, {"flops_ratio": ratio, "keep_fraction": keep}))
         write_json()
-    result = distill(teacher, "vanilla", out_dir=out / "depth_half", overrides=shared, **common)
-    rows.append(row("depth-halved (vanilla)", result))
-    write_json()
-    for flag in ("no_skip", "skip_only", "no_kd"):
-        result = distill(teacher, "uvc", out_dir=out / f"uvc_{args.ablation_target}_{flag}",
-                         flops_target=args.ablation_target, overrides={**uvc_only, flag: True}, **common)
+    if "main" in parts:
+        result = run("depth_half", teacher, "vanilla", overrides=shared, **common)
+        teacher_entry = teacher_entry or result.report["teacher"]
+        rows.append(row("depth-halved (vanilla)", result))
+        write_json()
+    for flag in ("no_skip", "skip_only", "no_kd") if "ablations" in parts else ():
+        result = run(f"uvc_{args.ablation_target}_{flag}", teacher, "uvc", flops_target=args.ablation_target,
+                     overrides={**uvc_only, flag: True}, **common)
+        teacher_entry = teacher_entry or result.report["teacher"]
         plan = json.loads((result.out_dir / "uvc_plan.json").read_text())
         rows.append(row(f"uvc@{args.ablation_target} --{flag.replace('_', '-')}", result,
                         {"flops_ratio": plan["flops_ratio"]}))
