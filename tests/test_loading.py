@@ -84,7 +84,14 @@ def test_unknown_timm_name_suggests_close_names():
     assert "vit_small_patch16_224" in message
 
 
-def test_pretrained_without_local_weights_fails_fast_with_advice():
+def test_pretrained_without_local_weights_fails_fast_with_advice(monkeypatch, tmp_path):
+    # The refusal path of --pretrained: an empty weight cache and no opt-in to downloads, so nothing is
+    # fetched whatever the machine has cached or its environment says.
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     start = time.monotonic()
     message = _raises_user_error("vit_tiny_patch16_224", "vit_tiny_patch16_224", pretrained=True)
     assert time.monotonic() - start < 30

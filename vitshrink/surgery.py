@@ -401,6 +401,19 @@ def drop_blocks(model: nn.Module, blocks: Sequence[int]) -> BlockwiseVisionTrans
 # The masked reference
 
 
+def _zero_coupled(producer: nn.Linear, consumer: nn.Linear, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """Zero the producer's removed output rows and the consumer's matching input columns.
+
+    When nothing is kept the consumer's bias goes too: the whole branch is removed.
+    """
+    producer.weight[~rows] = 0
+    if producer.bias is not None:
+        producer.bias[~rows] = 0
+    consumer.weight[:, ~cols] = 0
+    if not cols.any() and consumer.bias is not None:
+        consumer.bias.zero_()
+
+
 @torch.no_grad()
 def mask_vit(model: nn.Module, plan: Plan) -> nn.Module:
     """A copy of ``model`` with every unit the plan removes zeroed (same shapes, same function as the slice).
@@ -414,25 +427,13 @@ def mask_vit(model: nn.Module, plan: Plan) -> nn.Module:
     for blk, keep in zip(masked.blocks, keeps):
         attn, mlp = blk.attn, blk.mlp
         if attn is not None:
-            width = attn.num_heads * attn.head_dim
-            keep_mask = torch.zeros(width, dtype=torch.bool)
+            keep_mask = torch.zeros(attn.num_heads * attn.head_dim, dtype=torch.bool)
             if keep is not None and keep.heads:
                 keep_mask[_attn_index(keep, attn.head_dim)] = True
-            rows = keep_mask.repeat(3)
-            attn.qkv.weight[~rows] = 0
-            if attn.qkv.bias is not None:
-                attn.qkv.bias[~rows] = 0
-            attn.proj.weight[:, ~keep_mask] = 0
-            if not keep_mask.any() and attn.proj.bias is not None:
-                attn.proj.bias.zero_()
+            _zero_coupled(attn.qkv, attn.proj, keep_mask.repeat(3), keep_mask)  # q, k and v rows alike
         if mlp is not None:
             keep_mask = torch.zeros(mlp.fc1.out_features, dtype=torch.bool)
             if keep is not None and keep.mlp:
                 keep_mask[torch.tensor(keep.mlp)] = True
-            mlp.fc1.weight[~keep_mask] = 0
-            if mlp.fc1.bias is not None:
-                mlp.fc1.bias[~keep_mask] = 0
-            mlp.fc2.weight[:, ~keep_mask] = 0
-            if not keep_mask.any() and mlp.fc2.bias is not None:
-                mlp.fc2.bias.zero_()
+            _zero_coupled(mlp.fc1, mlp.fc2, keep_mask, keep_mask)
     return masked
