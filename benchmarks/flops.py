@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitshrink.loading import create_model  # noqa: E402
+from vitshrink.io import create_model  # noqa: E402
 from vitshrink.measure import count_flops  # noqa: E402
 
 

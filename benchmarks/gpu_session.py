@@ -123,7 +123,7 @@ def main() -> None:
 
     # (4) CUDA latency of the teacher and its derived half-depth student (fp32 and bf16 autocast).
     if teacher_vit.exists():
-        from vitshrink.loading import load_model
+        from vitshrink.io import load_model
         from vitshrink.measure import torch_latency
         from vitshrink.students import derive_student
 

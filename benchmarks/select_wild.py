@@ -46,11 +46,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vitshrink.attention_probe import ClassTokenAttention, check_probeable  # noqa: E402
+from vitshrink.distill.attention_probe import ClassTokenAttention, check_probeable  # noqa: E402
 from vitshrink.data import build_transform  # noqa: E402
 from vitshrink.engine import distill, load_bundled_teacher  # noqa: E402
-from vitshrink.loading import create_model, data_config, save_model, set_data_config  # noqa: E402
-from vitshrink.wild import CRITERIA, _collate, _PoolImages, score_batch, select_wild  # noqa: E402
+from vitshrink.io import create_model, data_config, save_model, set_data_config  # noqa: E402
+from vitshrink.data.wild import CRITERIA, _collate, _PoolImages, score_batch, select_wild  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 CIFAR_TRAIN, CIFAR_TEST, MNIST_TEST = DATA / "cifar10" / "train.tar", DATA / "cifar10" / "test.tar", \
@@ -194,7 +194,7 @@ def labelled_subset(source: Path, out: Path, n: int) -> Path:
 def labelled(train_dir: Path, val_dir: Path):
     """Train on ``train_dir``, validate on the teacher's classes of test.tar. A selection may miss a class,
     which shifts its folder indices; only ``vanilla`` reads training labels, and its folder has all five."""
-    from vitshrink.data import ImageSplit, LabelledData, _open_reader
+    from vitshrink.data.folders import ImageSplit, LabelledData, _open_reader
 
     return LabelledData(ImageSplit(_open_reader(train_dir)), ImageSplit(_open_reader(val_dir)),
                         list(TEACHER_CLASSES), f"{train_dir} (validation: {val_dir})")

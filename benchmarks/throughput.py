@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitshrink.data import build_transform, make_loader, resolve_data  # noqa: E402
 from vitshrink.engine import train_step  # noqa: E402
-from vitshrink.loading import create_model, data_config, load_model  # noqa: E402
+from vitshrink.io import create_model, data_config, load_model  # noqa: E402
 from vitshrink.recipes import get_recipe, load_preset  # noqa: E402
 from vitshrink.students import derive_student  # noqa: E402
 

@@ -25,9 +25,9 @@ import torch
 
 from vitshrink._atomic import atomic_write_text
 from vitshrink.engine import distill
-from vitshrink.loading import load_model
-from vitshrink.surgery import slice_vit, uniform_plan
-from vitshrink.uvc_search import ResourceModel
+from vitshrink.io import load_model
+from vitshrink.prune.surgery import slice_vit, uniform_plan
+from vitshrink.prune.uvc_search import ResourceModel
 
 
 def uniform_student(teacher, target: float):

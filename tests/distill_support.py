@@ -28,7 +28,7 @@ def train_tiny_teacher(path: Path, *, epochs: int = 2, seed: int = 0) -> Path:
     from timm.optim import create_optimizer_v2
 
     from vitshrink.data import build_transform, make_loader, resolve_data
-    from vitshrink.loading import create_model, data_config, save_model, set_data_config
+    from vitshrink.io import create_model, data_config, save_model, set_data_config
 
     torch.manual_seed(seed)
     model = create_model(TEACHER_ARCH, **TEACHER_KWARGS)

@@ -14,7 +14,7 @@ import torch
 
 from vitshrink.cli import main
 from vitshrink.data import BUNDLED_VAL
-from vitshrink.loading import create_model, save_model
+from vitshrink.io import create_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from distill_support import PYTHON, REPO, subprocess_env, tiny_teacher_path  # n
 from vitshrink.data import resolve_data
 from vitshrink.engine import load_checkpoint
 from vitshrink.evaluation import evaluate
-from vitshrink.loading import load_model
+from vitshrink.io import load_model
 
 
 def test_torchrun_two_cpu_processes(tiny_teacher_path, tmp_path):

@@ -18,7 +18,7 @@ from distill_support import PYTHON, REPO, small_data, subprocess_env, tiny_teach
 from conftest import SHARED_DATA
 from vitshrink.engine import distill, load_checkpoint
 from vitshrink.errors import UserError
-from vitshrink.loading import load_model
+from vitshrink.io import load_model
 
 OUTPUTS = ("args.yaml", "summary.csv", "student.safetensors", "last.pt", "student.onnx", "report.json", "report.md")
 

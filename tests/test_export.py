@@ -10,7 +10,7 @@ import torch
 from vitshrink.data import build_transform, resolve_data
 from vitshrink.errors import UserError
 from vitshrink.export import ExportParityError, export_onnx
-from vitshrink.loading import create_model, data_config, set_data_config
+from vitshrink.io import create_model, data_config, set_data_config
 
 
 def tiny_vit(**kwargs):

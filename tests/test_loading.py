@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from vitshrink.errors import UserError
-from vitshrink.loading import create_model, data_config, load_model, save_model
+from vitshrink.io import create_model, data_config, load_model, save_model
 
 # A tiny ViT at 32 px: 8x8 patches of 4 px, width 64, 2 blocks, 4 heads of 16.
 TINY_VIT = "vit_tiny_patch16_224"
@@ -337,7 +337,7 @@ def test_hf_conversion_never_imports_transformers(tmp_path, transformers):
     import sys
 
     transformers.ViTForImageClassification(_hf_tiny_config(transformers, "ViTConfig")).save_pretrained(tmp_path / "hf")
-    script = ("import sys; from vitshrink.loading import load_model; load_model(sys.argv[1]); "
+    script = ("import sys; from vitshrink.io import load_model; load_model(sys.argv[1]); "
               "assert 'transformers' not in sys.modules, 'transformers was imported'")
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "hf")], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1], timeout=120)

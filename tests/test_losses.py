@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitshrink import losses
+from vitshrink.distill import losses
 
 
 def _grad_of_kd(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from vitshrink.errors import UserError
 from vitshrink.export import export_onnx
-from vitshrink.loading import create_model
+from vitshrink.io import create_model
 from vitshrink.measure import (benchmark, compare, count_flops, count_onnx_macs, count_onnx_params, count_params,
                                torch_latency)
 

@@ -9,9 +9,9 @@ import torch
 
 import vitshrink.models  # noqa: F401  (registers the models under test)
 
-from vitshrink.data import ImageSplit, _open_reader, build_transform, make_loader
+from vitshrink.data.folders import ImageSplit, _open_reader, build_transform, make_loader
 from vitshrink.evaluation import evaluate_loader
-from vitshrink.loading import create_model, data_config, load_model, save_model
+from vitshrink.io import create_model, data_config, load_model, save_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CKPT = SHARED / "checkpoints"

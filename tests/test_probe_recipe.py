@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from vitshrink.attention_probe import probe_distillation_loss
+from vitshrink.distill.attention_probe import probe_distillation_loss
 from vitshrink.data import build_transform, make_loader, resolve_data
 from vitshrink.errors import UserError
-from vitshrink.loading import create_model, data_config
+from vitshrink.io import create_model, data_config
 from vitshrink.recipes import get_recipe, load_preset
 from vitshrink.recipes.probe import ProbeTask, paired_blocks
 

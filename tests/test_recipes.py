@@ -11,9 +11,10 @@ import torch
 from distill_support import TEACHER_ARCH, TEACHER_KWARGS, small_data
 from conftest import SHARED_DATA
 from vitshrink.errors import UserError
-from vitshrink.loading import create_model, data_config, load_model, set_data_config
+from vitshrink.io import create_model, data_config, load_model, set_data_config
 from vitshrink.recipes import RecipeContext, get_recipe, load_preset, recipe_names
-from vitshrink.recipes.base import PRESETS, TeacherInput
+from vitshrink.config import PRESETS
+from vitshrink.recipes.base import TeacherInput
 from vitshrink.students import derive_student, kept_blocks, parse_student_spec, resolve_student
 
 RESNET20 = SHARED_DATA / "checkpoints" / "cifar10_resnet20_akamaster.th"

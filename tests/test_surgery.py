@@ -6,9 +6,9 @@ import torch
 
 from vitshrink.data import build_transform, make_loader, resolve_data
 from vitshrink.errors import UserError
-from vitshrink.loading import create_model, data_config, load_model, save_model
+from vitshrink.io import create_model, data_config, load_model, save_model
 from vitshrink.measure import count_flops, count_params
-from vitshrink.surgery import (BlockKeep, block_dims, drop_blocks, full_plan, head_norms, mask_vit, mlp_unit_norms,
+from vitshrink.prune.surgery import (BlockKeep, block_dims, drop_blocks, full_plan, head_norms, mask_vit, mlp_unit_norms,
                                plan_from_json, plan_to_json, slice_vit, uniform_plan)
 
 

@@ -10,10 +10,10 @@ import torch
 from distill_support import PYTHON, REPO, small_data, subprocess_env, tiny_teacher_path  # noqa: F401  (fixture)
 from vitshrink.data import build_transform, make_loader, resolve_data
 from vitshrink.errors import UserError
-from vitshrink.loading import data_config, load_model, save_model
+from vitshrink.io import data_config, load_model, save_model
 from vitshrink.measure import count_flops
-from vitshrink.surgery import block_dims, mask_vit, slice_vit
-from vitshrink.uvc_search import ResourceModel, UVCConfig, check_flops_target, search_uvc
+from vitshrink.prune.surgery import block_dims, mask_vit, slice_vit
+from vitshrink.prune.uvc_search import ResourceModel, UVCConfig, check_flops_target, search_uvc
 
 torch.set_num_threads(1)
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vitshrink.attention_probe import ClassTokenAttention, blocks_at_fractions, uniform_cosine
+from vitshrink.distill.attention_probe import ClassTokenAttention, blocks_at_fractions, uniform_cosine
 from vitshrink.cli import main
-from vitshrink.data import _open_reader, build_transform
+from vitshrink.data.folders import _open_reader, build_transform
 from vitshrink.errors import UserError
-from vitshrink.loading import create_model, data_config, load_model, save_model, set_data_config
-from vitshrink.wild import read_image, select_wild
+from vitshrink.io import create_model, data_config, load_model, save_model, set_data_config
+from vitshrink.data.wild import read_image, select_wild
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST_TRAIN = SHARED / "mnist" / "train_5k.tar"

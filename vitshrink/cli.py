@@ -44,7 +44,7 @@ def load_spec(spec: str, arch: Optional[str], num_heads: Optional[int], img_size
               in_chans: Optional[int], num_classes: Optional[int], mean: Optional[str], std: Optional[str],
               pretrained: bool = False):
     """Load a SPEC with the shared loading options and print any assumption the loader made."""
-    from vitshrink.loading import load_model
+    from vitshrink.io import load_model
 
     model = load_model(spec, arch=arch, num_heads=num_heads, img_size=img_size, in_chans=in_chans,
                        num_classes=num_classes, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
@@ -104,7 +104,7 @@ def evaluate(
 
     from vitshrink.data import resolve_eval_split
     from vitshrink.evaluation import evaluate as run_evaluation
-    from vitshrink.loading import data_config
+    from vitshrink.io import data_config
 
     model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
     split, description = resolve_eval_split(data, val_data, in_chans=data_config(model)["input_size"][0])
@@ -139,7 +139,7 @@ def export(
     """Export to ONNX (dynamic batch) and check it against PyTorch on real images."""
     from vitshrink.data import sample_images
     from vitshrink.export import export_onnx
-    from vitshrink.loading import data_config
+    from vitshrink.io import data_config
 
     model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
     sample = sample_images(data_config(model), data)
@@ -316,7 +316,7 @@ def select_wild(
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
 ) -> None:
     """Select the pool images the teacher finds meaningful (Attention Probe); resumable; writes scores.csv."""
-    from vitshrink.wild import select_wild as run_select_wild
+    from vitshrink.data.wild import select_wild as run_select_wild
 
     try:
         block_list = [int(b) for b in blocks.split(",")] if blocks else None

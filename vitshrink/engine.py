@@ -39,15 +39,13 @@ from vitshrink._atomic import atomic_path, atomic_write_text
 from vitshrink.data import LabelledData, build_transform, make_loader, resolve_data
 from vitshrink.errors import UserError
 from vitshrink.evaluation import evaluate_loader
-from vitshrink.loading import architecture_record, data_config, model_from_record, save_model
-from vitshrink.recipes.base import RecipeContext, get_recipe, load_config_file, load_preset
+from vitshrink.io import architecture_record, data_config, model_from_record, save_model
+from vitshrink.config import resolve_config
+from vitshrink.recipes.base import RecipeContext, get_recipe
 
 BUNDLED_TEACHER = Path(vitshrink.__file__).parent / "assets" / "teacher_vit_cifar10.safetensors"
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "time")
 CHECKPOINT_FORMAT = 1
-# Keys every run records besides the recipe's preset (they are not recipe defaults).
-RUN_KEYS = ("recipe", "teacher", "student", "data", "val_data", "seed", "device", "compile", "flops_target",
-            "world_size", "vitshrink_version")
 
 
 @dataclass
@@ -56,34 +54,6 @@ class DistillResult:
     out_dir: Path
     report: dict[str, Any]
     paths: dict[str, Path] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------------------- configuration
-def resolve_config(recipe: str, config: str | Path | None, flags: dict[str, Any],
-                   overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Preset < ``--config`` file < explicit flags < overrides; unknown keys are a UserError."""
-    cfg = load_preset(recipe)
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if config is not None:
-        loaded = load_config_file(config)
-        # An args.yaml of an earlier run holds the recipe's settings under "config".
-        layers.append((f"--config {config}", loaded.get("config", loaded)))
-    layers.append(("flag", {k: v for k, v in flags.items() if v is not None}))
-    layers.append(("override", dict(overrides or {})))
-    for source, layer in layers:
-        for key, value in layer.items():
-            if key in RUN_KEYS and source != "flag":
-                continue
-            if key not in cfg:
-                raise UserError(f"{source}: unknown setting {key!r} for recipe {recipe} "
-                                f"(known: {', '.join(sorted(cfg))})")
-            cfg[key] = value
-    for key in ("epochs", "batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
-    if float(cfg["lr"]) <= 0:
-        raise UserError(f"--lr must be > 0, got {cfg['lr']}")
-    return cfg
 
 
 def _train_transform(model: nn.Module, cfg: dict[str, Any]):
@@ -309,7 +279,7 @@ def distill(
 
 
 def load_bundled_teacher() -> nn.Module:
-    from vitshrink.loading import load_model
+    from vitshrink.io import load_model
 
     if not BUNDLED_TEACHER.exists():
         raise UserError(f"no TEACHER given and the bundled teacher {BUNDLED_TEACHER.name} is not installed; "
@@ -373,7 +343,7 @@ def _distill(teacher, recipe_name, *, student, data, val_data, val_split, out_di
         if t_classes is not None and s_classes is not None and s_classes != t_classes:
             raise UserError(f"--student has {s_classes} classes, the teacher {t_classes}")
         if getattr(model, "vitshrink_arch", None) is None:
-            raise UserError("the student must be built by vitshrink.loading.create_model (its architecture is "
+            raise UserError("the student must be built by vitshrink.io.create_model (its architecture is "
                             "recorded for saving and resuming)")
         arch_json = json.dumps(architecture_record(model, class_names=labelled.class_names))
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vitshrink.data import ImageSplit, build_transform, make_loader
-from vitshrink.loading import data_config
+from vitshrink.io import data_config
 
 
 @dataclass

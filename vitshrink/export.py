@@ -127,7 +127,7 @@ def write_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequenc
 def bundled_sample(model: nn.Module, n_images: int = 8) -> torch.Tensor:
     """``n_images`` real images of the bundled CIFAR-10 val tar, spanning the classes, in the model's transform."""
     from vitshrink.data import sample_images
-    from vitshrink.loading import data_config
+    from vitshrink.io import data_config
 
     return sample_images(data_config(model), None, n=n_images)
 

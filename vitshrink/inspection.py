@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from vitshrink.loading import data_config
+from vitshrink.io import data_config
 
 
 def _block_row(index: int, block: nn.Module) -> dict[str, Any]:

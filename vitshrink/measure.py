@@ -105,7 +105,7 @@ def resolve_input_size(model: nn.Module, input_size: Sequence[int] | None) -> tu
     if input_size is not None:
         size = tuple(int(v) for v in input_size)
     else:
-        from vitshrink.loading import data_config
+        from vitshrink.io import data_config
 
         size = tuple(int(v) for v in data_config(model)["input_size"])
     if len(size) != 3 or min(size) < 1:

@@ -1,6 +1,6 @@
 """Students: parse ``--student SPEC``, derive a half-FLOPs student from a ViT teacher, initialise from the teacher.
 
-A SPEC is a file (anything ``vitshrink.loading.load_model`` reads; its weights are kept) or a timm name with
+A SPEC is a file (anything ``vitshrink.io.load_model`` reads; its weights are kept) or a timm name with
 keyword arguments, ``NAME:key=value,key=value`` (values parsed as int, float, bool, None or str), e.g.
 ``vit_tiny_patch16_224:img_size=32,patch_size=4,depth=6``. A student built from a name (or derived) is
 initialised from the teacher's weights wherever the shapes allow (nothing, for a CNN teacher): block ``j`` of the student takes the
@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from vitshrink.errors import UserError
-from vitshrink.loading import create_model, data_config, load_model, set_data_config
+from vitshrink.io import create_model, data_config, load_model, set_data_config
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
 _FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".th", ".bin")

@@ -125,7 +125,7 @@ class BlockwiseVisionTransformer(VisionTransformer):
         for key in ("depth", "num_heads", "mlp_ratio", "block_fn", "mlp_layer", "attn_layer"):
             if key in kwargs:
                 raise ValueError(f"vitshrink_vit takes per-block dims, not {key!r}")
-        if norm_layer is None:  # vitshrink.loading.create_model turns ``norm_eps`` into ``norm_layer`` itself
+        if norm_layer is None:  # vitshrink.io.create_model turns ``norm_eps`` into ``norm_layer`` itself
             norm_layer = partial(LayerNorm, eps=1e-6 if norm_eps is None else float(norm_eps))
         # Build timm's embedding/pool/head with no blocks, then add the per-block ones.
         super().__init__(embed_dim=embed_dim, depth=0, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,

@@ -5,7 +5,8 @@ registers its recipe with ``@register_recipe`` — a new recipe is one new file 
 import importlib
 import pkgutil
 
-from vitshrink.recipes.base import (Recipe, RecipeContext, get_recipe, load_preset, recipe_names,  # noqa: F401
+from vitshrink.config import load_preset  # noqa: F401
+from vitshrink.recipes.base import (Recipe, RecipeContext, get_recipe, recipe_names,  # noqa: F401
                                     register_recipe, teacher_for)
 
 for _module in pkgutil.iter_modules(__path__):

@@ -14,7 +14,7 @@ engine (``vitshrink.engine``) knows only this interface; it calls, in order::
 * ``build_student(teacher, student, ctx) -> nn.Module``: ``student`` is what the user asked for
   (``None``, a module, a file or a ``NAME:k=v`` spec); the default resolves it with
   ``vitshrink.students.resolve_student`` (derived half-depth student, initialised from the teacher when
-  ``cfg["init_from_teacher"]``). Any module returned must be built by ``vitshrink.loading.create_model``
+  ``cfg["init_from_teacher"]``). Any module returned must be built by ``vitshrink.io.create_model``
   (or carry ``vitshrink_arch``) so the engine can save it and rebuild it on ``--resume``.
 * ``prepare(teacher, student, ctx) -> nn.Module``: default returns ``student`` unchanged. A search stage
   (UVC) runs here with ``ctx.train_loader(student)``, ``ctx.device``, ``ctx.progress`` and
@@ -50,7 +50,6 @@ from torch import nn
 
 from vitshrink.errors import UserError
 
-PRESETS = Path(__file__).resolve().parent.parent / "presets"
 _REGISTRY: dict[str, type["Recipe"]] = {}
 
 
@@ -120,28 +119,6 @@ def get_recipe(name: str) -> Recipe:
     return _REGISTRY[name]()
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """The defaults of recipe ``name`` from its YAML preset."""
-    path = PRESETS / f"{name}.yaml"
-    if not path.exists():
-        raise UserError(f"--recipe {name!r}: no preset {path}")
-    return yaml.safe_load(path.read_text()) or {}
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """A user's ``-c/--config`` YAML (same keys as a preset)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--config {path}: file not found")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if not isinstance(loaded, dict):
-        raise UserError(f"--config {path}: expected a mapping of key: value")
-    return loaded
-
-
 class TeacherInput(nn.Module):
     """A teacher that accepts the student's batch: resized to the teacher's own input size when it differs.
 
@@ -153,7 +130,7 @@ class TeacherInput(nn.Module):
 
     def __init__(self, teacher: nn.Module, student_input_size: tuple[int, int]):
         super().__init__()
-        from vitshrink.loading import data_config
+        from vitshrink.io import data_config
 
         self.teacher = teacher
         self.pretrained_cfg = dict(data_config(teacher))
@@ -179,7 +156,7 @@ class TeacherInput(nn.Module):
 
 def teacher_for(teacher: nn.Module, student: nn.Module) -> DistillationTeacher:
     """The frozen teacher in timm's ``DistillationTeacher`` wrapper, fed the student's batches."""
-    from vitshrink.loading import data_config
+    from vitshrink.io import data_config
 
     for param in teacher.parameters():
         param.requires_grad_(False)
@@ -190,7 +167,7 @@ def teacher_for(teacher: nn.Module, student: nn.Module) -> DistillationTeacher:
 
 def normalisation_differs(task_teacher: DistillationTeacher, student: nn.Module) -> bool:
     """Decided once, so the step does not compare tensors (a host sync on CUDA) every iteration."""
-    from vitshrink.loading import data_config
+    from vitshrink.io import data_config
 
     cfg = data_config(student)
     mean = torch.tensor(cfg["mean"], dtype=task_teacher.mean_kd.dtype).view(1, -1, 1, 1)

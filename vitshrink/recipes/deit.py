@@ -14,9 +14,9 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.task import TokenDistillationTask
 from torch import nn
 
-from vitshrink import losses
+from vitshrink.distill import losses
 from vitshrink.errors import UserError
-from vitshrink.loading import create_model, data_config, set_data_config
+from vitshrink.io import create_model, data_config, set_data_config
 from vitshrink.recipes.base import Recipe, RecipeContext, normalisation_differs, register_recipe, teacher_for
 from vitshrink.students import copy_data_config, vit_kwargs
 
@@ -55,7 +55,7 @@ class DeiTTask(TokenDistillationTask):
     """timm's TokenDistillationTask with vitshrink's losses and the DeiT paper's weighting.
 
     Reused from timm: the distilled-training switch on the student, student-only DDP, ``compile``, teacher in
-    eval mode. Replaced, and why: ``forward`` uses ``vitshrink.losses`` with one weight ``kd_weight``
+    eval mode. Replaced, and why: ``forward`` uses ``vitshrink.distill.losses`` with one weight ``kd_weight``
     (lambda in the paper, alpha in the official code) as ``(1 - kd_weight) * CE(cls, y) + kd_weight * D``
     where ``D`` is ``CE(dist, argmax teacher)`` (hard) or ``T^2 KL`` (soft); label smoothing applies to the
     label term only (as in the official code); the normalisation check is made once, not per step; and the

@@ -3,7 +3,7 @@ Distillation in the Wild"; official code IIGROUP/AttentionProbe). Defaults: reci
 
 Made for the images ``vitshrink select-wild`` picks from an unlabelled pool: the labels (pseudo or
 none) are never read. Loss = ``T^2 KL(teacher_T || student_T)`` + ``probe_weight`` x the probe
-distillation loss (``vitshrink.attention_probe.probe_distillation_loss``) on the outputs of the blocks at
+distillation loss (``vitshrink.distill.attention_probe.probe_distillation_loss``) on the outputs of the blocks at
 1/3, 2/3 and all of each model's depth, so student blocks map to teacher blocks by relative depth.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitshrink import losses
-from vitshrink.attention_probe import (DISTILL_FRACTIONS, BlockOutputs, blocks_at_fractions, num_prefix_tokens,
+from vitshrink.distill import losses
+from vitshrink.distill.attention_probe import (DISTILL_FRACTIONS, BlockOutputs, blocks_at_fractions, num_prefix_tokens,
                                        probe_distillation_loss)
 from vitshrink.errors import UserError
 from vitshrink.recipes.base import Recipe, register_recipe

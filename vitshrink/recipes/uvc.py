@@ -1,6 +1,6 @@
 """``uvc``: Unified Visual Transformer Compression (Yu et al., ICLR 2022). Defaults: recipes/uvc.yaml.
 
-The student is the teacher itself, searched (``vitshrink.uvc_search``), sliced (``vitshrink.surgery``) to
+The student is the teacher itself, searched (``vitshrink.prune.uvc_search``), sliced (``vitshrink.prune.surgery``) to
 ``--flops-target`` and post-trained with logit KD from the unpruned teacher.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from torch import nn
 from vitshrink._atomic import atomic_write_text
 from vitshrink.errors import UserError
 from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
-from vitshrink.surgery import check_sliceable, plan_to_json, slice_vit
-from vitshrink.uvc_search import ResourceModel, UVCConfig, check_flops_target, search_uvc
+from vitshrink.prune.surgery import check_sliceable, plan_to_json, slice_vit
+from vitshrink.prune.uvc_search import ResourceModel, UVCConfig, check_flops_target, search_uvc
 
 
 def uvc_config(cfg: dict[str, Any], flops_target: float | None = None) -> UVCConfig:

@@ -7,7 +7,7 @@ import torch
 from timm.task import LogitDistillationTask
 from torch import nn
 
-from vitshrink import losses
+from vitshrink.distill import losses
 from vitshrink.recipes.base import Recipe, normalisation_differs, register_recipe, teacher_for
 
 
@@ -17,7 +17,7 @@ class LogitKDTask(LogitDistillationTask):
     Reused from timm: the student/teacher wiring, DDP of the student only (``prepare_distributed``),
     ``compile``, and keeping the teacher in eval mode. Replaced, and why:
     * the loss is the convex combination ``(1 - kd_weight) * CE + kd_weight * T^2 KL`` from
-      ``vitshrink.losses`` (one tested definition for every recipe); with ``kd_weight == 1`` the labels are
+      ``vitshrink.distill.losses`` (one tested definition for every recipe); with ``kd_weight == 1`` the labels are
       never read, so label-free data works;
     * whether the teacher needs other normalisation is decided once at construction, instead of two
       ``torch.equal`` calls per step (each a device-to-host sync on CUDA).

@@ -6,7 +6,7 @@ github.com/VITA-Group/UVC, ``uvc_utils.py`` / ``uvc_optimizer.py``), re-derived 
 * Prunable units per block: whole heads, dims within every kept head, MLP hidden units, and the whole
   block through a skip gate ``x <- d1 * Block(x) + d0 * x`` with ``(d0, d1)`` a Gumbel-softmax sample
   of two logits per block (hard ``argmax`` after the search).
-* Which units go: those with the smallest group L2 norm (coupled tensors as in ``vitshrink.surgery``);
+* Which units go: those with the smallest group L2 norm (coupled tensors as in ``vitshrink.prune.surgery``);
   *how many* go is learned: a removal fraction per block and unit type, turned into an integer count by a
   straight-through ``ceil`` (UVC's ``ste_ceil``).
 * Budget: ``R = MACs(pruned) / MACs(full)`` with the attention-counting model of ``vitshrink.measure``
@@ -28,7 +28,7 @@ of a block keeps the same number of dims (one head width per block keeps the sli
 each head still chooses its own dims); group norms are the full coupled groups (q, k, v rows and ``proj``
 columns; ``fc1`` rows and ``fc2`` columns) and are normalised so that each unit type sums to 1 in the
 average block at the start, so ``y`` has one scale for every unit type and width; the official code masks but never slices — here the plan goes to
-``vitshrink.surgery.slice_vit``.
+``vitshrink.prune.surgery.slice_vit``.
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitshrink import losses
+from vitshrink.distill import losses
 from vitshrink.errors import UserError
-from vitshrink.surgery import (BlockKeep, Plan, block_dims, check_sliceable, head_dim_norms, head_norms,
+from vitshrink.prune.surgery import (BlockKeep, Plan, block_dims, check_sliceable, head_dim_norms, head_norms,
                                mlp_unit_norms, slice_vit)
 
 __all__ = ["UVCConfig", "SearchResult", "ResourceModel", "search_uvc", "apply_plan", "check_flops_target"]

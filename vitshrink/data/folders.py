@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vitshrink.errors import UserError
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_TRAIN = ASSETS / "cifar10_train_5k.tar"
 BUNDLED_VAL = ASSETS / "cifar10_test_1k.tar"
 SPLIT_NAMES_TRAIN = ("train",)

@@ -11,7 +11,7 @@ Coupled tensors (what must be cut together so the function is preserved):
   a whole block goes with both branches.
 
 The result is always a ``vitshrink_vit`` (``BlockwiseVisionTransformer``) built through
-``vitshrink.loading.create_model``, so ``save_model``/``load_model`` round-trip it. ``mask_vit`` builds
+``vitshrink.io.create_model``, so ``save_model``/``load_model`` round-trip it. ``mask_vit`` builds
 the *same function* without slicing (zeroed units in a copy of the source) — the reference that tests
 and searches compare against. Which units to keep is not decided here (that is a recipe's search);
 ``uniform_plan`` and the group norms are the simple, structural building blocks.
@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from vitshrink.errors import UserError
-from vitshrink.loading import create_model, data_config, set_data_config
+from vitshrink.io import create_model, data_config, set_data_config
 from vitshrink.models.blockwise_vit import BlockwiseVisionTransformer, SlimBlock
 
 __all__ = [

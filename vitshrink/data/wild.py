@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitshrink._atomic import atomic_path, atomic_write_text
-from vitshrink.attention_probe import ClassTokenAttention, check_probeable, uniform_cosine
+from vitshrink.distill.attention_probe import ClassTokenAttention, check_probeable, uniform_cosine
 from vitshrink.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -228,7 +228,7 @@ def select_wild(
     N // C of each of the C predicted classes first, the rest by global rank (see ``_choose``).
     """
     from vitshrink.data import build_transform
-    from vitshrink.loading import data_config
+    from vitshrink.io import data_config
 
     pool, out_dir = Path(pool), Path(out_dir)
     if not pool.is_dir():

@@ -134,7 +134,7 @@ def architecture_record(
     """The JSON record stored in safetensors metadata: everything ``load_model`` needs."""
     arch = getattr(model, "vitshrink_arch", None)
     if arch is None:
-        raise ValueError("model was not built by vitshrink.loading.create_model/load_model; its architecture is unknown")
+        raise ValueError("model was not built by vitshrink.io.create_model/load_model; its architecture is unknown")
     cfg = data_config(model)
     old_meta = getattr(model, "vitshrink_meta", {}) or {}
     return {

@@ -1,0 +1,1 @@
+"""Distillation parts recipes compose: teachers, feature taps, losses and training tasks."""
