@@ -138,17 +138,21 @@ def plot_pareto(points: Sequence[dict[str, Any]], path: str | Path, *, x_label: 
     if front:
         axes.step([p["x"] for p in front], [p["y"] for p in front], where="post", color=STUDENT_COLOR, alpha=0.5,
                   linewidth=1.5, label="Pareto front", zorder=1)
+    xs = [p["x"] for p in scattered] + [p["x"] for p in points if p["y"] is None and p["x"] is not None]
+    label_left_of = min(xs) + 0.75 * (max(xs) - min(xs)) if xs else 0.0  # labels of the right quarter go left
     for point in scattered:
         is_teacher = point.get("role") == "teacher"
         axes.scatter(point["x"], point["y"], marker="*" if is_teacher else "o", s=220 if is_teacher else 55,
                      color=TEACHER_COLOR if is_teacher else (STUDENT_COLOR if point.get("pareto") else OTHER_COLOR),
                      edgecolors="black", linewidths=0.6, zorder=3)
-        axes.annotate(point["name"], (point["x"], point["y"]), textcoords="offset points", xytext=(6, 5), fontsize=8)
+        left = point["x"] > label_left_of
+        axes.annotate(point["name"], (point["x"], point["y"]), textcoords="offset points", fontsize=8,
+                      xytext=(-8, 6) if left else (6, 5), ha="right" if left else "left")
     unscored = [p for p in points if p["y"] is None and p["x"] is not None]
     for point in unscored:
         axes.axvline(point["x"], color=OTHER_COLOR, linestyle=":", linewidth=1.2, zorder=0)
-        axes.annotate(f"{point['name']} (no top-1)", (point["x"], 0.02), xycoords=("data", "axes fraction"),
-                      rotation=90, fontsize=7, color="dimgray", xytext=(3, 0), textcoords="offset points")
+        axes.annotate(f"{point['name']} (no top-1)", (point["x"], 0.98), xycoords=("data", "axes fraction"),
+                      rotation=90, va="top", fontsize=7, color="dimgray", xytext=(3, 0), textcoords="offset points")
     # Legend proxies: the teacher star and the front/off-front markers, once each.
     axes.scatter([], [], marker="*", s=160, color=TEACHER_COLOR, edgecolors="black", label="teacher")
     axes.scatter([], [], marker="o", color=STUDENT_COLOR, edgecolors="black", label="on the front")
@@ -156,9 +160,9 @@ def plot_pareto(points: Sequence[dict[str, Any]], path: str | Path, *, x_label: 
     axes.legend(loc="lower right", fontsize=8)
     axes.set(xlabel=x_label, ylabel=y_label, title=title)
     axes.grid(alpha=0.3)
-    if scattered:  # room for the labels on the right
-        xs = [p["x"] for p in scattered + unscored]
-        axes.set_xlim(min(xs) - 0.05 * (max(xs) - min(xs) or 1), max(xs) + 0.18 * (max(xs) - min(xs) or 1))
+    if xs:  # a margin for the markers and labels
+        span = (max(xs) - min(xs)) or abs(max(xs)) or 1.0
+        axes.set_xlim(min(xs) - 0.08 * span, max(xs) + 0.08 * span)
     save_png(figure, path)
     return {"names": [p["name"] for p in scattered], "x": [p["x"] for p in scattered],
             "y": [p["y"] for p in scattered], "front_x": [p["x"] for p in front], "front_y": [p["y"] for p in front],
