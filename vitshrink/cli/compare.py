@@ -48,4 +48,4 @@ def compare(
             plot_comparison(comparison, plot)
         except OSError as exc:
             raise UserError(f"--plot {plot}: cannot write the picture ({exc.strerror or exc})") from None
-        console.print(f"wrote {plot}")
+        console.print(f"wrote {plot}", soft_wrap=True)
