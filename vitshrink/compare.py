@@ -136,11 +136,14 @@ def _common_batch(rows: list[ModelRow]) -> str | None:
     return max(common, key=int) if common else None
 
 
-def _mark_pareto(rows: list[ModelRow]) -> None:
-    scored = [row for row in rows if row.top1 is not None and row.x is not None]
-    for row in scored:
-        row.pareto = not any(other.x <= row.x and other.top1 >= row.top1 and (other.x < row.x or other.top1 > row.top1)
-                             for other in scored)
+def pareto_mask(costs: Sequence[float | None], scores: Sequence[float | None]) -> list[bool]:
+    """True where no other point has a lower-or-equal cost and a higher-or-equal score, one of them strictly.
+
+    Points with an unknown cost or score are never on the front."""
+    known = [(c, s) for c, s in zip(costs, scores) if c is not None and s is not None]
+    return [c is not None and s is not None
+            and not any(oc <= c and os_ >= s and (oc < c or os_ > s) for oc, os_ in known)
+            for c, s in zip(costs, scores)]
 
 
 def compare_runs(paths: Sequence[str | Path], *, x: str = "latency", batch: int | str | None = None) -> Comparison:
@@ -176,7 +179,8 @@ def compare_runs(paths: Sequence[str | Path], *, x: str = "latency", batch: int 
     for row in rows:
         row.x = {"latency": row.ort_p50_ms.get(batch_key) if batch_key else None, "gmacs": row.gmacs,
                  "params": row.params / 1e6 if row.params is not None else None}[x]
-    _mark_pareto(rows)
+    for row, on_front in zip(rows, pareto_mask([row.x for row in rows], [row.top1 for row in rows])):
+        row.pareto = on_front
     return Comparison(rows, x, X_AXES[x].format(batch=batch_key), batch_key)
 
 

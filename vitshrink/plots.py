@@ -20,7 +20,8 @@ TEACHER_COLOR, STUDENT_COLOR, OTHER_COLOR = "#4c72b0", "#dd8452", "#8c8c8c"
 REPORT_PICTURES = {"teacher_vs_student": "teacher_vs_student.png", "training_curves": "training_curves.png"}
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib Figure (constrained layout) not registered with pyplot: no display, no global state."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
@@ -62,7 +63,7 @@ def plot_training_curves(summary_csv: str | Path, path: str | Path, *,
 
     columns = read_summary(summary_csv)
     epochs = columns["epoch"]
-    figure = _figure(9, 3.4)
+    figure = new_figure(9, 3.4)
     loss_axes, top1_axes = figure.subplots(1, 2)
     loss_axes.plot(epochs, columns["train_loss"], "o-", color=STUDENT_COLOR, label="train loss (recipe objective)")
     if any(not math.isnan(v) for v in columns.get("eval_loss", [])):
@@ -101,7 +102,7 @@ def teacher_student_metrics(report: dict[str, Any]) -> list[tuple[str, float | N
 def plot_teacher_vs_student(report: dict[str, Any], path: str | Path) -> dict[str, tuple[float | None, float | None]]:
     """One small bar panel per metric (teacher, student), the student / teacher ratio in each title."""
     metrics = teacher_student_metrics(report)
-    figure = _figure(2.4 * len(metrics), 3.2)
+    figure = new_figure(2.4 * len(metrics), 3.2)
     panels = figure.subplots(1, len(metrics), squeeze=False)[0]
     for axes, (label, teacher_value, student_value) in zip(panels, metrics):
         values = [v if v is not None else 0.0 for v in (teacher_value, student_value)]
@@ -125,14 +126,22 @@ def plot_teacher_vs_student(report: dict[str, Any], path: str | Path) -> dict[st
 # ---------------------------------------------------------------------------------------------- Pareto front
 def plot_pareto(points: Sequence[dict[str, Any]], path: str | Path, *, x_label: str, title: str,
                 y_label: str = "top-1 (%)") -> dict[str, list]:
-    """Accuracy against cost: one marker per point, the Pareto front as a step line, teachers as stars.
+    """Accuracy against cost as a PNG (see ``draw_pareto``); returns the drawn data."""
+    figure = new_figure(7.5, 4.8)
+    drawn = draw_pareto(figure.subplots(), points, x_label=x_label, title=title, y_label=y_label)
+    save_png(figure, path)
+    return drawn
+
+
+def draw_pareto(axes, points: Sequence[dict[str, Any]], *, x_label: str, title: str,
+                y_label: str = "top-1 (%)", label_size: float = 8) -> dict[str, list]:
+    """Accuracy against cost on ``axes``: one marker per point, the Pareto front as a step line, teachers as stars.
 
     Each point is a dict with ``name``, ``x``, ``y`` (None: no accuracy known, drawn as a dotted vertical
-    line at its cost), ``role`` ("teacher" or anything else) and ``pareto`` (bool).
+    line at its cost), ``role`` ("teacher" or anything else) and ``pareto`` (bool); optional ``label_offset``
+    (points, (dx, dy)) moves its label where the default would collide.
     Returns the drawn data: names, x, y of the scattered points, the front's x/y, the axes labels.
     """
-    figure = _figure(7.5, 4.8)
-    axes = figure.subplots()
     scattered = [p for p in points if p["y"] is not None and p["x"] is not None]
     front = sorted((p for p in scattered if p.get("pareto")), key=lambda p: p["x"])
     if front:
@@ -146,8 +155,9 @@ def plot_pareto(points: Sequence[dict[str, Any]], path: str | Path, *, x_label: 
                      color=TEACHER_COLOR if is_teacher else (STUDENT_COLOR if point.get("pareto") else OTHER_COLOR),
                      edgecolors="black", linewidths=0.6, zorder=3)
         left = point["x"] > label_left_of
-        axes.annotate(point["name"], (point["x"], point["y"]), textcoords="offset points", fontsize=8,
-                      xytext=(-8, 6) if left else (6, 5), ha="right" if left else "left")
+        offset = point.get("label_offset") or ((-8, 6) if left else (6, 5))
+        axes.annotate(point["name"], (point["x"], point["y"]), textcoords="offset points", fontsize=label_size,
+                      xytext=offset, ha="right" if offset[0] < 0 else "left")
     unscored = [p for p in points if p["y"] is None and p["x"] is not None]
     for point in unscored:
         axes.axvline(point["x"], color=OTHER_COLOR, linestyle=":", linewidth=1.2, zorder=0)
@@ -163,7 +173,6 @@ def plot_pareto(points: Sequence[dict[str, Any]], path: str | Path, *, x_label: 
     if xs:  # a margin for the markers and labels
         span = (max(xs) - min(xs)) or abs(max(xs)) or 1.0
         axes.set_xlim(min(xs) - 0.08 * span, max(xs) + 0.08 * span)
-    save_png(figure, path)
     return {"names": [p["name"] for p in scattered], "x": [p["x"] for p in scattered],
             "y": [p["y"] for p in scattered], "front_x": [p["x"] for p in front], "front_y": [p["y"] for p in front],
             "unscored": [p["name"] for p in unscored], "x_label": axes.get_xlabel(), "y_label": axes.get_ylabel()}
