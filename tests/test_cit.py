@@ -142,3 +142,17 @@ def test_cit_from_vit_teacher_takes_derived_blocks_and_heads():
     assert cit(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(UserError, match="not a ViT"):
         cit_from_vit_teacher(create_model("cifar_resnet20"))
+
+
+def test_student_spec_naming_a_cit_starts_from_the_vit_teacher():
+    from vitshrink.students import resolve_student
+
+    torch.manual_seed(0)
+    teacher = create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2,
+                           num_classes=10).eval()
+    student = resolve_student("cit_tiny_patch4_32:embed_dim=64,depth=2,num_heads=2,stem_chs=32", teacher)
+    assert torch.equal(student.state_dict()["blocks.1.mlp.fc1.weight"], teacher.state_dict()["blocks.3.mlp.fc1.weight"])
+    with pytest.raises(UserError, match="widths differ"):
+        resolve_student("cit_tiny_patch4_32:embed_dim=96,depth=2,num_heads=2", teacher)
+    cnn_student = resolve_student("cit_tiny_patch4_32:embed_dim=64,depth=1,num_heads=2", create_model("cifar_resnet20"))
+    assert isinstance(cnn_student, CrossInductiveViT)  # a CNN teacher has nothing to copy: left as created

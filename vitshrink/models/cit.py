@@ -177,6 +177,11 @@ class CrossInductiveViT(VisionTransformer):
             setattr(self, name, layer.to(self.pos_embed.device).train(self.training))
 
     @torch.jit.ignore
+    def init_from_vit_teacher(self, teacher: nn.Module) -> dict[str, int]:
+        """Start from a timm ViT teacher's weights (:func:`init_cit_from_vit`); used by ``vitshrink.students``."""
+        return init_cit_from_vit(self, teacher)
+
+    @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
         self.distilled_training = enable
 
@@ -290,7 +295,7 @@ def init_cit_from_vit(cit: CrossInductiveViT, teacher: nn.Module) -> dict[str, i
     t_blocks, t_prefix = len(teacher.blocks), int(getattr(teacher, "num_prefix_tokens", 1))
     if getattr(teacher, "embed_dim", None) != cit.embed_dim:
         raise UserError(f"cannot start the CiT from the teacher: widths differ ({cit.embed_dim} vs "
-                        f"{getattr(teacher, 'embed_dim', None)})")
+                        f"{getattr(teacher, 'embed_dim', None)}); set init_from_teacher: false to train it from scratch")
     if len(cit.blocks) > t_blocks:
         raise UserError(f"cannot start the CiT from the teacher: {len(cit.blocks)} blocks > the teacher's {t_blocks}")
     new_state: dict[str, torch.Tensor] = {}
