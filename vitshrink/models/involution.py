@@ -7,8 +7,10 @@ input over its ``K x K`` neighbourhood. With stride ``s`` the kernel is generate
 average-pooled input. This follows the official code (d-li14/involution, ``involution_naive.py``; the
 authors' fast path is a CuPy kernel). Here the weighted sum is computed as ``K*K`` shifted slices of the
 zero-padded input, multiplied by the kernel's matching channel and accumulated: the same numbers as the
-official ``nn.Unfold`` version (tests compare both and a naive loop), without materialising the
-``K*K``-times larger unfolded tensor, and it exports to ONNX as plain Slice/Mul/Add on any backend.
+official ``nn.Unfold`` version, without materialising the ``K*K``-times larger unfolded tensor. Under graph
+export (``torch.export`` / ONNX) the unfold form is traced instead, because the dynamo ONNX exporter spends
+~40 s per 7x7 involution on the 49 slices and a few seconds on one unfold. Tests check both forms against a
+naive loop and the official code.
 
 RedNet is ResNet with the 3x3 convolution of each bottleneck replaced by a 7x7 involution and an
 involution in the stem (``rednet26/38/50/101/152``: the official ImageNet depths, 224 px, widths
@@ -40,7 +42,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-__all__ = ["Involution", "ConvBnAct", "RedNetBottleneck", "RedNet", "involution_weighted_sum", "checkpoint_filter_fn",
+__all__ = ["Involution", "ConvBnAct", "RedNetBottleneck", "RedNet", "involution_weighted_sum", "involution_stem",
+           "checkpoint_filter_fn",
            "rednet26", "rednet38", "rednet50", "rednet101", "rednet152", "rednet_cifar26"]
 
 # Official RedNet bottleneck counts per stage (mmcls RedNet.arch_settings).
