@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vitshrink.models  # noqa: E402,F401  (registers the CIFAR ResNets)
 from vitshrink.data.folders import ImageSplit, reader_targets, resolve_data  # noqa: E402
-from vitshrink.data.synthetic import _class_names, synthesize  # noqa: E402
+from vitshrink.data.synthetic import class_folder_names, synthesize  # noqa: E402
 from vitshrink.engine import BUNDLED_TEACHER, distill  # noqa: E402
 from vitshrink.io import create_model, data_config, load_model, set_data_config  # noqa: E402
 
@@ -80,7 +80,7 @@ def write_noise_images(teacher: torch.nn.Module, num: int, out_dir: Path, seed: 
     mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
     generator = torch.Generator().manual_seed(seed)
-    names = _class_names(teacher, 10)
+    names = class_folder_names(teacher, 10)
     teacher = teacher.eval().cpu()
     for first in range(0, num, 256):
         count = min(256, num - first)

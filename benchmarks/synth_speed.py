@@ -2,7 +2,7 @@
 ResNet-56 (BatchNorm prior), and how many of the images the teacher classifies as their target.
 
     python benchmarks/synth_speed.py [--teachers vit,resnet56] [--num 20] [--iterations 100] [-b 20]
-        [--device auto] [--resnet56 PATH] [--out output/synth_speed.json]
+        [--device auto] [--threads T] [--resnet56 PATH] [--out output/synth_speed.json]
 
 images/s counts finished images (each optimised for ``--iterations`` steps); ``image_steps_per_s`` =
 images/s * iterations is the rate independent of the iteration count.
@@ -37,10 +37,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("-b", "--batch-size", type=int, default=20)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--resnet56", type=Path, default=SHARED_RESNET56)
     parser.add_argument("--work", type=Path, default=Path("output/synth_speed"))
     parser.add_argument("--out", type=Path, default=Path("output/synth_speed.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for name in args.teachers.split(","):
         teacher = load_model(BUNDLED_TEACHER) if name == "vit" else load_model(args.resnet56, arch="cifar_resnet56")

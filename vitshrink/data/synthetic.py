@@ -90,7 +90,7 @@ class SynthesisResult:
     target_agreement: float  # share of all images the teacher classifies as their target
 
 
-def _class_names(teacher: nn.Module, num_classes: int) -> list[str]:
+def class_folder_names(teacher: nn.Module, num_classes: int) -> list[str]:
     """Class folder names: the teacher's recorded names when they are as many as its outputs and already in
     sorted order (ImageFolder numbers classes by sorted folder name), else zero-padded indices."""
     names = None
@@ -279,7 +279,7 @@ def synthesize(teacher: nn.Module, num: int, out_dir: str | os.PathLike, *, prio
     std = torch.tensor(cfg["std"], dtype=torch.float32, device=device).reshape(shape)
     chosen = choose_prior(teacher, prior)
     num_classes = _num_classes(teacher, input_size, device)
-    names = _class_names(teacher, num_classes)
+    names = class_folder_names(teacher, num_classes)
     record = {"num": num, "prior": chosen, "iterations": iterations, "batch_size": batch_size, "seed": seed,
               "input_size": list(input_size), "class_names": names, "teacher": _teacher_fingerprint(teacher),
               "settings": json.loads(json.dumps(asdict(settings)))}
