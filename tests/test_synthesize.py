@@ -164,3 +164,12 @@ def test_cli_synthesizes_with_the_patch_similarity_prior(tmp_path, capsys):
     files = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png"))
     assert files == ["000/0000000.png", "000/0000004.png", "001/0000001.png", "001/0000005.png", "002/0000002.png",
                      "003/0000003.png"]
+
+
+def test_resumed_run_writes_the_same_images_as_an_uninterrupted_one(interrupted_then_resumed, tmp_path):
+    out = interrupted_then_resumed[0]
+    fresh = tmp_path / "fresh"
+    synthetic.synthesize(_teacher(), NUM, fresh, iterations=ITERATIONS, batch_size=BATCH, device="cpu", progress=False)
+    resumed = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*.png")}
+    assert resumed == {str(p.relative_to(fresh)): p.read_bytes() for p in fresh.rglob("*.png")}
+    assert (out / "manifest.csv").read_text() == (fresh / "manifest.csv").read_text()
