@@ -61,11 +61,13 @@ def interrupted_then_resumed(tmp_path_factory):
         return real_write(out_dir, batch_index, *args, **kwargs)
 
     synthetic._write_batch = count_writes
+    teacher = _teacher()
     try:
-        result = synthetic.synthesize(_teacher(), NUM, out, iterations=ITERATIONS, batch_size=BATCH, device="cpu",
+        result = synthetic.synthesize(teacher, NUM, out, iterations=ITERATIONS, batch_size=BATCH, device="cpu",
                                       progress=False)
     finally:
         synthetic._write_batch = real_write
+    assert all(p.requires_grad for p in teacher.parameters())  # frozen only while synthesising
     return out, first_files, resumed_calls, result
 
 

@@ -119,8 +119,9 @@ def _num_classes(teacher: nn.Module, input_size: Sequence[int], device: torch.de
 
 def _teacher_fingerprint(teacher: nn.Module) -> dict[str, Any]:
     params = [p.detach() for p in teacher.parameters()]
-    return {"class": type(teacher).__name__, "params": sum(p.numel() for p in params),
-            "checksum": float(sum(p.double().sum().item() for p in params))}
+    # Summed on the CPU in float64 and rounded, so a resume on another device recognises the same teacher.
+    checksum = sum(p.cpu().double().sum().item() for p in params)
+    return {"class": type(teacher).__name__, "params": sum(p.numel() for p in params), "checksum": round(checksum, 6)}
 
 
 def _prepare_out_dir(out_dir: Path, record: dict[str, Any]) -> None:
@@ -262,16 +263,29 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 def synthesize(teacher: nn.Module, num: int, out_dir: str | os.PathLike, *, prior: str = "auto",
                iterations: int = 1000, batch_size: int = 64, device: str | torch.device = "auto", seed: int = 0,
                progress: bool = True, settings: SynthesisSettings | None = None) -> SynthesisResult:
-    """Synthesise ``num`` images balanced over the teacher's classes into ``out_dir`` (see the module doc)."""
-    from vitshrink.io import data_config
+    """Synthesise ``num`` images balanced over the teacher's classes into ``out_dir`` (see the module doc).
 
+    The teacher is put in eval mode on ``device``; its parameters are frozen while the images are optimised and
+    made trainable again afterwards."""
     if num < 1 or iterations < 1 or batch_size < 1:
         raise UserError(f"--num, --iterations and --batch-size must be >= 1, got {num}, {iterations}, {batch_size}")
     settings = settings or SynthesisSettings()
     out_dir, device = Path(out_dir), _resolve_device(device)
     teacher = teacher.to(device).eval()
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
+    trainable = [p for p in teacher.parameters() if p.requires_grad]
+    try:
+        for parameter in trainable:  # only the images are optimised
+            parameter.requires_grad_(False)
+        return _synthesize(teacher, num, out_dir, prior, iterations, batch_size, device, seed, progress, settings)
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+
+
+def _synthesize(teacher: nn.Module, num: int, out_dir: Path, prior: str, iterations: int, batch_size: int,
+                device: torch.device, seed: int, progress: bool, settings: SynthesisSettings) -> SynthesisResult:
+    from vitshrink.io import data_config
+
     cfg = data_config(teacher)
     input_size = tuple(int(v) for v in cfg["input_size"])
     shape = (1, input_size[0], 1, 1)
