@@ -45,12 +45,14 @@ def load_spec(spec: str, arch: Optional[str], num_heads: Optional[int], img_size
               in_chans: Optional[int], num_classes: Optional[int], mean: Optional[str], std: Optional[str],
               pretrained: bool = False):
     """Load a SPEC with the shared loading options and print any assumption the loader made."""
-    from vitshrink.io import load_model
+    from vitshrink.io import load_model, record_of
 
     model = load_model(spec, arch=arch, num_heads=num_heads, img_size=img_size, in_chans=in_chans,
                        num_classes=num_classes, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                        pretrained=pretrained)
-    for note in getattr(model, "vitshrink_notes", []) or []:
+    record = record_of(model)
+    record.spec = spec
+    for note in record.notes:
         err_console.print(f"[yellow]note:[/yellow] {note}")
     return model
 

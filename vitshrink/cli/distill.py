@@ -73,7 +73,6 @@ def distill(
         model = load_bundled_teacher()
     else:
         model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
-        model.vitshrink_spec = teacher
     result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out, epochs=epochs,
                          batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
                          config=config, overrides=overrides, workers=workers, compile=compile_model,
