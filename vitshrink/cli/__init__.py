@@ -82,6 +82,8 @@ def main() -> None:
         app()
     except UserError as exc:
         if _state["debug"]:
+            if exc.details:
+                err_console.print(exc.details, markup=False, highlight=False)
             raise
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(UserError.exit_code)

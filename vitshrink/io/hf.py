@@ -15,6 +15,7 @@ from torch import nn
 
 from vitshrink.errors import UserError
 from vitshrink.io.fields import check_bool, check_float, check_image_size, check_int, check_vector
+from vitshrink.io.layouts import apply_key_map
 from vitshrink.io.readers import one_line, read_safetensors, read_torch_state_dict
 from vitshrink.io.record import record_of, set_data_config
 from vitshrink.io.weights import build_and_load, check_sizes_against_state, first, resample_pos_embed
@@ -45,13 +46,15 @@ def load_hf_directory(path: Path, options: dict[str, Any], notes: list[str]) -> 
     model_type = config.get("model_type")
     if model_type not in ("vit", "deit"):
         raise UserError(f"{config_path}: model_type {model_type!r} is not supported (vit and deit are)")
-    hf_state = _read_hf_weights(path, notes)
+    hf_state = apply_key_map(_read_hf_weights(path, notes), options["key_map"], str(path))
     state, kwargs, name = _hf_to_timm(hf_state, config, model_type, path, notes)
     if options["arch"] is not None:
         notes.append(f"arch={options['arch']} ignored: {path.name}/config.json describes the architecture")
     for key in ("num_heads", "in_chans", "num_classes"):
         if options[key] is not None and options[key] != kwargs[key]:
             raise UserError(f"{config_path}: the checkpoint has {key}={kwargs[key]} but {key}={options[key]} was asked")
+    if options["norm_eps"] is not None:
+        kwargs["norm_eps"] = options["norm_eps"]
     if options["img_size"] is not None and options["img_size"] != kwargs["img_size"]:
         state = resample_pos_embed(state, options["img_size"], kwargs["patch_size"], False, path)
         kwargs["img_size"] = options["img_size"]

@@ -106,9 +106,10 @@ def _tuples(data: dict[str, Any]) -> dict[str, Any]:
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` that records how the model was built (for ``save_model``).
 
-    One kwarg is vitshrink's own: ``norm_eps`` (float) builds every LayerNorm with that epsilon, so
-    that checkpoints trained with another epsilon (Hugging Face ViT uses 1e-12, timm 1e-6) give the
-    same logits; it is recorded like any other kwarg.
+    Two kwargs are vitshrink's own, recorded like any other: ``norm_eps`` (float) builds every LayerNorm
+    with that epsilon, so that checkpoints trained with another epsilon (Hugging Face ViT uses 1e-12,
+    vit-pytorch 1e-5, timm 1e-6) give the same logits; ``patch_embed`` names a patch embedding of
+    ``vitshrink.models.patch_embed`` (``"pixel_norm"``: vit-pytorch's).
     """
     import vitshrink.models  # noqa: F401  (registers vitshrink's own timm models)
 
@@ -118,6 +119,13 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         from timm.layers import LayerNorm
 
         timm_kwargs["norm_layer"] = functools.partial(LayerNorm, eps=float(norm_eps))
+    patch_embed = timm_kwargs.pop("patch_embed", None)
+    if patch_embed is not None:
+        from vitshrink.models.patch_embed import PATCH_EMBEDS
+
+        if patch_embed not in PATCH_EMBEDS:
+            raise ValueError(f"patch_embed must be one of {sorted(PATCH_EMBEDS)}, got {patch_embed!r}")
+        timm_kwargs["embed_layer"] = functools.partial(PATCH_EMBEDS[patch_embed], eps=float(norm_eps or 1e-5))
     model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
     record = attach_record(model, ModelRecord(name=name, kwargs=_jsonable(kwargs)))
     record.data = _resolved_data(model)
@@ -278,6 +286,7 @@ KWARG_RULES: dict[str, tuple[str, float, float]] = {
     "no_embed_class": ("bool", 0, 0), "pre_norm": ("bool", 0, 0), "qk_norm": ("bool", 0, 0),
     "reg_tokens": ("int", 0, 1024), "norm_eps": ("float", 1e-30, 1.0), "init_values": ("float", 0, 1e3),
     "drop_rate": ("float", 0, 1), "drop_path_rate": ("float", 0, 1), "global_pool": ("str", 0, 0),
+    "patch_embed": ("str", 0, 0),
     # vitshrink_vit's per-block dims (one entry per block)
     "block_num_heads": ("ints", 0, 1024), "block_head_dims": ("ints", 0, 4096),
     "block_mlp_hidden": ("ints", 0, 262144), "kept_blocks": ("ints", 0, 511),

@@ -13,6 +13,7 @@ from torch import nn
 from vitshrink.errors import UserError
 from vitshrink.io.foreign import model_from_foreign_state
 from vitshrink.io.hf import load_hf_directory
+from vitshrink.io.layouts import apply_key_map
 from vitshrink.io.readers import TORCH_SUFFIXES, read_safetensors, read_torch_state_dict
 from vitshrink.io.record import (METADATA_KEY, ModelRecord, create_model, data_config, model_from_record,
                                  record_of, set_data_config)
@@ -31,6 +32,8 @@ def load_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     pretrained: bool = False,
+    key_map: Sequence[str] | None = None,
+    norm_eps: float | None = None,
 ) -> nn.Module:
     """Load a model from a SPEC, in eval mode on CPU.
 
@@ -41,11 +44,16 @@ def load_model(
       * a Hugging Face transformers ViT/DeiT directory (``config.json`` + weights), converted to timm.
 
     ``img_size`` different from the checkpoint's resamples the position embeddings; ``mean``/``std``
-    override the preprocessing recorded with the model. ``record_of(model)`` holds how to rebuild it
+    override the preprocessing recorded with the model. ``key_map`` (``REGEX=REPLACEMENT`` rules) renames the
+    file's tensors before anything else; ``norm_eps`` sets the LayerNorm epsilon. Foreign ViT layouts
+    (torchvision, vit-pytorch, hand-written q/k/v or Sequential MLPs, timm's ``checkpoint_filter_fn``
+    formats) are converted to timm's layout (``vitshrink.io.layouts``), with a note naming the layout. ``record_of(model)`` holds how to rebuild it
     (so ``save_model`` can write it again) and ``notes``: what was assumed, one line each.
     """
+    if norm_eps is not None and not (isinstance(norm_eps, (int, float)) and 0 < norm_eps < 1):
+        raise UserError(f"--norm-eps must be a number in (0, 1), got {norm_eps!r}")
     options = {"arch": arch, "num_heads": num_heads, "img_size": img_size, "in_chans": in_chans,
-               "num_classes": num_classes}
+               "num_classes": num_classes, "key_map": list(key_map or []), "norm_eps": norm_eps}
     spec_str = str(spec)
     path = Path(spec_str).expanduser()
     notes: list[str] = []
@@ -58,6 +66,7 @@ def load_model(
             state, metadata = read_safetensors(path)
         else:
             state, metadata = read_torch_state_dict(path, notes), {}
+        state = apply_key_map(state, options["key_map"], spec_str)
         if METADATA_KEY in metadata:
             model = _model_from_vitshrink_file(path, state, metadata[METADATA_KEY], options, notes)
         else:
@@ -94,7 +103,10 @@ def _finish(model: nn.Module, notes: list[str], mean: Sequence[float] | None,
 
 def _model_from_timm_name(name: str, options: dict[str, Any], pretrained: bool, notes: list[str]) -> nn.Module:
     require_timm_name(name, "timm model name (and no such file)")
-    kwargs = {k: options[k] for k in ("img_size", "in_chans", "num_classes", "num_heads") if options[k] is not None}
+    kwargs = {k: options[k] for k in ("img_size", "in_chans", "num_classes", "num_heads", "norm_eps")
+              if options[k] is not None}
+    if options["key_map"]:
+        notes.append(f"--key-map ignored: SPEC {name} is a timm model name, not a file")
     if options["arch"] is not None and options["arch"] != name:
         notes.append(f"arch={options['arch']} ignored: SPEC {name} is itself a timm model name")
     img_size = kwargs.get("img_size")
@@ -145,6 +157,9 @@ def _model_from_vitshrink_file(path: Path, state: dict[str, torch.Tensor], recor
         if options[key] is not None and key in kwargs and kwargs[key] != options[key]:
             raise UserError(f"{path}: the file's model has {key}={kwargs[key]} but {key}={options[key]} was asked")
     check_sizes_against_state(f"{path}: architecture record", kwargs, state)
+    if options["norm_eps"] is not None:
+        kwargs["norm_eps"] = options["norm_eps"]
+        record.kwargs = kwargs
     img_size = options["img_size"]
     input_size = list(record.data.get("input_size") or [None, None, None])
     if img_size is not None and input_size[1:] != [img_size, img_size]:

@@ -91,12 +91,72 @@ def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     # Checkpoints from PyTorch < 0.4.1 have no BatchNorm step counter; it does not affect the outputs.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
+    if not missing and not unexpected:
+        return
+    details = ("tensors in the file that the model lacks:\n  " + "\n  ".join(
+        f"{k} {tuple(state[k].shape)}" for k in unexpected) + "\ntensors the model needs that the file lacks:\n  "
+        + "\n  ".join(f"{k} {tuple(expected[k].shape)}" for k in missing))
+    hint = " (--debug lists every unmatched key)"
+    suggestion = suggest_key_map(unexpected, missing, state, expected)
+    if suggestion is not None:
+        found, wanted, rule, fixed = suggestion
+        raise UserError(f"{source}: {found} {tuple(state[found].shape)} looks like {wanted}: try --key-map "
+                        f"'{rule}' ({fixed} of {len(unexpected)} unmatched tensors would match){hint}", details)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise UserError(f"{source}: arch {label} needs tensor {missing[0]}{more}, which the file lacks")
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise UserError(f"{source}: tensor {unexpected[0]}{more} is not part of arch {label}")
+        raise UserError(f"{source}: arch {label} needs tensor {missing[0]}{more}, which the file lacks{hint}", details)
+    more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+    raise UserError(f"{source}: tensor {unexpected[0]}{more} is not part of arch {label}{hint}", details)
+
+
+def suggest_key_map(unexpected: list[str], missing: list[str], state: dict[str, torch.Tensor],
+                    expected: dict[str, torch.Tensor]) -> tuple[str, str, str, int] | None:
+    """The ``--key-map`` rule that renames the most unmatched file tensors onto needed ones of the same shape.
+
+    Candidates pair a file tensor with a needed tensor of the same shape; the rule replaces the dotted
+    segment where their names differ (with the segment before it as context, e.g. ``mlp\\.0\\.=mlp.fc1.``).
+    """
+    import re
+
+    needed = set(missing)
+    best: tuple[str, str, str, int] | None = None
+    tried: set[str] = set()
+    for found in unexpected[:64]:
+        shape = tuple(state[found].shape)
+        for wanted in missing:
+            if tuple(expected[wanted].shape) != shape:
+                continue
+            rule = _rule_between(found, wanted)
+            if rule is None or rule in tried:
+                continue
+            tried.add(rule)
+            pattern, replacement = rule.split("=", 1)
+            fixed = sum(1 for key in unexpected
+                        if re.sub(pattern, replacement, key) in needed
+                        and tuple(state[key].shape) == tuple(expected[re.sub(pattern, replacement, key)].shape))
+            if fixed and (best is None or fixed > best[3]):
+                best = (found, wanted, rule, fixed)
+    return best
+
+
+def _rule_between(found: str, wanted: str) -> str | None:
+    import re
+
+    a, b = found.split("."), wanted.split(".")
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    old, new = a[start:len(a) - end], b[start:len(b) - end]
+    if not old:
+        return None
+    context = [a[start - 1]] if start > 0 and not a[start - 1].isdigit() else []
+    lead = "" if context or start == 0 else "."
+    pattern = (re.escape(lead) + re.escape(".".join(context + old))) if start else "^" + re.escape(".".join(old))
+    replacement = lead + ".".join(context + new)
+    return f"{pattern}\\.={replacement}." if end else f"{pattern}$={replacement}"
 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str, label: str) -> None:
