@@ -171,7 +171,8 @@ def _hf_directory(tmp_path: Path, **config) -> Path:
             "intermediate_size": 128, "image_size": 32, "patch_size": 4}
     (directory / "config.json").write_text(json.dumps({**base, **config}))
     torch.manual_seed(0)
-    state = {"vit.embeddings.cls_token": torch.zeros(1, 1, 64), "vit.embeddings.position_embeddings": torch.zeros(1, 65, 64),
+    state = {"vit.embeddings.cls_token": torch.zeros(1, 1, 64),
+             "vit.embeddings.position_embeddings": torch.zeros(1, 65, 64),
              "vit.embeddings.patch_embeddings.projection.weight": torch.zeros(64, 3, 4, 4),
              "vit.embeddings.patch_embeddings.projection.bias": torch.zeros(64),
              "vit.layernorm.weight": torch.ones(64), "vit.layernorm.bias": torch.zeros(64),

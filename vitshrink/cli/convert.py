@@ -12,10 +12,10 @@ from vitshrink.cli import (ArchOpt, ImgSizeOpt, InChansOpt, KeyMapOpt, MeanOpt, 
 
 @app.command()
 def convert(
-    spec: Annotated[str, typer.Argument(help="checkpoint to convert: .pt/.pth/.safetensors state dict or HF directory")],
+    spec: Annotated[str, typer.Argument(help="checkpoint: .pt/.pth/.safetensors state dict or HF directory")],
     output: Annotated[Path, typer.Option("-o", "--output", help=".safetensors file to write")],
     data: Annotated[Optional[Path], typer.Option(
-        "--data", help="labelled images: parity sample, top-1 and the head-count check (default parity: bundled)")] = None,
+        "--data", help="labelled images: parity sample, top-1 and the head-count check")] = None,
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,

@@ -175,7 +175,8 @@ def _hf_to_timm(hf_state: dict[str, torch.Tensor], config: dict[str, Any], model
             if module in _HF_LAYER_MAP:
                 state[f"blocks.{index}.{_HF_LAYER_MAP[module]}.{kind}"] = tensor
                 continue
-        raise UserError(f"{path}: tensor {key} has no timm VisionTransformer equivalent (unsupported {model_type} variant)")
+        raise UserError(f"{path}: tensor {key} has no timm VisionTransformer equivalent "
+                        f"(unsupported {model_type} variant)")
     for (index, kind), parts in qkv_parts.items():
         if set(parts) != {"q", "k", "v"}:
             raise UserError(f"{path}: layer {index} lacks {sorted({'q', 'k', 'v'} - set(parts))} {kind}")

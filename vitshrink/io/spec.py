@@ -47,8 +47,9 @@ def load_model(
     override the preprocessing recorded with the model. ``key_map`` (``REGEX=REPLACEMENT`` rules) renames the
     file's tensors before anything else; ``norm_eps`` sets the LayerNorm epsilon. Foreign ViT layouts
     (torchvision, vit-pytorch, hand-written q/k/v or Sequential MLPs, timm's ``checkpoint_filter_fn``
-    formats) are converted to timm's layout (``vitshrink.io.layouts``), with a note naming the layout. ``record_of(model)`` holds how to rebuild it
-    (so ``save_model`` can write it again) and ``notes``: what was assumed, one line each.
+    formats) are converted to timm's layout (``vitshrink.io.layouts``), with a note naming the layout.
+    ``record_of(model)`` holds how to rebuild it (so ``save_model`` can write it again) and ``notes``:
+    what was assumed, one line each.
     """
     if norm_eps is not None and not (isinstance(norm_eps, (int, float)) and 0 < norm_eps < 1):
         raise UserError(f"--norm-eps must be a number in (0, 1), got {norm_eps!r}")
@@ -135,7 +136,8 @@ def _create_pretrained(name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # timm/hub raise many types (LocalEntryNotFoundError, OSError, URLError...)
-        where = "could not be downloaded" if allow_download else "are not in the local cache (vitshrink does not download)"
+        where = ("could not be downloaded" if allow_download
+                 else "are not in the local cache (vitshrink does not download)")
         raise UserError(
             f"{name}: pretrained weights {where} ({type(exc).__name__}); download the checkpoint yourself and "
             f"pass the local file as SPEC with --arch {name} (a .safetensors or .pt state dict)"
