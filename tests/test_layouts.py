@@ -64,6 +64,7 @@ def test_torchvision_vit_loads_without_arch_and_matches(tmp_path):
     assert "torchvision VisionTransformer" in note and "nn.MultiheadAttention" in note and "Sequential MLP" in note
     assert any("--arch vit_base_patch16_224 assumed" in n for n in record_of(loaded).notes)
     assert record_of(loaded).kwargs["embed_dim"] == 64 and record_of(loaded).kwargs["depth"] == 2
+    assert data_config(loaded)["mean"] == (0.485, 0.456, 0.406)  # torchvision's ImageNet normalisation
 
 
 # --- vit-pytorch -------------------------------------------------------------------------------------
@@ -77,6 +78,7 @@ def test_vit_pytorch_vit_matches(tmp_path, pool, dim_head):
     torch.save(original.state_dict(), path)
     loaded = _check_against_original(original, path, tmp_path, num_heads=4)
     assert "vit-pytorch ViT" in _layout_note(loaded)
+    assert any(n.startswith("mean/std") and "pass --mean/--std" in n for n in record_of(loaded).notes)
     kwargs = record_of(loaded).kwargs
     assert kwargs["norm_eps"] == 1e-5 and kwargs["patch_embed"] == "pixel_norm"
     assert getattr(loaded, "cls_token", None) is (None if pool == "mean" else loaded.cls_token)

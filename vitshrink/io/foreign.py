@@ -29,11 +29,12 @@ DEFAULT_VIT_ARCH = "vit_base_patch16_224"
 def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options: dict[str, Any],
                              notes: list[str]) -> nn.Module:
     arch = options["arch"]
+    arch_was_inferred = False
     layout = None
     if arch is None or _is_vit_arch(arch):
         layout = convert_layout(state)
         if arch is None and layout.name is not None:
-            arch = DEFAULT_VIT_ARCH
+            arch, arch_was_inferred = DEFAULT_VIT_ARCH, True
             notes.append(f"--arch {arch} assumed (a {layout.name}; every size is read from the tensors)")
     if arch is None:
         raise UserError(f"{path}: a foreign checkpoint (not saved by vitshrink) needs --arch NAME, the timm "
@@ -62,6 +63,12 @@ def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options
         arch = "vitshrink_vit"
         kwargs = blockwise_kwargs(kwargs, state)
     model = build_and_load(arch, kwargs, state, path, arch)
+    if layout is not None and layout.data:
+        set_data_config(model, **layout.data)
+    elif arch_was_inferred:
+        cfg = data_config(model)
+        notes.append(f"mean/std {tuple(cfg['mean'])}/{tuple(cfg['std'])} assumed ({arch}'s defaults; a "
+                     f"{layout.name} records none): pass --mean/--std with the values it was trained with")
     if options["img_size"] is not None and "img_size" not in kwargs:
         set_data_config(model, input_size=(data_config(model)["input_size"][0], options["img_size"],
                                            options["img_size"]), crop_pct=1.0)

@@ -25,6 +25,7 @@ class Layout:
     name: str | None = None  # e.g. "torchvision VisionTransformer"
     conversions: list[str] = field(default_factory=list)  # e.g. "separate q/k/v fused into qkv"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # preprocessing the layout's library uses (mean, std)
 
     def note(self) -> str | None:
         if self.name is None and not self.conversions:
@@ -116,6 +117,8 @@ def convert_layout(state: dict[str, torch.Tensor]) -> Layout:
         if any(k.startswith("heads.pre_logits") for k in keys):
             raise UserError("torchvision ViT with representation_size (heads.pre_logits) has no timm equivalent")
         layout.state = _rename(layout.state, _TORCHVISION)
+        # torchvision's ViT weights are trained with ImageNet mean/std (its ImageClassification transform).
+        layout.data = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     elif any(k.startswith("to_patch_embedding.") for k in keys) and any(
             k.startswith("transformer.layers.0.0.") for k in keys):
         layout.name = "vit-pytorch ViT"
