@@ -54,8 +54,9 @@ TEACHERS = {
 def load_teacher(name: str) -> torch.nn.Module:
     entry = TEACHERS[name]
     teacher = load_model(entry["spec"], arch=entry["arch"])
-    if not (getattr(teacher, "vitshrink_meta", None) or {}).get("class_names"):
-        teacher.vitshrink_meta = {"class_names": CIFAR_CLASSES}  # the .th checkpoint carries no class names
+    record = record_of(teacher)
+    if not record.class_names:
+        record.class_names = list(CIFAR_CLASSES)  # the .th checkpoint carries no class names
     return teacher
 
 

@@ -18,7 +18,7 @@ from vitshrink.distill.attention_probe import ClassTokenAttention, blocks_at_fra
 from vitshrink.cli import main
 from vitshrink.data.folders import _open_reader, build_transform
 from vitshrink.errors import UserError
-from vitshrink.io import create_model, data_config, load_model, save_model, set_data_config
+from vitshrink.io import create_model, data_config, load_model, record_of, save_model, set_data_config
 from vitshrink.data.wild import read_image, select_wild
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -117,7 +117,7 @@ def test_selects_digits_and_counts_broken_files(reference, teacher_file):
     assert summary.skipped == BAD_FILES
     assert summary.other_files == 1
     # The selection is a pseudo-labelled ImageFolder named by the teacher's classes.
-    class_names = load_model(teacher_file).vitshrink_meta["class_names"]
+    class_names = record_of(load_model(teacher_file)).class_names
     reader = _open_reader(out)
     assert len(reader) == N_DIGITS
     assert sum(summary.class_histogram.values()) == N_DIGITS

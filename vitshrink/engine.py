@@ -39,7 +39,7 @@ from vitshrink._atomic import atomic_path, atomic_write_text
 from vitshrink.data import LabelledData, build_transform, make_loader, resolve_data
 from vitshrink.errors import UserError
 from vitshrink.evaluation import evaluate_loader
-from vitshrink.io import architecture_record, data_config, model_from_record, save_model
+from vitshrink.io import architecture_record, data_config, model_from_record, record_of, save_model
 from vitshrink.config import resolve_config
 from vitshrink.recipes.base import RecipeContext, get_recipe
 
@@ -342,7 +342,7 @@ def _distill(teacher, recipe_name, *, student, data, val_data, val_split, out_di
         s_classes = getattr(model, "num_classes", None)
         if t_classes is not None and s_classes is not None and s_classes != t_classes:
             raise UserError(f"--student has {s_classes} classes, the teacher {t_classes}")
-        if getattr(model, "vitshrink_arch", None) is None:
+        if record_of(model) is None:
             raise UserError("the student must be built by vitshrink.io.create_model (its architecture is "
                             "recorded for saving and resuming)")
         arch_json = json.dumps(architecture_record(model, class_names=labelled.class_names))
@@ -535,11 +535,10 @@ def _evaluate(model: nn.Module, loader, device: torch.device, amp: bool, ddp: Di
 
 
 def _describe(model: nn.Module) -> str:
-    spec = getattr(model, "vitshrink_spec", None)
-    if spec:
-        return str(spec)
-    arch = getattr(_unwrap(model), "vitshrink_arch", None)
-    return arch["name"] if arch else type(model).__name__
+    record = record_of(model)
+    if record is None:
+        return type(model).__name__
+    return str(record.spec) if record.spec else record.name
 
 
 def _describe_student(student: nn.Module | str | None) -> str | None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from vitshrink.cli import (ArchOpt, DataOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt,
-                           PretrainedOpt, StdOpt, app, console, load_spec)
+                           KeyMapOpt, NormEpsOpt, PretrainedOpt, StdOpt, app, console, load_spec)
 from vitshrink.errors import UserError
 
 
@@ -48,6 +48,7 @@ def distill(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
 ) -> None:
     """Distil TEACHER into a smaller student with a recipe; writes the run folder and prints the report."""
     import yaml
@@ -72,8 +73,8 @@ def distill(
     if teacher is None:
         model = load_bundled_teacher()
     else:
-        model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
-        model.vitshrink_spec = teacher
+        model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
+                          key_map=key_map, norm_eps=norm_eps)
     result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out, epochs=epochs,
                          batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
                          config=config, overrides=overrides, workers=workers, compile=compile_model,

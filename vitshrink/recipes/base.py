@@ -15,7 +15,7 @@ engine (``vitshrink.engine``) knows only this interface; it calls, in order::
   (``None``, a module, a file or a ``NAME:k=v`` spec); the default resolves it with
   ``vitshrink.students.resolve_student`` (derived half-depth student, initialised from the teacher when
   ``cfg["init_from_teacher"]``). Any module returned must be built by ``vitshrink.io.create_model``
-  (or carry ``vitshrink_arch``) so the engine can save it and rebuild it on ``--resume``.
+  (or carry a ``vitshrink.io.ModelRecord``) so the engine can save it and rebuild it on ``--resume``.
 * ``prepare(teacher, student, ctx) -> nn.Module``: default returns ``student`` unchanged. A search stage
   (UVC) runs here with ``ctx.train_loader(student)``, ``ctx.device``, ``ctx.progress`` and
   ``ctx.flops_target`` and may return a *different, physically smaller* module. On ``--resume`` neither

@@ -13,6 +13,7 @@ from torch import nn
 
 from vitshrink._atomic import atomic_write_text
 from vitshrink.errors import UserError
+from vitshrink.io import record_of
 from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
 from vitshrink.prune.surgery import check_sliceable, plan_to_json, slice_vit
 from vitshrink.prune.uvc_search import ResourceModel, UVCConfig, check_flops_target, search_uvc
@@ -69,9 +70,8 @@ class UVC(Recipe):
         summary = {"flops_target": config.flops_target, "flops_ratio": measured, **result.summary(),
                    "plan": plan_to_json(result.plan), "ablation": {"no_skip": not config.skip,
                                                                    "skip_only": not config.within}}
-        meta = dict(getattr(sliced, "vitshrink_meta", None) or {})
-        meta["provenance"] = {**meta.get("provenance", {}), "uvc": {k: v for k, v in summary.items() if k != "plan"}}
-        sliced.vitshrink_meta = meta
+        record = record_of(sliced)
+        record.provenance = {**record.provenance, "uvc": {k: v for k, v in summary.items() if k != "plan"}}
         if ctx.out_dir is not None and ctx.rank == 0:
             atomic_write_text(ctx.out_dir / "uvc_plan.json", json.dumps(summary, indent=2) + "\n")
         return sliced
