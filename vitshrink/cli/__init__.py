@@ -89,3 +89,4 @@ def main() -> None:
 from vitshrink.cli import models as _model_commands  # noqa: E402,F401
 from vitshrink.cli import distill as _distill_commands  # noqa: E402,F401
 from vitshrink.cli import wild as _wild_commands  # noqa: E402,F401
+from vitshrink.cli import recipes as _recipe_commands  # noqa: E402,F401
