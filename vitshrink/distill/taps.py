@@ -114,7 +114,8 @@ def _block_indices(model: nn.Module, points: list[str]) -> list[int] | None:
     matches = [_BLOCK.match(point) for point in points]
     if not all(matches):
         return None
-    return [int(m.group(1)) for m in matches]
+    indices = [int(m.group(1)) for m in matches]
+    return indices if max(indices) < len(model.blocks) else None  # out of range: hooks name the point
 
 
 def forward_with_taps(model: nn.Module, x: torch.Tensor, points: Iterable[str]
