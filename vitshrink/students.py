@@ -191,8 +191,3 @@ def vit_kwargs(model: nn.Module) -> dict[str, Any]:
         "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
         "qkv_bias": block.attn.qkv.bias is not None,
     }
-
-
-def has_blocks(model: nn.Module) -> bool:
-    return _depth(model) is not None
-
