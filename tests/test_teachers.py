@@ -54,3 +54,77 @@ def test_same_normalisation_is_passed_through_and_roles_reach_the_task():
     out["loss"].backward()
     assert all(p.grad is None for p in list(teacher.parameters()) + list(other.parameters()))
     assert list(task.get_trainable_module().parameters())[0] is next(student.parameters())
+
+
+def test_load_teachers_reads_each_declared_role(tmp_path):
+    from vitshrink.io import save_model
+    from vitshrink.pipeline import load_teachers
+    from vitshrink.recipes.base import Recipe
+
+    class TwoTeachers(Recipe):
+        name = "two"
+        teacher_roles = {"teacher": "", "cnn": "cnn_teacher"}
+
+    main, second = _vit(32), _vit(32, depth=1)
+    save_model(second, tmp_path / "second.safetensors")
+    loaded = load_teachers(TwoTeachers(), main, {"cnn_teacher": str(tmp_path / "second.safetensors")})
+    assert loaded["teacher"] is main and len(loaded["cnn"].blocks) == 1
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded["cnn"](x), second(x))
+    import pytest
+
+    from vitshrink.errors import UserError
+    with pytest.raises(UserError, match="--cnn-teacher: recipe two needs a SPEC for its cnn teacher"):
+        load_teachers(TwoTeachers(), main, {"cnn_teacher": None})
+
+
+def test_multi_token_kd_one_term_per_head_and_teacher():
+    from vitshrink.distill.tasks import MultiTokenKDTask
+
+    torch.manual_seed(0)
+
+    class ThreeHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = torch.nn.ModuleList(torch.nn.Linear(3 * 32 * 32, 10) for _ in range(3))
+
+        def forward(self, x):
+            return tuple(head(x.flatten(1)) for head in self.heads)
+
+    student = ThreeHeads()
+    a, b = _vit(32), _vit(32, depth=1)
+    teachers = Teachers.live({"cnn": a, "inn": b}, data_config(a))
+    task = MultiTokenKDTask(student, teachers, pairs=[(1, "cnn", 0.25), (2, "inn", 0.25)], distill_type="hard")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    out = task(x, y)
+    heads = student(x)
+    expected = 0.5 * F.cross_entropy(heads[0], y) + 0.25 * F.cross_entropy(heads[1], a(x).argmax(-1)) \
+        + 0.25 * F.cross_entropy(heads[2], b(x).argmax(-1))
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-5, atol=1e-6)
+    assert set(out) >= {"kd_loss_cnn", "kd_loss_inn", "task_loss", "output"}
+
+
+def test_feature_kd_projects_student_tokens_onto_a_cnn_map():
+    from vitshrink.distill.tasks import FeatureKDTask, feature_mse
+
+    torch.manual_seed(0)
+    cnn = create_model("cifar_resnet20", num_classes=10)
+    student = _vit(32)
+    task = FeatureKDTask(student, cnn, pairs=[("blocks.0", "layer1")], widths=[(48, 16)], feature_weight=2.0,
+                         kd_weight=1.0, temperature=4.0)
+    x = torch.randn(2, 3, 32, 32)
+    out = task(x)
+    with torch.no_grad():
+        from vitshrink.distill.taps import forward_with_taps
+
+        _, feats = forward_with_taps(student, x, ["blocks.0"])
+        _, t_feats = forward_with_taps(cnn, task.teacher.to_teacher_input(x), ["layer1"])
+        projected = task.trainable_module.projections[0](feats["blocks.0"])[:, 1:]  # 16 patch tokens (4 x 4)
+        target = F.interpolate(t_feats["layer1"], size=(4, 4), mode="bilinear", align_corners=False)
+        expected = F.mse_loss(projected, target.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(out["feature_loss"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(feature_mse(projected, target.flatten(2).transpose(1, 2)), expected)
+    out["loss"].backward()
+    assert task.trainable_module.projections[0].weight.grad.abs().sum() > 0
+    assert student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in cnn.parameters())
