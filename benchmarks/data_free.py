@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vitshrink.models  # noqa: E402,F401  (registers the CIFAR ResNets)
 from vitshrink.data.folders import ImageSplit, reader_targets, resolve_data  # noqa: E402
 from vitshrink.data.synthetic import class_folder_names, synthesize  # noqa: E402
-from vitshrink.engine import BUNDLED_TEACHER, distill  # noqa: E402
-from vitshrink.io import create_model, data_config, load_model, set_data_config  # noqa: E402
+from vitshrink.pipeline import BUNDLED_TEACHER, distill  # noqa: E402
+from vitshrink.io import create_model, data_config, load_model, record_of, set_data_config  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from vitshrink.distill.attention_probe import ClassTokenAttention, check_probeable  # noqa: E402
 from vitshrink.data import build_transform  # noqa: E402
-from vitshrink.engine import distill, load_bundled_teacher  # noqa: E402
+from vitshrink.pipeline import distill, load_bundled_teacher  # noqa: E402
 from vitshrink.io import create_model, data_config, record_of, save_model, set_data_config  # noqa: E402
 from vitshrink.data.wild import CRITERIA, _collate, _PoolImages, score_batch, select_wild  # noqa: E402
 

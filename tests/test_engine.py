@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from distill_support import PYTHON, REPO, small_data, subprocess_env, tiny_teacher_path  # noqa: F401
 from conftest import SHARED_DATA
-from vitshrink.engine import distill, load_checkpoint
+from vitshrink.pipeline import distill
+from vitshrink.train import load_checkpoint
 from vitshrink.errors import UserError
 from vitshrink.io import load_model, record_of
 

@@ -250,7 +250,7 @@ def test_cli_list_mode_and_errors(teacher_file, pool, tmp_path, capsys):
 
 def test_selection_trains_a_student_with_probe(reference, teacher_file, tmp_path):
     """The selected folder is data that ``distill --data`` reads; ``probe`` trains on it without labels."""
-    from vitshrink.engine import distill
+    from vitshrink.pipeline import distill
 
     out, _ = reference
     result = distill(load_model(teacher_file), "probe", data=out, out_dir=tmp_path / "run", epochs=1,

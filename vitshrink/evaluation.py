@@ -68,7 +68,9 @@ def evaluate_loader(model: nn.Module, loader, *, device: str | torch.device = "c
 def evaluate(model: nn.Module, dataset: ImageSplit, *, batch_size: int = 256, workers: int | None = None,
              device: str | torch.device = "cpu", progress=None) -> EvalResult:
     """Evaluate ``model`` on ``dataset`` using the model's own eval transform (timm's, from its data config)."""
-    dataset.transform = build_transform(data_config(model), is_training=False)
+    from vitshrink.data.sources import with_transform
+
+    view = with_transform(dataset, build_transform(data_config(model), is_training=False))  # dataset untouched
     model.to(device)
-    loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
+    loader = make_loader(view, batch_size, shuffle=False, workers=workers)
     return evaluate_loader(model, loader, device=device, progress=progress)

@@ -203,4 +203,3 @@ def vit_kwargs(model: nn.Module) -> dict[str, Any]:
         "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
         "qkv_bias": block.attn.qkv.bias is not None,
     }
-
