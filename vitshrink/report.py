@@ -27,8 +27,12 @@ def model_entry(top1: float | None, bench: dict[str, Any], batch_sizes: tuple[in
 
 
 def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any], distill_seconds: float,
-                 epochs: int, best_epoch: int | None, onnx: dict[str, Any] | None, data: str) -> dict[str, Any]:
-    """The report dict: teacher vs student and the ratios between them (speed-up = teacher p50 / student p50)."""
+                 epochs: int, best_epoch: int | None, onnx: dict[str, Any] | None, data: str,
+                 notes: list[str] | None = None) -> dict[str, Any]:
+    """The report dict: teacher vs student and the ratios between them (speed-up = teacher p50 / student p50).
+
+    ``notes``: warnings the recipe wants the reader to see (e.g. a pruning search that ended far from its target).
+    """
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
@@ -49,6 +53,7 @@ def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any
             "top1_delta": (student["top1"] - teacher["top1"]) if None not in (student["top1"], teacher["top1"]) else None,
         },
         "onnx": onnx,
+        "notes": list(notes or []),
     }
 
 
@@ -80,6 +85,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         onnx = report["onnx"]
         lines.append(f"ONNX parity: max |logit diff| {_fmt(onnx.get('max_abs_diff'), '.2e')}, top-1 agreement "
                      f"{_fmt(onnx.get('top1_agree'), '.0%')} on {onnx.get('n_images')} images.")
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
 
 

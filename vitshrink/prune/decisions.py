@@ -134,3 +134,20 @@ class Decisions:
             mlp = sorted(torch.topk(g.mlp, n[2]).indices.tolist()) if d.mlp_hidden else []
             plan.append(BlockKeep(heads=heads, mlp=mlp, head_dims=head_dims))
         return plan
+
+
+def magnitude_plan(model: nn.Module, target: float, tolerance: float = 0.02,
+                   resource: ResourceModel | None = None) -> Plan:
+    """One-shot plan with no search: starting from the full model, remove the group with the smallest normalised
+    norm per MAC saved until ``R <= target``, then add back the largest that fits while ``R < target - tol``.
+
+    Every block stays (block removal needs a learned gate); the same greedy finishes UVC's search decisions.
+    """
+    from vitshrink.prune.importance import norm_scale
+
+    resource = resource or ResourceModel(model)
+    scales = [norm_scale(list(model.blocks))] * len(resource.dims)
+    depth = len(resource.dims)
+    state = Decisions(model, resource, scales, [True] * depth, [[0, 0, 0]] * depth, [0.0] * depth)
+    state.adjust(target, tolerance, within=True, skip=False)
+    return state.plan()

@@ -12,23 +12,32 @@ github.com/VITA-Group/UVC, ``uvc_utils.py`` / ``uvc_optimizer.py``), re-derived 
 * Budget: ``R = MACs(pruned) / MACs(full)`` with the attention-counting model of ``vitshrink.measure``
   (qkv, Q@K^T, attn@V, proj, fc1, fc2 per block; embedding and head fixed), so the search's R is the
   counter's R for the sliced model. Constraint ``R <= B`` (``flops_target``).
-* Primal-dual steps (UVC's minimax): a weight step on the KD loss, then a proximal shrink
-  ``W_g /= 1 + 2 * lr * y`` of every group currently marked for removal; a step on the fractions with
-  gradient ``y * (norm of the next group to go) + z * dR/dfraction`` (max-norm clipped, as UVC); a gate step
-  on ``task grad + z * gating_weight * dR/dgate``; dual ascent ``z <- max(0, z + eta_z * clip(R - B))`` and
-  ``y <- max(0, y + eta_y * (sum of the norms marked for removal))``.
+* Search loss (``search_objective``, see ``vitshrink.prune.uvc_objective``): ``official`` is UVC's DeiT soft
+  loss (alpha 0.1, KL summed / numel, T = 1) plus label-smoothed CE on mixup/cutmix batches, after a warm-up
+  that trains the weights with every gate fixed at 0.5; ``kd`` is pure ``T^2 KL`` at T = 4 from the start.
+* Primal-dual steps (UVC's minimax): a weight step on the search loss (AdamW, weight decay per objective), then
+  a proximal shrink ``W_g /= 1 + 2 * lr * y`` of every group currently marked for removal; a step on the
+  fractions with gradient ``y * (norm of the next group to go) + z * dR/dfraction`` (max-norm clipped, as UVC);
+  a gate step on ``task grad + z * gating_weight * dR/dgate`` (``official``: UVC's weighted mean over
+  ``gate_interval`` steps, SGD weight decay 1e-4, and the gates also in AdamW); dual ascent
+  ``z <- z + eta_z * clip(R - B)`` and ``y <- max(0, y + eta_y * (sum of the norms marked for removal))``.
 * Then hard decisions and, if the rounded decisions miss the band ``B - tol <= R <= B``, a deterministic
   greedy adjustment (remove the unit with the smallest norm per MAC saved, or add back the largest that
   fits) so that the sliced model lands in the band. ``SearchResult.adjusted`` says whether that happened.
+  ``sliced_student(restore=True)`` slices the teacher's own weights with the plan.
 
-Differences from the official code, and why: counts are parametrised as fractions of each block's
+Differences from the official code, and why (the full table: docs/FIDELITY.md): the dual z is two-sided
+(``two_sided_dual``; UVC clamps it at 0, which let R run far below the target on a real model);
+counts are parametrised as fractions of each block's
 upper bound (so one learning rate suits every width and a short CPU search moves them), and their step
-is annealed (cosine) so the primal-dual oscillation around ``R = B`` settles within a short search; every kept head
-of a block keeps the same number of dims (one head width per block keeps the sliced tensors regular,
-each head still chooses its own dims); group norms are the full coupled groups (q, k, v rows and ``proj``
-columns; ``fc1`` rows and ``fc2`` columns) and are normalised so that each unit type sums to 1 in the
-average block at the start, so ``y`` has one scale for every unit type and width; the official code masks but never slices — here the plan goes to
-``vitshrink.prune.surgery.slice_vit``.
+is annealed (cosine) so the primal-dual oscillation around ``R = B`` settles within a short search (UVC's
+"rising" z schedule, ``PresetLRScheduler``, writes a key no optimizer reads, so its z step is constant too);
+every kept head of a block keeps the same number of dims (one head width per block keeps the sliced tensors
+regular, each head still chooses its own dims); group norms are the full coupled groups (q, k, v rows and
+``proj`` columns; ``fc1`` rows and ``fc2`` columns) and are normalised so that each unit type sums to 1 in the
+average block at the start, so ``y`` has one scale for every unit type and width; R uses the gates' softmax
+(expected cost) where UVC draws a Gumbel sample; the official code masks but never slices — here the plan
+goes to ``vitshrink.prune.surgery.slice_vit``.
 """
 from __future__ import annotations
 
@@ -41,42 +50,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitshrink.distill import losses
 from vitshrink.errors import UserError
 from vitshrink.prune.decisions import Decisions
 from vitshrink.prune.importance import block_groups, next_norm, norm_scale, removal_sets
 from vitshrink.prune.plan import Plan
 from vitshrink.prune.resource import ResourceModel, check_flops_target
-from vitshrink.prune.surgery import check_sliceable
+from vitshrink.prune.surgery import check_sliceable, slice_vit
+from vitshrink.prune.uvc_objective import SEARCH_OBJECTIVES, OfficialLoss, kd_search_loss
 
-__all__ = ["UVCConfig", "SearchResult", "ResourceModel", "search_uvc", "check_flops_target"]
+__all__ = ["UVCConfig", "SearchResult", "ResourceModel", "search_uvc", "sliced_student", "check_flops_target"]
 
 
 @dataclass
 class UVCConfig:
-    """Search settings (defaults and their sources: recipes/uvc.yaml)."""
+    """Search settings (defaults and their sources: recipes/uvc.yaml; ``for_objective`` fills the rest)."""
 
     flops_target: float = 0.5
     steps: int = 300
+    objective: str = "kd"  # "official" (DeiT soft loss + mixup CE, as VITA-Group/UVC) or "kd" (T^2 KL only)
     lr: float = 1e-4  # weight step (AdamW) during the search
     weight_decay: float = 0.0
+    warmup_steps: int = 0  # first steps: weights only, every gate fixed at ``warmup_keep``, no count/dual steps
+    warmup_keep: float = 0.5  # UVC's warm-up mixes every block half and half (model_distilled.py)
     count_lr: float = 0.02  # UVC --slr / --rlr (here in units of the per-block upper bound)
     gate_lr: float = 1e-3  # UVC --glr 1e-3
     gate_momentum: float = 0.9  # UVC: SGD(momentum=0.9) for the gates
-    gate_init: float = 3.0  # initial logit margin for "keep" (keep probability ~0.95)
+    gate_weight_decay: float = 0.0  # UVC: 1e-4
+    gate_interval: int = 1  # UVC --gating_interval 100: gate step on a weighted mean of that many steps' gradients
+    gates_in_weight_optimizer: bool = False  # UVC: the gates are model parameters, so AdamW steps them too
+    gate_init: float = 3.0  # keep - skip logit margin; keep probability sigmoid(gate_init / gumbel_tau)
     gumbel_tau: float = 0.5  # UVC calc_flops / gating: tau = 0.5
     gating_weight: float = 5.0  # UVC --gating_weight 5
     z_lr: float = 10.0  # UVC --zlr_schedule_list starts at 10
     z_clip: float = 0.5  # UVC --z_grad_clip 0.5
+    two_sided_dual: bool = True  # z may go negative while R < target (vitshrink; UVC clamps z >= 0)
     y_lr: float = 0.5
     kd_weight: float = 1.0
     temperature: float = 4.0
+    alpha: float = 0.1  # official objective: --distillation-alpha 0.1
+    tau: float = 1.0  # official objective: --distillation-tau 1.0
     skip: bool = True  # learn block skip gates (False: --no-skip)
     within: bool = True  # prune heads / head dims / MLP units (False: --skip-only)
     head_dims: bool = True  # prune dims within heads
     tolerance: float = 0.02  # band B - tol <= R <= B
     clip_grad: float = 1.0
     log_every: int = 50
+
+    @classmethod
+    def for_objective(cls, objective: str, **settings: Any) -> "UVCConfig":
+        """A config whose unset (``None``) objective-dependent settings take ``objective``'s values."""
+        if objective not in SEARCH_OBJECTIVES:
+            raise UserError(f"search_objective must be one of {sorted(SEARCH_OBJECTIVES)}, got {objective!r}")
+        implied = dict(SEARCH_OBJECTIVES[objective])
+        fraction = implied.pop("warmup_fraction")
+        steps = int(settings.get("steps") or cls.steps)
+        implied["warmup_steps"] = int(round(fraction * steps))
+        given = {k: v for k, v in settings.items() if v is not None}
+        return cls(objective=objective, **{**implied, **given})
 
 
 @dataclass
@@ -185,16 +215,22 @@ class _Search:
         if not config.head_dims:
             self.ub[:, 1] = 0
         self.frac = torch.zeros(self.depth, 3, device=device, requires_grad=True)
-        self.gates = torch.zeros(self.depth, 2, device=device)
-        self.gates[:, 1] = config.gate_init
+        # (skip, keep) logits, symmetric about 0 as UVC's [-1, 1] (the softmax only sees the margin).
+        self.gates = torch.tensor([[-config.gate_init / 2, config.gate_init / 2]] * self.depth, device=device)
         self.gates.requires_grad_(config.skip)
+        self.gate_grads: list[torch.Tensor] = []  # UVC accumulates gate gradients between gate steps
         self.y = torch.full((self.depth, 3), 1e-3, device=device)  # sparsity duals (UVC y/p init 1e-3)
         self.z = torch.tensor(1e-3, device=device)  # budget dual (UVC z_init 1e-3)
         self.weights = list(self.model.parameters())
-        self.optimizer = torch.optim.AdamW(self.weights, lr=config.lr, weight_decay=config.weight_decay)
+        groups = [{"params": self.weights}]
+        if config.skip and config.gates_in_weight_optimizer:
+            groups.append({"params": [self.gates]})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.count_opt = torch.optim.SGD([self.frac], lr=config.count_lr)
-        self.gate_opt = (torch.optim.SGD([self.gates], lr=config.gate_lr, momentum=config.gate_momentum)
-                         if config.skip else None)
+        self.gate_opt = (torch.optim.SGD([self.gates], lr=config.gate_lr, momentum=config.gate_momentum,
+                                         weight_decay=config.gate_weight_decay) if config.skip else None)
+        self.objective = OfficialLoss(int(teacher.num_classes), alpha=config.alpha, tau=config.tau) \
+            if config.objective == "official" else None
         self.scales = [norm_scale(self.blocks)] * self.depth
         self.attn_unit = float(resource.attn_unit) / resource.total
         self.mlp_unit = float(resource.mlp_unit) / resource.total
@@ -210,34 +246,66 @@ class _Search:
         return self.fixed + (keep_prob * per_block).sum()
 
     def step(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> dict[str, float]:
-        """One primal-dual step; returns the history record."""
-        loss = self._weight_step(images, targets)
+        """One primal-dual step; returns the history record.
+
+        During the warm-up (UVC: 5 of 30 epochs) only the weights move, with every gate fixed; the
+        proximal shrink runs but marks nothing, since no count has moved yet.
+        """
+        warmup = step < self.config.warmup_steps
+        loss = self._weight_step(images, targets, warmup)
         r_value, grad_frac, grad_gate = self._resource_grads()
+        if warmup:
+            return {"step": step, "loss": float(loss), "resource": float(r_value.detach()), "z": float(self.z)}
         sparsity_grad = self._proximal_step()
         if self.config.within:
             self._count_step(sparsity_grad + self.z * grad_frac, step)
         if self.gate_opt is not None:
-            gate_grad = self.gates.grad if self.gates.grad is not None else torch.zeros_like(self.gates)
-            self.gates.grad = gate_grad + self.z * self.config.gating_weight * grad_gate
-            self.gate_opt.step()
-        # Dual ascent on the budget.
+            self._gate_step(grad_gate, step)
+        # Dual ascent on the budget. One-sided (UVC) lets z sit at 0 while R < B, and R can then run far
+        # below the target on momentum and the proximal shrink; two-sided, z < 0 pulls R back up.
         with torch.no_grad():
             gap = (r_value.detach() - self.target).clamp(-self.config.z_clip, self.config.z_clip)
-            self.z = (self.z + self.config.z_lr * gap).clamp_min(0)
+            self.z = self.z + self.config.z_lr * gap
+            if not self.config.two_sided_dual:
+                self.z = self.z.clamp_min(0)
         return {"step": step, "loss": float(loss), "resource": float(r_value.detach()), "z": float(self.z)}
 
-    def _weight_step(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Weight (and gate) step on the distillation loss, with one Gumbel-softmax sample of the skip gates."""
+    def _gate_step(self, grad_gate: torch.Tensor, step: int) -> None:
+        """``task grad + z * gating_weight * dR/dgate``; with ``gate_interval > 1`` as UVC's uvc_optimizer:
+        gradients weighted by ``global_step % interval`` are averaged, and the gates step every ``interval``."""
+        config = self.config
+        task_grad = self.gates.grad if self.gates.grad is not None else torch.zeros_like(self.gates)
+        grad = task_grad + self.z * config.gating_weight * grad_gate
+        if config.gate_interval <= 1:
+            self.gates.grad = grad
+            self.gate_opt.step()
+            return
+        global_step = step + 1  # UVC counts optimizer steps from 1
+        self.gate_grads.append(grad * (global_step % config.gate_interval))
+        if (global_step + 1) % config.gate_interval == 0:
+            self.gates.grad = torch.stack(self.gate_grads).mean(0)
+            self.gate_opt.step()
+            self.gate_grads = []
+        self.gate_opt.zero_grad(set_to_none=True)
+
+    def _weight_step(self, images: torch.Tensor, targets: torch.Tensor, warmup: bool) -> torch.Tensor:
+        """Weight (and gate) step on the search loss, with one Gumbel-softmax sample of the skip gates."""
         config = self.config
         if config.skip:
-            sample = F.gumbel_softmax(self.gates, tau=config.gumbel_tau, hard=False, dim=1)[:, 1]
+            sample = (torch.full((self.depth,), config.warmup_keep, device=self.device) if warmup else
+                      F.gumbel_softmax(self.gates, tau=config.gumbel_tau, hard=False, dim=1)[:, 1])
             for i, w in enumerate(self.wrappers):
                 w.keep = sample[i]
+        if self.objective is not None:
+            images, soft_targets = self.objective.mix(images, targets)
         with torch.no_grad():
             teacher_logits = self.teacher(images)
         logits = self.model(images)
-        loss = losses.kd_loss(logits, teacher_logits, targets, kd_weight=config.kd_weight,
-                              temperature=config.temperature)["loss"]
+        if self.objective is not None:
+            loss = self.objective(logits, teacher_logits, soft_targets)["loss"]
+        else:
+            loss = kd_search_loss(logits, teacher_logits, targets, kd_weight=config.kd_weight,
+                                  temperature=config.temperature)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         if self.gate_opt is not None:
             self.gate_opt.zero_grad(set_to_none=True)
@@ -322,6 +390,16 @@ class _Search:
         plan = state.plan()
         return SearchResult(plan=plan, resource=self.resource.plan_ratio(plan), search_resource=search_resource,
                             adjusted=adjusted, model=self.model)
+
+
+def sliced_student(teacher: nn.Module, result: SearchResult, *, restore: bool = True) -> nn.Module:
+    """The physically sliced student of a search.
+
+    ``restore``: every kept weight comes from ``teacher`` (the search decides the plan only), so the
+    proximal shrink, which also dents groups that end up kept, leaves no trace; otherwise the searched
+    (shrunk, fine-tuned) weights are sliced.
+    """
+    return slice_vit(teacher if restore else result.model, result.plan)
 
 
 def search_uvc(teacher: nn.Module, train_loader: Iterable | Callable[[], Iterable], config: UVCConfig, *,
