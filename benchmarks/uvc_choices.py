@@ -60,8 +60,8 @@ from vitshrink.students import kept_blocks  # noqa: E402
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 BUNDLED_TEACHER = REPO / "vitshrink" / "assets" / "teacher_vit_cifar10.safetensors"
 SCALES = {
-    "full": dict(seeds=[0, 1], search_steps=None, epochs=5, train_images=None, test_images=None, mnist_epochs=6),
-    "small": dict(seeds=[0], search_steps=60, epochs=1, train_images=1000, test_images=500, mnist_epochs=3),
+    "full": dict(seeds=[0, 1], search_steps=None, epochs=5, train_images=None, test_images=None, mnist_epochs=40),
+    "small": dict(seeds=[0], search_steps=60, epochs=1, train_images=1000, test_images=500, mnist_epochs=12),
 }
 
 

@@ -192,3 +192,52 @@ def test_magnitude_plan_hits_the_band_and_drops_the_weakest_units(teacher):
         gone = [h for h in range(len(heads)) if h not in keep.heads]
         if gone:
             assert float(heads[gone].max()) <= float(heads[keep.heads].min()) + 1e-7
+
+
+def _context(tmp_path, loader, **overrides):
+    from vitshrink.config import load_preset
+    from vitshrink.recipes.base import RecipeContext
+
+    messages: list[str] = []
+    cfg = {**load_preset("uvc"), **overrides}
+    ctx = RecipeContext(cfg=cfg, device=torch.device("cpu"), data=None, train_loader=lambda model, batch_size=None:
+                        loader, out_dir=tmp_path, log=messages.append)
+    return ctx, messages
+
+
+def test_a_search_that_ends_far_from_its_target_says_so_in_the_report(teacher, loader, tmp_path):
+    from vitshrink.recipes.uvc import UVC
+    from vitshrink.report import render_markdown
+
+    ctx, messages = _context(tmp_path, loader, search_steps=2, search_objective="kd")
+    recipe = UVC()
+    torch.manual_seed(0)
+    student = recipe.prepare(teacher, recipe.build_student(teacher, None, ctx), ctx)
+    assert 0.48 <= count_ratio(student, teacher) <= 0.5  # the greedy still lands in the band
+    notes = recipe.report_notes(tmp_path)
+    assert len(notes) == 1 and "far from the target" in notes[0] and any("warning" in m for m in messages)
+    report = {"recipe": "uvc", "data": "d", "epochs": 1, "best_epoch": 1, "distill_seconds": 1.0, "onnx": None,
+              "teacher": {"top1": 0.5, "params": 2, "gmacs": 1.0, "ort_p50_ms": {}},
+              "student": {"top1": 0.4, "params": 1, "gmacs": 0.5, "ort_p50_ms": {}},
+              "ratios": {"params": 0.5, "gmacs": 0.5, "ort_speedup": {}, "top1_delta": -0.1}, "notes": notes}
+    assert "## Notes" in render_markdown(report) and notes[0] in render_markdown(report)
+
+
+def test_magnitude_plan_through_the_recipe(teacher, loader, tmp_path):
+    import json
+
+    from vitshrink.recipes.uvc import UVC
+
+    ctx, _ = _context(tmp_path, loader, pruning_plan="magnitude")
+    recipe = UVC()
+    student = recipe.prepare(teacher, recipe.build_student(teacher, None, ctx), ctx)
+    assert 0.48 <= count_ratio(student, teacher) <= 0.5
+    summary = json.loads((tmp_path / "uvc_plan.json").read_text())
+    assert summary["pruning_plan"] == "magnitude" and "warning" not in summary
+    assert recipe.report_notes(tmp_path) == []
+
+
+def count_ratio(model, teacher) -> float:
+    from vitshrink.measure import count_flops
+
+    return count_flops(model).macs / count_flops(teacher).macs
