@@ -39,7 +39,7 @@ def uvc_config(cfg: dict[str, Any], flops_target: float | None = None) -> UVCCon
         raise UserError("--no-skip and --skip-only together leave nothing to prune")
     target = check_flops_target(cfg["flops_target"] if flops_target is None else flops_target)
     return UVCConfig.for_objective(
-        str(cfg.get("search_objective") or "official"),
+        str(cfg.get("search_objective") or "kd"),
         flops_target=target, steps=int(cfg["search_steps"]), lr=float(cfg["search_lr"]),
         weight_decay=_optional(cfg, "search_weight_decay", float),
         warmup_steps=_optional(cfg, "search_warmup_steps", int),
