@@ -164,7 +164,7 @@ def test_restored_student_keeps_the_teachers_weights(official_search, teacher):
             if must_equal:
                 assert same, f"block {i}: kept MLP units differ from the teacher's"
             else:
-                moved = max(moved, float((blk.mlp.fc1.weight.detach() - src.mlp.fc1.weight[mlp]).abs().max()))
+                moved = max(moved, float((blk.mlp.fc1.weight - src.mlp.fc1.weight[mlp]).detach().abs().max()))
         blk = restored.blocks[new_i]
         if blk.attn is not None:
             hd, width = src.attn.head_dim, src.attn.num_heads * src.attn.head_dim
@@ -241,3 +241,15 @@ def count_ratio(model, teacher) -> float:
     from vitshrink.measure import count_flops
 
     return count_flops(model).macs / count_flops(teacher).macs
+
+
+@pytest.mark.parametrize("key,value", [("search_objective", "deit"), ("pruning_plan", "random"),
+                                       ("posttrain_objective", "mse")])
+def test_unknown_uvc_choices_are_refused_with_one_line(key, value, teacher, loader, tmp_path):
+    from vitshrink.errors import UserError
+    from vitshrink.recipes.uvc import UVC
+
+    ctx, _ = _context(tmp_path, loader, **{key: value})
+    with pytest.raises(UserError, match=f"{key} must be one of") as info:
+        UVC().build_student(teacher, None, ctx)
+    assert "\n" not in str(info.value)

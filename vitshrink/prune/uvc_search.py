@@ -248,8 +248,8 @@ class _Search:
     def step(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> dict[str, float]:
         """One primal-dual step; returns the history record.
 
-        During the warm-up (UVC: 5 of 30 epochs) only the weights move, with every gate fixed; the
-        proximal shrink runs but marks nothing, since no count has moved yet.
+        During the warm-up (UVC: 5 of 30 epochs) only the weights move, with every gate fixed; no proximal,
+        count, gate or dual step (UVC's proximal step there marks nothing, since no count has moved yet).
         """
         warmup = step < self.config.warmup_steps
         loss = self._weight_step(images, targets, warmup)
@@ -414,6 +414,8 @@ def search_uvc(teacher: nn.Module, train_loader: Iterable | Callable[[], Iterabl
     check_sliceable(teacher)
     if not config.skip and not config.within:
         raise UserError("--no-skip and --skip-only together leave nothing to prune")
+    if config.objective not in SEARCH_OBJECTIVES:
+        raise UserError(f"search_objective must be one of {sorted(SEARCH_OBJECTIVES)}, got {config.objective!r}")
     resource = ResourceModel(teacher)
     target = check_flops_target(config.flops_target, resource, skip=config.skip, within=config.within)
     device = torch.device(device)
