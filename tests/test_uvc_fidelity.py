@@ -219,8 +219,8 @@ def test_a_search_that_ends_far_from_its_target_says_so_in_the_report(teacher, l
     report = {"recipe": "uvc", "data": "d", "epochs": 1, "best_epoch": 1, "distill_seconds": 1.0, "onnx": None,
               "teacher": {"top1": 0.5, "params": 2, "gmacs": 1.0, "ort_p50_ms": {}},
               "student": {"top1": 0.4, "params": 1, "gmacs": 0.5, "ort_p50_ms": {}},
-              "ratios": {"params": 0.5, "gmacs": 0.5, "ort_speedup": {}, "top1_delta": -0.1}, "notes": notes}
-    assert "## Notes" in render_markdown(report) and notes[0] in render_markdown(report)
+              "ratios": {"params": 0.5, "gmacs": 0.5, "ort_speedup": {}, "top1_delta": -0.1}, "warnings": notes}
+    assert "## Warnings" in render_markdown(report) and notes[0] in render_markdown(report)
 
 
 def test_magnitude_plan_through_the_recipe(teacher, loader, tmp_path):

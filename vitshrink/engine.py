@@ -588,7 +588,7 @@ def _finish(recipe, cfg, teacher, model, labelled, out_dir, paths, bar, log, *, 
                          gflops=flops.gflops, flops_note=teacher_bench["flops_note"])
     report = build_report(
         recipe=recipe.name, data=labelled.description, epochs=cfg["epochs"], best_epoch=best_epoch,
-        distill_seconds=distill_seconds, onnx=onnx.as_dict(), notes=recipe.report_notes(out_dir),
+        distill_seconds=distill_seconds, onnx=onnx.as_dict(), warnings=recipe.report_notes(out_dir),
         teacher=model_entry(teacher_top1, teacher_bench, sizes), student=model_entry(student_top1, student_bench, sizes))
     paths.update({"report.json": out_dir / "report.json", "report.md": out_dir / "report.md"})
     write_report(report, out_dir)
