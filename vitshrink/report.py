@@ -54,7 +54,7 @@ def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any
             "top1_delta": (student["top1"] - teacher["top1"]) if None not in (student["top1"], teacher["top1"]) else None,
         },
         "onnx": onnx,
-        "warnings": list(warnings or []),
+        **({"warnings": list(warnings)} if warnings else {}),
     }
 
 
