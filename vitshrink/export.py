@@ -24,7 +24,7 @@ from torch import nn
 
 from vitshrink._atomic import atomic_path
 from vitshrink.errors import UserError
-from vitshrink.measure import resolve_input_size, model_device, eval_mode, ort_session
+from vitshrink.runtime import eval_mode, model_device, ort_session, resolve_input_size
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -266,7 +266,8 @@ def write_run_report(run: Run, labelled: LabelledData, trained: TrainResult, onn
         recipe=run.recipe.name, data=labelled.description, epochs=run.cfg["epochs"], best_epoch=trained.best_epoch,
         distill_seconds=trained.seconds, onnx=onnx.as_dict(),
         teacher=model_entry(measured["teacher_top1"], measured["teacher_bench"], sizes),
-        student=model_entry(measured["student_top1"], measured["student_bench"], sizes))
+        student=model_entry(measured["student_top1"], measured["student_bench"], sizes),
+        warnings=run.recipe.report_notes(run.out_dir))
     write_report(report, run.out_dir)
     return report
 

@@ -27,8 +27,13 @@ def model_entry(top1: float | None, bench: dict[str, Any], batch_sizes: tuple[in
 
 
 def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any], distill_seconds: float,
-                 epochs: int, best_epoch: int | None, onnx: dict[str, Any] | None, data: str) -> dict[str, Any]:
-    """The report dict: teacher vs student and the ratios between them (speed-up = teacher p50 / student p50)."""
+                 epochs: int, best_epoch: int | None, onnx: dict[str, Any] | None, data: str,
+                 warnings: list[str] | None = None) -> dict[str, Any]:
+    """The report dict: teacher vs student and the ratios between them (speed-up = teacher p50 / student p50).
+
+    ``warnings``: what the recipe wants the reader to see (e.g. a pruning search that ended far from its target);
+    report.md lists them under "Warnings".
+    """
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
@@ -49,6 +54,7 @@ def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any
             "top1_delta": (student["top1"] - teacher["top1"]) if None not in (student["top1"], teacher["top1"]) else None,
         },
         "onnx": onnx,
+        **({"warnings": list(warnings)} if warnings else {}),
     }
 
 

@@ -13,13 +13,13 @@ Coupled tensors (what must be cut together so the function is preserved):
 The result is always a ``vitshrink_vit`` (``BlockwiseVisionTransformer``) built through
 ``vitshrink.io.create_model``, so ``save_model``/``load_model`` round-trip it. ``mask_vit`` builds
 the *same function* without slicing (zeroed units in a copy of the source) — the reference that tests
-and searches compare against. Which units to keep is not decided here (that is a recipe's search);
-``uniform_plan`` and the group norms are the simple, structural building blocks.
+and searches compare against. Which units to keep is not decided here: plans are data
+(``vitshrink.prune.plan``), ranked by group norms (``vitshrink.prune.importance``) or searched
+(``vitshrink.prune.uvc_search``).
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -31,36 +31,15 @@ from torch import nn
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, record_of, set_data_config
 from vitshrink.models.blockwise_vit import BlockwiseVisionTransformer, SlimBlock
+# Plans and group norms have their own homes; re-exported here because callers slice what they rank.
+from vitshrink.prune.importance import head_dim_norms, head_norms, mlp_unit_norms, uniform_plan
+from vitshrink.prune.plan import (BlockDims, BlockKeep, Plan, attn_index, block_dims, check_plan, full_plan,
+                                  plan_from_json, plan_to_json)
 
 __all__ = [
     "BlockKeep", "Plan", "BlockDims", "block_dims", "check_sliceable", "full_plan", "uniform_plan", "head_norms",
     "head_dim_norms", "mlp_unit_norms", "slice_vit", "drop_blocks", "mask_vit", "plan_to_json", "plan_from_json",
 ]
-
-
-@dataclass
-class BlockKeep:
-    """What one source block keeps: head indices, MLP unit indices and (optionally) dims within each kept head.
-
-    ``head_dims[i]`` lists the kept dims of head ``heads[i]``; every kept head keeps the same number of
-    dims (one ``head_dim`` per block). ``None`` keeps all dims. An empty ``heads`` removes the attention
-    branch; an empty ``mlp`` removes the MLP branch.
-    """
-
-    heads: list[int]
-    mlp: list[int]
-    head_dims: list[list[int]] | None = None
-
-
-# One entry per source block; ``None`` removes the block.
-Plan = list  # list[BlockKeep | None]
-
-
-@dataclass
-class BlockDims:
-    num_heads: int
-    head_dim: int
-    mlp_hidden: int
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,19 +90,6 @@ def check_sliceable(model: nn.Module) -> None:
                 raise UserError(f"cannot prune: {where}.{name} is {type(norm).__name__}; only LayerNorm is supported")
 
 
-def block_dims(model: nn.Module) -> list[BlockDims]:
-    """Heads, head width and MLP width of every block of a (timm or vitshrink) ViT."""
-    dims = []
-    for blk in model.blocks:
-        attn, mlp = blk.attn, blk.mlp
-        dims.append(BlockDims(
-            num_heads=attn.num_heads if attn is not None else 0,
-            head_dim=attn.head_dim if attn is not None else 0,
-            mlp_hidden=mlp.fc1.out_features if mlp is not None else 0,
-        ))
-    return dims
-
-
 def _source_kept_blocks(model: nn.Module) -> list[int]:
     return list(getattr(model, "kept_blocks", None) or range(len(model.blocks)))
 
@@ -170,132 +136,6 @@ def _arch_kwargs(model: VisionTransformer) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Group norms (UVC and uniform pruning rank units by these)
-
-
-def _qkv_rows(attn: Attention) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """qkv weight/bias as [3, heads, head_dim, in] / [3, heads, head_dim]."""
-    h, hd = attn.num_heads, attn.head_dim
-    w = attn.qkv.weight.reshape(3, h, hd, -1)
-    b = attn.qkv.bias.reshape(3, h, hd) if attn.qkv.bias is not None else None
-    return w, b
-
-
-@torch.no_grad()
-def head_dim_norms(block: nn.Module) -> torch.Tensor:
-    """L2 norm of each (head, dim) group: its q, k, v rows (+ biases) and its ``proj`` column. Shape [heads, hd]."""
-    attn = block.attn
-    if attn is None:
-        return torch.zeros(0, 0)
-    w, b = _qkv_rows(attn)
-    sq = w.pow(2).sum(dim=(0, 3))
-    if b is not None:
-        sq = sq + b.pow(2).sum(dim=0)
-    sq = sq + attn.proj.weight.pow(2).sum(dim=0).reshape(attn.num_heads, attn.head_dim)
-    return sq.sqrt()
-
-
-@torch.no_grad()
-def head_norms(block: nn.Module) -> torch.Tensor:
-    """L2 norm of each head's group (all its q, k, v rows and ``proj`` columns). Shape [heads]."""
-    per_dim = head_dim_norms(block)
-    return per_dim.pow(2).sum(dim=1).sqrt() if per_dim.numel() else per_dim.new_zeros(0)
-
-
-@torch.no_grad()
-def mlp_unit_norms(block: nn.Module) -> torch.Tensor:
-    """L2 norm of each MLP hidden unit's group: its ``fc1`` row (+ bias) and ``fc2`` column. Shape [hidden]."""
-    mlp = block.mlp
-    if mlp is None:
-        return torch.zeros(0)
-    sq = mlp.fc1.weight.pow(2).sum(dim=1) + mlp.fc2.weight.pow(2).sum(dim=0)
-    if mlp.fc1.bias is not None:
-        sq = sq + mlp.fc1.bias.pow(2)
-    return sq.sqrt()
-
-
-def _top(norms: torch.Tensor, k: int) -> list[int]:
-    """Indices of the ``k`` largest norms, in ascending index order (ties broken by lower index)."""
-    if k <= 0:
-        return []
-    order = sorted(range(len(norms)), key=lambda i: (-float(norms[i]), i))
-    return sorted(order[:k])
-
-
-def full_plan(model: nn.Module) -> Plan:
-    """A plan that keeps everything (slicing with it only converts to ``vitshrink_vit``)."""
-    return [BlockKeep(heads=list(range(d.num_heads)), mlp=list(range(d.mlp_hidden))) for d in block_dims(model)]
-
-
-def uniform_plan(model: nn.Module, fraction: float) -> Plan:
-    """Keep the same fraction of heads and of MLP units in every block, the largest groups by L2 norm.
-
-    At least one head and one MLP unit stay in each branch that exists.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise UserError(f"keep fraction must be in (0, 1], got {fraction}")
-    plan: Plan = []
-    for blk, d in zip(model.blocks, block_dims(model)):
-        n_heads = max(1, round(fraction * d.num_heads)) if d.num_heads else 0
-        n_mlp = max(1, round(fraction * d.mlp_hidden)) if d.mlp_hidden else 0
-        plan.append(BlockKeep(heads=_top(head_norms(blk), n_heads), mlp=_top(mlp_unit_norms(blk), n_mlp)))
-    return plan
-
-
-# --------------------------------------------------------------------------------------------------
-# Plans
-
-
-def _check_plan(model: nn.Module, plan: Plan) -> list[BlockKeep | None]:
-    dims = block_dims(model)
-    if len(plan) != len(dims):
-        raise ValueError(f"plan has {len(plan)} entries for a model with {len(dims)} blocks")
-    checked: list[BlockKeep | None] = []
-    for i, (keep, d) in enumerate(zip(plan, dims)):
-        if keep is None:
-            checked.append(None)
-            continue
-        heads, mlp = sorted(int(h) for h in keep.heads), sorted(int(j) for j in keep.mlp)
-        if len(set(heads)) != len(heads) or any(not 0 <= h < d.num_heads for h in heads):
-            raise ValueError(f"block {i}: head indices {heads} invalid for {d.num_heads} heads")
-        if len(set(mlp)) != len(mlp) or any(not 0 <= j < d.mlp_hidden for j in mlp):
-            raise ValueError(f"block {i}: MLP indices invalid for {d.mlp_hidden} units")
-        head_dims = None
-        if keep.head_dims is not None and heads:
-            by_head = dict(zip((int(h) for h in keep.heads), keep.head_dims))
-            if len(keep.head_dims) != len(keep.heads):
-                raise ValueError(f"block {i}: head_dims needs one list per kept head")
-            head_dims = [sorted(int(x) for x in by_head[h]) for h in heads]
-            widths = {len(dl) for dl in head_dims}
-            if len(widths) != 1 or 0 in widths:
-                raise ValueError(f"block {i}: every kept head must keep the same, non-zero number of dims")
-            for dl in head_dims:
-                if len(set(dl)) != len(dl) or any(not 0 <= x < d.head_dim for x in dl):
-                    raise ValueError(f"block {i}: head dim indices invalid for head_dim {d.head_dim}")
-            if head_dims == [list(range(d.head_dim))] * len(heads):
-                head_dims = None
-        checked.append(BlockKeep(heads=heads, mlp=mlp, head_dims=head_dims))
-    return checked
-
-
-def plan_to_json(plan: Plan) -> list[Any]:
-    """A JSON-able form of a plan (``None`` for removed blocks)."""
-    return [None if k is None else {"heads": list(k.heads), "mlp": list(k.mlp), "head_dims": k.head_dims}
-            for k in plan]
-
-
-def plan_from_json(data: Sequence[Any]) -> Plan:
-    return [None if k is None else BlockKeep(heads=list(k["heads"]), mlp=list(k["mlp"]),
-                                             head_dims=k.get("head_dims")) for k in data]
-
-
-def _attn_index(keep: BlockKeep, head_dim: int) -> torch.Tensor:
-    """Flat indices (into one of q/k/v, i.e. ``proj`` columns) of the kept (head, dim) pairs."""
-    dims = keep.head_dims or [list(range(head_dim))] * len(keep.heads)
-    return torch.tensor([h * head_dim + x for h, dl in zip(keep.heads, dims) for x in dl], dtype=torch.long)
-
-
-# --------------------------------------------------------------------------------------------------
 # Slicing
 
 
@@ -311,7 +151,7 @@ def _slice_block(src: nn.Module, dst: SlimBlock, keep: BlockKeep) -> None:
         _copy_into(dst.ls1, src.ls1)
         attn = src.attn
         hd, width = attn.head_dim, attn.num_heads * attn.head_dim
-        idx = _attn_index(keep, hd)
+        idx = attn_index(keep, hd)
         rows = torch.cat([idx, idx + width, idx + 2 * width])
         new_hd = dst.attn.head_dim
         weight = attn.qkv.weight[rows].clone()
@@ -350,7 +190,7 @@ def slice_vit(model: nn.Module, plan: Plan) -> BlockwiseVisionTransformer:
     (indices into the *original* teacher when the source was itself pruned).
     """
     check_sliceable(model)
-    keeps = _check_plan(model, plan)
+    keeps = check_plan(model, plan)
     dims = block_dims(model)
     kwargs = _arch_kwargs(model)
     src_kept = _source_kept_blocks(model)
@@ -424,14 +264,14 @@ def mask_vit(model: nn.Module, plan: Plan) -> nn.Module:
     block becomes the identity.
     """
     check_sliceable(model)
-    keeps = _check_plan(model, plan)
+    keeps = check_plan(model, plan)
     masked = copy.deepcopy(model)
     for blk, keep in zip(masked.blocks, keeps):
         attn, mlp = blk.attn, blk.mlp
         if attn is not None:
             keep_mask = torch.zeros(attn.num_heads * attn.head_dim, dtype=torch.bool)
             if keep is not None and keep.heads:
-                keep_mask[_attn_index(keep, attn.head_dim)] = True
+                keep_mask[attn_index(keep, attn.head_dim)] = True
             _zero_coupled(attn.qkv, attn.proj, keep_mask.repeat(3), keep_mask)  # q, k and v rows alike
         if mlp is not None:
             keep_mask = torch.zeros(mlp.fc1.out_features, dtype=torch.bool)

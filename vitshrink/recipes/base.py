@@ -106,6 +106,10 @@ class Recipe:
     def finalize(self, student: nn.Module, cfg: dict[str, Any]) -> nn.Module:
         return student.eval()
 
+    def report_notes(self, out_dir: Path | None) -> list[str]:
+        """Warnings for the report (read from the run folder, so they survive ``--resume``); default none."""
+        return []
+
 
 def register_recipe(name: str) -> Callable[[type[Recipe]], type[Recipe]]:
     def decorate(cls: type[Recipe]) -> type[Recipe]:

@@ -9,27 +9,47 @@ import copy
 import json
 from typing import Any
 
+import torch
 from torch import nn
 
 from vitshrink._atomic import atomic_write_text
-from vitshrink.distill.tasks import LogitKDTask
+from vitshrink.distill.tasks import DistillTask, LogitKDTask
+from vitshrink.distill.teachers import as_teachers
 from vitshrink.errors import UserError
 from vitshrink.io import record_of
+from vitshrink.prune.decisions import magnitude_plan
 from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
 from vitshrink.prune.surgery import check_sliceable, plan_to_json, slice_vit
-from vitshrink.prune.uvc_search import ResourceModel, UVCConfig, check_flops_target, search_uvc
+from vitshrink.prune.uvc_objective import OfficialLoss
+from vitshrink.prune.uvc_search import ResourceModel, UVCConfig, check_flops_target, search_uvc, sliced_student
+
+# |R of the search's own decisions - target| above which the report says the search ended far from its target.
+FAR_FROM_TARGET = 0.1
+
+
+def _optional(cfg: dict[str, Any], key: str, kind: type) -> Any:
+    value = cfg.get(key)
+    return None if value is None else kind(value)
 
 
 def uvc_config(cfg: dict[str, Any]) -> UVCConfig:
-    """The search settings of a merged recipe configuration (uvc's own options: recipes/uvc.yaml)."""
+    """The search settings of a merged recipe configuration (uvc's own options: recipes/uvc.yaml).
+
+    Keys left ``null`` in the preset take ``search_objective``'s values (``uvc_objective.SEARCH_OBJECTIVES``).
+    """
     if cfg.get("no_skip") and cfg.get("skip_only"):
         raise UserError("--no-skip and --skip-only together leave nothing to prune")
     target = check_flops_target(cfg["flops_target"])
-    return UVCConfig(
+    return UVCConfig.for_objective(
+        str(cfg.get("search_objective") or "kd"),
         flops_target=target, steps=int(cfg["search_steps"]), lr=float(cfg["search_lr"]),
+        weight_decay=_optional(cfg, "search_weight_decay", float),
+        warmup_steps=_optional(cfg, "search_warmup_steps", int),
         count_lr=float(cfg["count_lr"]), gate_lr=float(cfg["gate_lr"]), gate_momentum=float(cfg["gate_momentum"]),
-        gate_init=float(cfg["gate_init"]), gumbel_tau=float(cfg["gumbel_tau"]),
+        gate_init=_optional(cfg, "gate_init", float), gate_interval=_optional(cfg, "gate_interval", int),
+        gate_weight_decay=_optional(cfg, "gate_weight_decay", float), gumbel_tau=float(cfg["gumbel_tau"]),
         gating_weight=float(cfg["gating_weight"]), z_lr=float(cfg["z_lr"]), z_clip=float(cfg["z_clip"]),
+        two_sided_dual=bool(cfg.get("two_sided_dual", True)),
         y_lr=float(cfg["y_lr"]), kd_weight=float(cfg["search_kd_weight"]), temperature=float(cfg["temperature"]),
         skip=not cfg.get("no_skip", False), within=not cfg.get("skip_only", False),
         head_dims=bool(cfg.get("prune_head_dims", True)), tolerance=float(cfg["flops_tolerance"]),
@@ -46,6 +66,9 @@ class UVC(Recipe):
             raise UserError("--student: the uvc recipe prunes the teacher itself; leave --student out")
         check_sliceable(teacher)
         config = uvc_config(ctx.cfg)
+        for key, allowed in (("pruning_plan", ("search", "magnitude")), ("posttrain_objective", ("kd", "official"))):
+            if ctx.cfg.get(key) is not None and ctx.cfg[key] not in allowed:
+                raise UserError(f"{key} must be one of {', '.join(allowed)}, got {ctx.cfg[key]!r}")
         # Fail before any training if the target cannot be reached at all.
         check_flops_target(config.flops_target, ResourceModel(teacher), skip=config.skip, within=config.within)
         return copy.deepcopy(teacher)
@@ -54,28 +77,60 @@ class UVC(Recipe):
         from vitshrink.measure import count_flops
 
         config = uvc_config(ctx.cfg)
-        loader = ctx.train_loader(student, batch_size=int(ctx.cfg["search_batch_size"]))
-        result = search_uvc(student, loader, config, device=ctx.device, log=ctx.log, progress=ctx.progress)
-        sliced = slice_vit(result.model, result.plan).to(ctx.device)
+        method = str(ctx.cfg.get("pruning_plan") or "search")
+        if method not in ("search", "magnitude"):
+            raise UserError(f"pruning_plan must be 'search' or 'magnitude', got {method!r}")
+        if method == "magnitude":
+            if not config.within:
+                raise UserError("pruning_plan magnitude prunes within blocks; it cannot be combined with --skip-only")
+            plan = magnitude_plan(student, config.flops_target, config.tolerance)
+            sliced, summary = slice_vit(student, plan).to(ctx.device), {"adjusted": False}
+        else:
+            loader = ctx.train_loader(student, batch_size=int(ctx.cfg["search_batch_size"]))
+            result = search_uvc(student, loader, config, device=ctx.device, log=ctx.log, progress=ctx.progress)
+            restore = bool(ctx.cfg.get("restore_kept", True))
+            sliced = sliced_student(student, result, restore=restore).to(ctx.device)
+            plan, summary = result.plan, {**result.summary(), "restore_kept": restore,
+                                          "search_objective": config.objective}
+            if abs(result.search_resource - config.flops_target) > FAR_FROM_TARGET:
+                summary["warning"] = (f"the UVC search ended at R {result.search_resource:.3f}, far from the target "
+                                      f"{config.flops_target:g}; the greedy adjustment by group norm, not the "
+                                      f"search, chose most of what was removed")
+                ctx.log(f"warning: {summary['warning']}")
         measured = count_flops(sliced).macs / count_flops(teacher).macs
+        self._check_band(measured, config, ctx, summary, method)
+        summary = {"flops_target": config.flops_target, "flops_ratio": measured, "pruning_plan": method, **summary,
+                   "plan": plan_to_json(plan), "ablation": {"no_skip": not config.skip,
+                                                            "skip_only": not config.within}}
+        record = record_of(sliced)
+        record.provenance = {**record.provenance, "uvc": {k: v for k, v in summary.items() if k != "plan"}}
+        if ctx.out_dir is not None and ctx.rank == 0:
+            atomic_write_text(ctx.out_dir / "uvc_plan.json", json.dumps(summary, indent=2) + "\n")
+        return sliced
+
+    @staticmethod
+    def _check_band(measured: float, config: UVCConfig, ctx: RecipeContext, summary: dict[str, Any],
+                    method: str) -> None:
         band = f"[{config.flops_target - config.tolerance:g}, {config.flops_target:g}]"
-        note = (f"UVC: counted FLOPs ratio {measured:.4f} (target {config.flops_target:g}, band {band}); "
-                f"search decisions gave {result.search_resource:.4f}"
-                + ("; greedy adjustment by group norm moved them into the band" if result.adjusted else ""))
+        note = f"UVC ({method}): counted FLOPs ratio {measured:.4f} (target {config.flops_target:g}, band {band})"
+        if "search_resource" in summary:
+            note += f"; search decisions gave {summary['search_resource']:.4f}"
+        if summary.get("adjusted"):
+            note += "; greedy adjustment by group norm moved them into the band"
         ctx.log(note)
         if not config.flops_target - config.tolerance - 1e-9 <= measured <= config.flops_target + 1e-9:
             if config.within:
                 raise UserError(f"--flops-target {config.flops_target:g} is unreachable for this model: the nearest "
                                 f"sliced model has {measured:.3f} of the teacher's FLOPs")
             ctx.log(f"note: --skip-only removes whole blocks only; {measured:.3f} is the closest under the target")
-        summary = {"flops_target": config.flops_target, "flops_ratio": measured, **result.summary(),
-                   "plan": plan_to_json(result.plan), "ablation": {"no_skip": not config.skip,
-                                                                   "skip_only": not config.within}}
-        record = record_of(sliced)
-        record.provenance = {**record.provenance, "uvc": {k: v for k, v in summary.items() if k != "plan"}}
-        if ctx.out_dir is not None and ctx.rank == 0:
-            atomic_write_text(ctx.out_dir / "uvc_plan.json", json.dumps(summary, indent=2) + "\n")
-        return sliced
+
+    def report_notes(self, out_dir) -> list[str]:
+        """Warnings for report.md: a search that ended far from its target."""
+        path = None if out_dir is None else out_dir / "uvc_plan.json"
+        if path is None or not path.exists():
+            return []
+        warning = json.loads(path.read_text()).get("warning")
+        return [warning] if warning else []
 
     def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]):
         if cfg.get("no_kd"):
@@ -83,5 +138,30 @@ class UVC(Recipe):
 
             return ClassificationTask(student, criterion=nn.CrossEntropyLoss(label_smoothing=float(cfg["smoothing"])),
                                       verbose=False)
+        objective = str(cfg.get("posttrain_objective") or "kd")
+        if objective == "official":
+            return OfficialUVCTask(student, teachers)
+        if objective != "kd":
+            raise UserError(f"posttrain_objective must be 'official' or 'kd', got {objective!r}")
         return LogitKDTask(student, teachers, kd_weight=float(cfg["kd_weight"]), temperature=float(cfg["temperature"]),
                            smoothing=float(cfg["smoothing"]))
+
+
+class OfficialUVCTask(DistillTask):
+    """UVC's post-training loss (joint_train.py ``post_training``: the search's criterion): mixup/cutmix batches,
+    the teacher on the mixed images, ``uvc_objective.official_loss`` (alpha 0.1, T 1, KL summed / numel)."""
+
+    def __init__(self, student: nn.Module, teachers: Any):
+        super().__init__(student, as_teachers(teachers, student))
+        self.loss = OfficialLoss(int(student.num_classes))
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor | None,
+                extras: Any = None) -> dict[str, torch.Tensor]:
+        if target is None:
+            raise UserError("posttrain_objective official needs labelled training data")
+        images, soft_targets = self.loss.mix(input, target)
+        # The teacher sees the mixed images, so a logit cache of unmixed views cannot stand in for it.
+        teacher_logits = self.teachers.main.logits(images)
+        student_logits = self.trainable_module(images)
+        # No "output": accuracy against the unmixed labels would mean nothing on mixed images.
+        return {**self.loss(student_logits, teacher_logits, soft_targets), "output": None}

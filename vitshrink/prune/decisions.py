@@ -1,0 +1,153 @@
+"""Hard decisions of a search (blocks kept, units kept per block) and the deterministic greedy that moves
+them into the FLOPs band ``target - tol <= R <= target``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vitshrink.prune.importance import block_groups
+from vitshrink.prune.plan import BlockKeep, Plan
+from vitshrink.prune.resource import ResourceModel
+
+__all__ = ["Decisions"]
+
+
+class Decisions:
+    """Integer decisions per block and the deterministic greedy that moves them into the band."""
+
+    def __init__(self, model: nn.Module, resource: ResourceModel, scales: list[tuple[float, float, float]],
+                 kept: list[bool], counts: list[list[int]], margin: list[float]):
+        self.resource = resource
+        self.dims = resource.dims
+        self.margin = margin  # gate logit margin keep - skip: the search's confidence in each block
+        self.groups = [block_groups(b, s) for b, s in zip(model.blocks, scales)]
+        self.kept = list(kept)
+        # Number kept per block: heads, dims per head, MLP units (at least one of each while the block lives).
+        self.n = [[max(min(d.num_heads, 1), d.num_heads - c[0]), max(min(d.head_dim, 1), d.head_dim - c[1]),
+                   max(min(d.mlp_hidden, 1), d.mlp_hidden - c[2])] for d, c in zip(self.dims, counts)]
+
+    def _per_block(self):
+        return [(n[0], n[1], n[2]) if k else None for n, k in zip(self.n, self.kept)]
+
+    def ratio(self) -> float:
+        return self.resource.ratio_of(self._per_block())
+
+    def _kept_heads(self, i: int) -> list[int]:
+        order = sorted(range(self.dims[i].num_heads), key=lambda h: (-float(self.groups[i].head[h]), h))
+        return sorted(order[: self.n[i][0]])
+
+    def _moves(self, i: int, remove: bool):
+        """(score, move) candidates for block i: score = normalised group norm per unit of R changed."""
+        d, n, g, res = self.dims[i], self.n[i], self.groups[i], self.resource
+        out = []
+        heads = self._kept_heads(i)
+        if d.num_heads:
+            if remove and n[0] > 1:
+                h = min(heads, key=lambda h: (float(g.head[h]), h))
+                out.append((float(g.head[h]) / (n[1] * res.attn_unit), (i, 0, -1)))
+            if not remove and n[0] < d.num_heads:
+                rest = [h for h in range(d.num_heads) if h not in heads]
+                h = max(rest, key=lambda h: (float(g.head[h]), -h))
+                out.append((float(g.head[h]) / (n[1] * res.attn_unit), (i, 0, +1)))
+            sorted_dims = g.dim[heads].sort(dim=1, descending=True).values
+            if remove and n[1] > 1:
+                out.append((float(sorted_dims[:, n[1] - 1].sum()) / (n[0] * res.attn_unit), (i, 1, -1)))
+            if not remove and n[1] < d.head_dim:
+                out.append((float(sorted_dims[:, n[1]].sum()) / (n[0] * res.attn_unit), (i, 1, +1)))
+        if d.mlp_hidden:
+            sorted_mlp = g.mlp.sort(descending=True).values
+            if remove and n[2] > 1:
+                out.append((float(sorted_mlp[n[2] - 1]) / res.mlp_unit, (i, 2, -1)))
+            if not remove and n[2] < d.mlp_hidden:
+                out.append((float(sorted_mlp[n[2]]) / res.mlp_unit, (i, 2, +1)))
+        return out
+
+    def _cost(self, move) -> float:
+        i, kind, delta = move
+        before = self.resource.block(*self.n[i])
+        n = list(self.n[i])
+        n[kind] += delta
+        return (self.resource.block(*n) - before) / self.resource.total
+
+    def adjust(self, target: float, tol: float, *, within: bool, skip: bool) -> bool:
+        """Move the decisions into ``target - tol <= R <= target``; return whether anything changed.
+
+        Blocks: while R is too low, re-enable skipped blocks (most confident "keep" gate first; with
+        ``within`` the unit loop trims afterwards, without it only blocks that fit are re-enabled); while R
+        is too high with one unit per branch left, skip blocks (least confident first). Units: remove the
+        group with the smallest norm share per MAC saved while R > target; add back the largest that fits
+        while R < target - tol.
+        """
+        changed = False
+        if skip:
+            for i in sorted((i for i, k in enumerate(self.kept) if not k), key=lambda i: -self.margin[i]):
+                if self.ratio() >= target - tol:
+                    break
+                self.kept[i] = True
+                if not within and self.ratio() > target:
+                    self.kept[i] = False
+                else:
+                    changed = True
+        changed |= self._trim_units(target, tol) if within else False
+        if self.ratio() > target and skip:
+            for i in sorted((i for i, k in enumerate(self.kept) if k), key=lambda i: self.margin[i]):
+                if self.ratio() <= target:
+                    break
+                self.kept[i] = False
+                changed = True
+            if within:
+                self._trim_units(target, tol)
+        return changed
+
+    def _trim_units(self, target: float, tol: float) -> bool:
+        changed = False
+        live = [i for i, k in enumerate(self.kept) if k]
+        r = self.ratio()
+        while r > target:
+            moves = [m for i in live for m in self._moves(i, remove=True)]
+            if not moves:
+                break
+            _, move = min(moves, key=lambda sm: sm[0])
+            self.n[move[0]][move[1]] -= 1
+            r = self.ratio()
+            changed = True
+        while r < target - tol:
+            moves = [(s, m) for i in live for s, m in self._moves(i, remove=False) if r + self._cost(m) <= target]
+            if not moves:
+                break
+            _, move = max(moves, key=lambda sm: sm[0])
+            self.n[move[0]][move[1]] += 1
+            r = self.ratio()
+            changed = True
+        return changed
+
+    def plan(self) -> Plan:
+        plan: Plan = []
+        for i, (d, n, g) in enumerate(zip(self.dims, self.n, self.groups)):
+            if not self.kept[i]:
+                plan.append(None)
+                continue
+            heads = self._kept_heads(i) if d.num_heads else []
+            head_dims = None
+            if heads and n[1] < d.head_dim:
+                head_dims = [sorted(torch.topk(g.dim[h], n[1]).indices.tolist()) for h in heads]
+            mlp = sorted(torch.topk(g.mlp, n[2]).indices.tolist()) if d.mlp_hidden else []
+            plan.append(BlockKeep(heads=heads, mlp=mlp, head_dims=head_dims))
+        return plan
+
+
+def magnitude_plan(model: nn.Module, target: float, tolerance: float = 0.02,
+                   resource: ResourceModel | None = None) -> Plan:
+    """One-shot plan with no search: starting from the full model, remove the group with the smallest normalised
+    norm per MAC saved until ``R <= target``, then add back the largest that fits while ``R < target - tol``.
+
+    Every block stays (block removal needs a learned gate); the same greedy finishes UVC's search decisions.
+    """
+    from vitshrink.prune.importance import norm_scale
+
+    resource = resource or ResourceModel(model)
+    scales = [norm_scale(list(model.blocks))] * len(resource.dims)
+    depth = len(resource.dims)
+    state = Decisions(model, resource, scales, [True] * depth, [[0, 0, 0]] * depth, [0.0] * depth)
+    state.adjust(target, tolerance, within=True, skip=False)
+    return state.plan()
