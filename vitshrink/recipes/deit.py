@@ -55,6 +55,8 @@ class DeiT(Recipe):
     """DeiT: a distillation token and head on the student; hard (teacher argmax) or soft (T^2 KL) targets."""
 
     def configure(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        if cfg.get("kl_reduction", "numel") not in ("numel", "batchmean"):
+            raise UserError(f"--kl-reduction must be numel or batchmean, got {cfg['kl_reduction']!r}")
         # kd_weight null in the preset means the published weight of the chosen mode.
         if cfg.get("kd_weight") is None:
             cfg = {**cfg, "kd_weight": 0.5 if cfg["distill_type"] == "hard" else 0.1}
@@ -65,7 +67,8 @@ class DeiT(Recipe):
 
     def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]) -> TokenKDTask:
         return TokenKDTask(student, teachers, distill_type=str(cfg["distill_type"]), kd_weight=float(cfg["kd_weight"]),
-                        temperature=float(cfg["temperature"]), smoothing=float(cfg["smoothing"]))
+                        temperature=float(cfg["temperature"]), smoothing=float(cfg["smoothing"]),
+                          kl_reduction=str(cfg.get("kl_reduction", "numel")))
 
     def finalize(self, student: nn.Module, cfg: dict[str, Any]) -> nn.Module:
         # Eval mode with distilled training off: forward returns (cls + dist) / 2, a single output.
