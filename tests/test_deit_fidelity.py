@@ -55,3 +55,25 @@ def test_cross_entropy_accepts_soft_targets():
     mixed = 0.7 * one_hot + 0.3 * one_hot.roll(1, 0)
     expected = -(mixed * F.log_softmax(cls, -1)).sum(-1).mean()
     assert torch.allclose(losses.cross_entropy(cls, mixed), expected)
+
+
+def test_cnn_teacher_gets_derived_deit_tiny_student_with_note():
+    from vitshrink.io import create_model, set_data_config
+    from vitshrink.recipes.base import RecipeContext
+    from vitshrink.recipes.deit import DeiT
+
+    teacher = create_model("resnet10t", num_classes=10)
+    set_data_config(teacher, input_size=(3, 32, 32))
+    notes: list[str] = []
+    ctx = RecipeContext(cfg={"init_from_teacher": True}, device=torch.device("cpu"), data=None,
+                        train_loader=lambda *a, **k: None, log=notes.append)
+    student = DeiT().build_student(teacher, None, ctx)
+    assert student.embed_dim == 192 and len(student.blocks) == 12
+    assert student.blocks[0].attn.num_heads == 3
+    assert student.blocks[0].mlp.fc1.out_features == 4 * 192
+    assert tuple(student.patch_embed.patch_size) == (4, 4) and tuple(student.patch_embed.grid_size) == (8, 8)
+    assert student.num_classes == 10 and hasattr(student, "dist_token")
+    assert len(notes) == 1 and "DeiT-Tiny" in notes[0] and "patch 4" in notes[0]
+    student.set_distilled_training(True)
+    cls_logits, dist_logits = student(torch.randn(2, 3, 32, 32))
+    assert cls_logits.shape == dist_logits.shape == (2, 10)

@@ -17,7 +17,7 @@ from vitshrink.distill.tasks import TokenKDTask
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, set_data_config
 from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
-from vitshrink.students import copy_data_config, vit_kwargs
+from vitshrink.students import copy_data_config, deit_tiny_student, vit_kwargs
 
 # timm's registered distilled ViT; the shape kwargs given override the name's defaults.
 DISTILLED_ARCH = "deit_tiny_distilled_patch16_224"
@@ -63,6 +63,11 @@ class DeiT(Recipe):
         return cfg
 
     def build_student(self, teacher: nn.Module, student: nn.Module | str | None, ctx: RecipeContext) -> nn.Module:
+        if student is None and not isinstance(teacher, VisionTransformer):
+            # DeiT's own setting: a CNN teacher, a ViT student (paper sec. 5); nothing to copy from the teacher.
+            derived, note = deit_tiny_student(teacher)
+            ctx.log(note)
+            return add_distillation_token(derived)
         return add_distillation_token(super().build_student(teacher, student, ctx))
 
     def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]) -> TokenKDTask:
