@@ -164,6 +164,29 @@ def derive_student(teacher: nn.Module, *, depth_ratio: float = 0.5, init: bool =
     return student
 
 
+def deit_tiny_student(teacher: nn.Module) -> tuple[nn.Module, str]:
+    """A DeiT-Tiny-shaped ViT (width 192, 3 heads, depth 12, MLP ratio 4) for a teacher with no ViT layout.
+
+    It takes the teacher's input size, channels and classes; the patch is the largest of 16, 8, 4, 2 that
+    still gives a grid of at least 8x8 (16 at 224 px, 4 at 32 px). Returns the student and a note to print.
+    """
+    channels, height, width = data_config(teacher)["input_size"]
+    side = min(height, width)
+    patch = next((p for p in (16, 8, 4, 2) if side // p >= 8), 1)
+    num_classes = getattr(teacher, "num_classes", None)
+    if not num_classes:
+        raise UserError(f"cannot derive a student from a {type(teacher).__name__} teacher: its number of classes "
+                        "is unknown; pass --student NAME:key=value,...")
+    student = create_model("vit_tiny_patch16_224", img_size=(height, width), patch_size=patch, in_chans=channels,
+                           num_classes=num_classes, embed_dim=192, num_heads=3, depth=12, mlp_ratio=4.0)
+    set_data_config(student, input_size=(channels, height, width))
+    copy_data_config(student, teacher)
+    note = (f"student: the {type(teacher).__name__} teacher has no ViT blocks to copy, so a DeiT-Tiny-shaped ViT "
+            f"was derived (width 192, 3 heads, depth 12, MLP ratio 4, patch {patch} at {height}x{width}, "
+            f"{num_classes} classes), trained from its own init; pass --student NAME:key=value,... to choose")
+    return student, note
+
+
 def resolve_student(spec: str | nn.Module | None, teacher: nn.Module, *, init: bool = True) -> nn.Module:
     """The student for a run: derived (None), a module as given, a file (weights kept), or a timm name."""
     if spec is None:

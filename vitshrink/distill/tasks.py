@@ -93,7 +93,8 @@ class TokenKDTask(DistillTask):
     """
 
     def __init__(self, student: nn.Module, teachers: Teachers | nn.Module, *, distill_type: str, kd_weight: float,
-                 temperature: float, smoothing: float = 0.0, role: str = Teachers.MAIN):
+                 temperature: float, smoothing: float = 0.0, role: str = Teachers.MAIN,
+                 kl_reduction: str = "numel"):
         if distill_type not in ("hard", "soft"):
             raise UserError(f"deit distill_type must be hard or soft, got {distill_type!r}")
         if not hasattr(unwrap_model(student), "set_distilled_training"):
@@ -101,25 +102,27 @@ class TokenKDTask(DistillTask):
         unwrap_model(student).set_distilled_training(True)
         super().__init__(student, as_teachers(teachers, student))
         self.distill_type, self.kd_weight, self.temperature = distill_type, kd_weight, temperature
-        self.smoothing, self.role = smoothing, role
+        self.smoothing, self.role, self.kl_reduction = smoothing, role, kl_reduction
 
     def forward(self, input: torch.Tensor, target: torch.Tensor,
                 extras: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
         cls_logits, dist_logits = self.trainable_module(input)
         teacher_logits = self.teachers[self.role].logits(input, extras)
         task_loss = losses.cross_entropy(cls_logits, target, self.smoothing)
-        distill_loss = token_distillation_loss(dist_logits, teacher_logits, self.distill_type, self.temperature)
+        distill_loss = token_distillation_loss(dist_logits, teacher_logits, self.distill_type, self.temperature,
+                                                self.kl_reduction)
         loss = (1.0 - self.kd_weight) * task_loss + self.kd_weight * distill_loss
         return {"loss": loss, "output": (cls_logits.detach() + dist_logits.detach()) / 2,
                 "task_loss": task_loss.detach(), "kd_loss": distill_loss.detach()}
 
 
 def token_distillation_loss(token_logits: torch.Tensor, teacher_logits: torch.Tensor, distill_type: str,
-                            temperature: float) -> torch.Tensor:
-    """DeiT's distillation term: CE to the teacher's argmax (``hard``) or ``T^2 KL`` (``soft``)."""
+                            temperature: float, kl_reduction: str = "numel") -> torch.Tensor:
+    """DeiT's distillation term: CE to the teacher's argmax (``hard``) or ``T^2 KL`` (``soft``; the official
+    code divides the summed KL by the number of logits, ``kl_reduction="numel"``)."""
     if distill_type == "hard":
         return losses.cross_entropy(token_logits, teacher_logits.argmax(dim=-1))
-    return losses.kd_kl(token_logits, teacher_logits, temperature)
+    return losses.kd_kl(token_logits, teacher_logits, temperature, kl_reduction)
 
 
 class MultiTokenKDTask(DistillTask):

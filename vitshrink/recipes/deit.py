@@ -17,7 +17,7 @@ from vitshrink.distill.tasks import TokenKDTask
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, set_data_config
 from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
-from vitshrink.students import copy_data_config, vit_kwargs
+from vitshrink.students import copy_data_config, deit_tiny_student, vit_kwargs
 
 # timm's registered distilled ViT; the shape kwargs given override the name's defaults.
 DISTILLED_ARCH = "deit_tiny_distilled_patch16_224"
@@ -55,17 +55,25 @@ class DeiT(Recipe):
     """DeiT: a distillation token and head on the student; hard (teacher argmax) or soft (T^2 KL) targets."""
 
     def configure(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        if cfg.get("kl_reduction", "numel") not in ("numel", "batchmean"):
+            raise UserError(f"--kl-reduction must be numel or batchmean, got {cfg['kl_reduction']!r}")
         # kd_weight null in the preset means the published weight of the chosen mode.
         if cfg.get("kd_weight") is None:
             cfg = {**cfg, "kd_weight": 0.5 if cfg["distill_type"] == "hard" else 0.1}
         return cfg
 
     def build_student(self, teacher: nn.Module, student: nn.Module | str | None, ctx: RecipeContext) -> nn.Module:
+        if student is None and not isinstance(teacher, VisionTransformer):
+            # DeiT's own setting: a CNN teacher, a ViT student (paper sec. 5); nothing to copy from the teacher.
+            derived, note = deit_tiny_student(teacher)
+            ctx.log(note)
+            return add_distillation_token(derived)
         return add_distillation_token(super().build_student(teacher, student, ctx))
 
     def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]) -> TokenKDTask:
         return TokenKDTask(student, teachers, distill_type=str(cfg["distill_type"]), kd_weight=float(cfg["kd_weight"]),
-                        temperature=float(cfg["temperature"]), smoothing=float(cfg["smoothing"]))
+                        temperature=float(cfg["temperature"]), smoothing=float(cfg["smoothing"]),
+                          kl_reduction=str(cfg.get("kl_reduction", "numel")))
 
     def finalize(self, student: nn.Module, cfg: dict[str, Any]) -> nn.Module:
         # Eval mode with distilled training off: forward returns (cls + dist) / 2, a single output.
