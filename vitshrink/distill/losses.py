@@ -30,7 +30,8 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy to class indices, with optional label smoothing (batch mean)."""
+    """Cross-entropy to class indices or to class probabilities [B, K] (mixup / cutmix targets), with optional
+    label smoothing (batch mean; torch's ``F.cross_entropy`` takes either form)."""
     return F.cross_entropy(_wide(logits), target, label_smoothing=smoothing)
 
 
