@@ -222,3 +222,12 @@ def test_train_teacher_writes_a_model_inspect_and_evaluate_read(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     assert "top-1" in evaluated.stdout.lower() or "top1" in evaluated.stdout.lower()
     assert result.report["top1"] == report["top1"]
+
+
+def test_train_teacher_unknown_arch_is_a_user_error(tmp_path):
+    from vitshrink.errors import UserError
+    from vitshrink.supervised import train_teacher
+
+    with pytest.raises(UserError, match="ARCH 'nosuchnet'"):
+        train_teacher("nosuchnet", data=small_data(16, 8), out_dir=tmp_path / "t", device="cpu", progress=False)
+    assert not (tmp_path / "t" / "model.safetensors").exists()
