@@ -98,7 +98,10 @@ def load_teachers(recipe: Recipe, teacher: nn.Module | None, cfg: dict[str, Any]
         spec = cfg.get(option)
         if not spec:
             raise UserError(f"--{option.replace('_', '-')}: recipe {recipe.name} needs a SPEC for its {role} teacher")
-        models[role] = load_model(str(spec))
+        try:
+            models[role] = load_model(str(spec))
+        except UserError as exc:  # name the flag: the same file may be given to several roles
+            raise UserError(f"--{option.replace('_', '-')} {spec}: {exc}") from None
     return models
 
 

@@ -129,26 +129,35 @@ class MultiTokenKDTask(DistillTask):
     """One distillation term per (student head, teacher role) pair, e.g. co-advise's CNN and INN tokens.
 
     The student's forward returns a tuple of logits: ``heads[0]`` is the class head (CE to the labels, weight
-    ``1 - sum(weights)``), and ``pairs`` maps each further head index to the teacher role it learns from with
-    its weight. The reported ``output`` is the mean of all heads.
+    ``task_weight``; ``None`` means ``1 - sum(weights)``), and ``pairs`` lists ``(head index, teacher role,
+    weight)``: ``weight * D(heads[index], teacher)`` with ``D`` as in DeiT (``hard``: CE to the teacher's
+    argmax; ``soft``: ``T^2 KL``, batch mean). Head 0 may also be paired (soft targets for the class head).
+    ``target`` may be class indices or probabilities [B, K] (mixup / cutmix). A pair of weight 0 is skipped
+    (its teacher is not run). The reported ``output`` is the mean of all heads.
     """
 
     def __init__(self, student: nn.Module, teachers: Teachers, *, pairs: Sequence[tuple[int, str, float]],
-                 distill_type: str = "hard", temperature: float = 1.0, smoothing: float = 0.0):
+                 distill_type: str = "hard", temperature: float = 1.0, smoothing: float = 0.0,
+                 task_weight: float | None = None):
         super().__init__(student, teachers)
+        if distill_type not in ("hard", "soft"):
+            raise UserError(f"multi-token KD distill_type must be hard or soft, got {distill_type!r}")
         for _, role, _ in pairs:
             if role not in teachers:
                 raise UserError(f"multi-token KD: no teacher for role {role!r} (have: {', '.join(teachers)})")
         self.pairs, self.distill_type = list(pairs), distill_type
         self.temperature, self.smoothing = temperature, smoothing
+        self.task_weight = 1.0 - sum(w for _, _, w in self.pairs) if task_weight is None else float(task_weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor,
                 extras: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
         heads = self.trainable_module(input)
         task_loss = losses.cross_entropy(heads[0], target, self.smoothing)
-        loss = (1.0 - sum(w for _, _, w in self.pairs)) * task_loss
+        loss = self.task_weight * task_loss
         result: dict[str, torch.Tensor] = {"task_loss": task_loss.detach()}
         for head, role, weight in self.pairs:
+            if weight == 0:
+                continue
             term = token_distillation_loss(heads[head], self.teachers[role].logits(input, extras),
                                            self.distill_type, self.temperature)
             loss = loss + weight * term
