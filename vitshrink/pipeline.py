@@ -96,6 +96,9 @@ def load_teachers(recipe: Recipe, teacher: nn.Module | None, cfg: dict[str, Any]
             models[role] = teacher if teacher is not None else load_bundled_teacher()
             continue
         spec = cfg.get(option)
+        if not spec and (stand_in := recipe.stand_in_teacher(role, models)) is not None:
+            models[role] = stand_in
+            continue
         if not spec:
             raise UserError(f"--{option.replace('_', '-')}: recipe {recipe.name} needs a SPEC for its {role} teacher")
         models[role] = load_model(str(spec))
