@@ -131,3 +131,21 @@ def test_cnn_teacher_role_missing_and_stand_in(tmp_path):
     save_model(cnn, tmp_path / "resnet20.safetensors")
     loaded = load_teachers(recipe, _vit_teacher(), {**cfg, "cnn_teacher": str(tmp_path / "resnet20.safetensors")})
     assert type(loaded["cnn"]).__name__ == "CifarResNet"
+
+
+def test_stage_follows_the_sources_epoch_on_resume():
+    """The loop restores ``source.set_epoch(epoch, batch)`` on --resume; the stage comes from the batch's key,
+    so a run resumed in its stage-II epoch (mid-epoch) trains stage II from its first step."""
+    from distill_support import small_data
+    from vitshrink.data.sources import labelled_source
+
+    recipe, student, teachers, _, _, cfg = _setup(stage1_epochs=1)
+    task = recipe.task(teachers, student, cfg)
+    source = labelled_source(small_data(16, 4).train, student, {**cfg, "batch_size": 4, "workers": 0}, seed=0)
+    stages = []
+    for epoch, skip in ((0, 0), (0, 2), (1, 0), (1, 3)):
+        source.set_epoch(epoch, skip)
+        images, targets, extras = next(iter(source))
+        assert extras["key"][:, 0].tolist() == [epoch] * 4
+        stages.append(int(task(images, targets, extras)["stage"]))
+    assert stages == [1, 1, 2, 2]
