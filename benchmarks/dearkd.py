@@ -4,8 +4,8 @@ CIFAR-10 images and on 10% of them (DearKD's claim is data efficiency), evaluate
 Both recipes distil from the same CNN, which for ``dearkd`` is also the CNN teacher of the early-feature stage
 (no ``--cnn-teacher``: the TEACHER stands in). The student is a ViT from scratch (a CNN shares no weights).
 
-    python benchmarks/dearkd.py [--device auto] [--data-dir ../shared/data] [--resnet56 PATH] [--val-data PATH] [--epochs 30]
-        [--seeds 0,1] [--fractions 1.0,0.1] [--student SPEC] [--set KEY=VALUE] [--out output/dearkd.json]
+    python benchmarks/dearkd.py [--device auto] [--data-dir ../shared/data] [--resnet56 PATH] [--val-data PATH]
+        [--epochs 30] [--seeds 0,1] [--fractions 1.0,0.1] [--student SPEC] [--set KEY=VALUE] [--out output/dearkd.json]
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vitshrink.models  # noqa: E402,F401  (registers the CIFAR ResNets)
-from vitshrink.data.folders import ImageSplit, LabelledData, reader_targets, resolve_data, stratified_holdout  # noqa: E402
+from vitshrink.data.folders import (ImageSplit, LabelledData, reader_targets, resolve_data,  # noqa: E402
+                                    stratified_holdout)
 from vitshrink.io import load_model, record_of  # noqa: E402
 from vitshrink.pipeline import distill  # noqa: E402
 

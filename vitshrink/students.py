@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, load_model, record_of, set_data_config
+
+if TYPE_CHECKING:
+    from timm.models.deit import VisionTransformerDistilled
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
 _FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".th", ".bin")

@@ -37,7 +37,8 @@ def synthetic_training_data(teacher: nn.Module, out_dir: str | os.PathLike, cfg:
     folder = Path(out_dir) / SYNTHETIC_DIR
     result = synthesize(teacher, num, folder, prior=str(cfg["synth_prior"]), iterations=int(cfg["synth_iterations"]),
                         batch_size=int(cfg["synth_batch_size"]), device=device, seed=seed, progress=progress)
-    synthetic = {"folder": str(folder), "images": num, "prior": result.prior, "iterations": int(cfg["synth_iterations"]),
+    synthetic = {"folder": str(folder), "images": num, "prior": result.prior,
+                 "iterations": int(cfg["synth_iterations"]),
                  "images_per_s": result.images_per_s, "batches_made": result.batches_made,
                  "batches_resumed": result.batches_skipped, "teacher_agreement": result.target_agreement}
     in_chans = int(data_config(teacher)["input_size"][0])
