@@ -96,6 +96,9 @@ def load_teachers(recipe: Recipe, teacher: nn.Module | None, cfg: dict[str, Any]
             models[role] = teacher if teacher is not None else load_bundled_teacher()
             continue
         spec = cfg.get(option)
+        if not spec and (stand_in := recipe.stand_in_teacher(role, models)) is not None:
+            models[role] = stand_in
+            continue
         if not spec:
             raise UserError(f"--{option.replace('_', '-')}: recipe {recipe.name} needs a SPEC for its {role} teacher")
         try:
@@ -119,6 +122,21 @@ def load_data(data: str | os.PathLike | LabelledData | None, val_data: str | os.
         raise UserError(f"teacher has {t_classes} classes but --data {data or 'bundled'} has "
                         f"{labelled.num_classes}; distil on the data the teacher was trained for")
     return labelled
+
+
+def load_training_data(run: Run, data: Any, val_data: Any, *, teacher: nn.Module, val_split: float,
+                       show_progress: bool) -> LabelledData:
+    """The data stage: labelled images (``data``; bundled CIFAR-10 when None) or, with the ``data_free``
+    setting, images synthesised from ``teacher`` into ``OUT/synthetic`` (``vitshrink.data.data_free``)."""
+    if not run.cfg.get("data_free"):
+        return load_data(data, val_data, teacher=teacher, val_split=val_split, seed=run.seed)
+    from vitshrink.data.data_free import synthetic_training_data
+
+    if run.ddp.world_size > 1:
+        raise UserError("--data-free: synthesise first (vitshrink synthesize TEACHER --out DIR), then distil "
+                        "with --data DIR on several processes")
+    return synthetic_training_data(teacher, run.out_dir, run.cfg, data=data, val_data=val_data, device=run.device,
+                                   seed=run.seed, progress=show_progress)
 
 
 def freeze(model: nn.Module, device: torch.device) -> nn.Module:
@@ -167,7 +185,9 @@ def build_student(run: Run, ctx: RecipeContext, student: nn.Module | str | None,
 
 
 def validation_loader(run: Run, labelled: LabelledData, model: nn.Module):
-    """This rank's shard of the validation split, in ``model``'s evaluation transform."""
+    """This rank's shard of the validation split, in ``model``'s evaluation transform (None: no split)."""
+    if labelled.val is None:
+        return None
     val = with_transform(labelled.val, eval_transform(model))
     shard = Subset(val, range(run.ddp.rank, len(val), run.ddp.world_size))
     return make_loader(shard, run.cfg["eval_batch_size"], workers=run.cfg["workers"])
@@ -222,15 +242,20 @@ def export_student(run: Run, final: nn.Module, labelled: LabelledData):
     """``student.onnx``, parity-checked on real validation images."""
     from vitshrink.export import export_onnx
 
-    val = with_transform(labelled.val, eval_transform(final))
+    # Without a validation split (data-free, no --val-data) the parity check uses training images.
+    val = with_transform(labelled.val if labelled.val is not None else labelled.train, eval_transform(final))
     sample = torch.stack([val[i][0] for i in range(min(8, len(val))) if val[i] is not None])
-    run.log("exporting student.onnx (parity check on real images) and measuring teacher and student ...")
+    what = "synthesised" if labelled.synthetic else "real"
+    run.log(f"exporting student.onnx (parity check on {what} images) and measuring teacher and student ...")
     return export_onnx(final, run.out_dir / "student.onnx", sample=sample)
 
 
-def top1_on(run: Run, model: nn.Module, labelled: LabelledData) -> float:
+def top1_on(run: Run, model: nn.Module, labelled: LabelledData) -> float | None:
+    """Top-1 on the validation split; None when there is none (nothing labelled to measure on)."""
     from vitshrink.evaluation import evaluate_loader
 
+    if labelled.val is None:
+        return None
     val = with_transform(labelled.val, eval_transform(model))
     loader = make_loader(val, run.cfg["eval_batch_size"], workers=run.cfg["workers"])
     result = evaluate_loader(model, loader, device=run.device, amp=run.amp, progress=run.progress,
@@ -270,9 +295,26 @@ def write_run_report(run: Run, labelled: LabelledData, trained: TrainResult, onn
         distill_seconds=trained.seconds, onnx=onnx.as_dict(),
         teacher=model_entry(measured["teacher_top1"], measured["teacher_bench"], sizes),
         student=model_entry(measured["student_top1"], measured["student_bench"], sizes),
-        warnings=run.recipe.report_notes(run.out_dir))
+        warnings=run.recipe.report_notes(run.out_dir), notes=data_notes(labelled))
+    if labelled.synthetic is not None:
+        report["data_free"] = {"real_training_images": 0, "accuracy_measured": labelled.val is not None,
+                               **labelled.synthetic}
     write_report(report, run.out_dir)
     return report
+
+
+def data_notes(labelled: LabelledData) -> list[str]:
+    """What the report must say about the data: a data-free run saw no real training image; without a
+    validation split no accuracy was measured."""
+    notes = []
+    if labelled.synthetic is not None:
+        notes.append(f"Data-free: this run saw no real training image; it trained on {labelled.synthetic['images']} "
+                     f"images synthesised from the teacher ({labelled.synthetic['prior']} prior) in "
+                     f"{labelled.synthetic['folder']}.")
+    if labelled.val is None:
+        notes.append("No accuracy was measured: there is no labelled validation set (pass --val-data DIR); the "
+                     "student kept is the last epoch's.")
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------- distill
@@ -299,18 +341,23 @@ def distill(
     flops_target: float | None = None,
     val_split: float = 0.1,
     options: dict[str, Any] | None = None,
+    data_free: bool | None = None,
+    synth_num: int | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into a smaller student with ``recipe``; write the run folder; return the result.
 
     ``teacher=None`` uses the bundled ViT teacher. ``data`` is a path (ImageFolder dir or tar) or a
     ``LabelledData``; None means the bundled CIFAR-10 subset. Settings: ``recipes/base.yaml`` <
     ``recipes/RECIPE.yaml`` < ``config`` < the explicit arguments and ``options`` (any setting, as flags) <
-    ``overrides`` (``--set``). ``flops_target`` is uvc's option of that name.
+    ``overrides`` (``--set``). ``flops_target`` is uvc's option of that name. ``data_free`` (the setting of
+    that name) trains on ``synth_num`` images synthesised from the teacher into ``out_dir/synthetic`` instead of
+    ``data``; validation then needs ``val_data`` (without it no accuracy is measured).
     """
     ddp = init_distributed(device)
     try:
         flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "workers": workers, "amp": amp,
-                 "flops_target": flops_target, **(options or {})}
+                 "flops_target": flops_target, "data_free": data_free,
+                 "synth_num": synth_num, **(options or {})}
         recipe_obj, settings = resolve_run_settings(recipe, config=config, flags=flags, overrides=overrides)
         run = Run(recipe_obj, settings, Path(out_dir), select_device(device, ddp), ddp, seed=seed, compile=compile)
         run.amp = (bool(run.cfg["amp"]) if run.cfg["amp"] is not None else run.device.type == "cuda") \
@@ -331,7 +378,8 @@ def run_pipeline(run: Run, teacher: nn.Module | None, *, student: nn.Module | st
     random.seed(rank_seed)
     np.random.seed(rank_seed)
     torch.manual_seed(rank_seed)
-    labelled = load_data(data, val_data, teacher=main_teacher, val_split=val_split, seed=run.seed)
+    labelled = load_training_data(run, data, val_data, teacher=main_teacher, val_split=val_split,
+                                  show_progress=show_progress and run.ddp.main)
     teachers = {role: freeze(model, run.device) for role, model in teachers.items()}
     main_teacher = teachers[Teachers.MAIN]
     with _progress(show_progress and run.ddp.main) as bar:

@@ -78,6 +78,10 @@ def distill(
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile student and teacher")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="any setting: KEY=VALUE (repeatable)")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    data_free: Annotated[Optional[bool], typer.Option(
+        "--data-free", help="train on images synthesised from the teacher into OUT/synthetic (no real image); "
+                            "validate with --val-data")] = None,
+    synth_num: Annotated[Optional[int], typer.Option("--synth-num", help="images to synthesise (--data-free)")] = None,
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
     key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
@@ -115,7 +119,8 @@ def distill(
     result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out, epochs=epochs,
                          batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
                          config=config, overrides=overrides, workers=workers, compile=compile_model,
-                         progress=progress, val_split=val_split, options=options)
+                         progress=progress, val_split=val_split, options=options,
+                         data_free=data_free, synth_num=synth_num)
     if result.report:
         console.print((result.out_dir / "report.md").read_text())
         console.print(f"wrote {result.out_dir}: " + ", ".join(sorted(p.name for p in result.paths.values())))

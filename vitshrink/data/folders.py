@@ -117,13 +117,18 @@ class ImageSplit(Dataset):
 
 @dataclass
 class LabelledData:
-    """Train and validation splits of one labelled data set."""
+    """Train and validation splits of one labelled data set.
+
+    ``val`` is None only for a data-free run without ``--val-data`` (nothing labelled to measure on);
+    ``synthetic`` describes a synthesised training set (folder, images, prior), None for real images.
+    """
 
     train: ImageSplit | None
-    val: ImageSplit
+    val: ImageSplit | None
     class_names: list[str]
     description: str
     note: str | None = None
+    synthetic: dict | None = None
 
     @property
     def num_classes(self) -> int:

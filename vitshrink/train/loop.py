@@ -59,7 +59,8 @@ class Schedule:
 
 @dataclass
 class Evaluation:
-    """The model evaluated after each epoch (the raw student) and its validation loader (this rank's shard)."""
+    """The model evaluated after each epoch (the raw student) and its validation loader (this rank's shard);
+    ``loader`` None: no validation set, every epoch's student is kept (the last one wins)."""
 
     model: nn.Module
     loader: Any
@@ -235,10 +236,21 @@ def _train_epoch(task, source, schedule: Schedule, steps_per_epoch: int, optimiz
 def _end_epoch(at: _Position, evaluation: Evaluation, schedule: Schedule, optimizer, env: TrainEnv,
                checkpointing: Checkpointing, started: float) -> None:
     loss_sum, seen, _ = env.ddp.all_sum(at.accum, env.device)
+    row = {"epoch": at.epoch, "train_loss": loss_sum / max(seen, 1), "eval_loss": None, "eval_top1": None,
+           "eval_top5": None, "lr": optimizer.param_groups[0]["lr"],
+           "time": round(at.elapsed + time.perf_counter() - started, 3)}
+    if evaluation.loader is None:
+        # No labelled validation images (a data-free run without --val-data): the last epoch is kept.
+        at.rows.append(row)
+        at.best_epoch = at.epoch + 1
+        if env.ddp.main:
+            checkpointing.save_best(at.epoch + 1, None)
+            env.log(f"epoch {at.epoch + 1}/{schedule.epochs}: train loss {row['train_loss']:.4f} "
+                    "(no validation set: not evaluated)")
+            write_summary(checkpointing.out_dir / "summary.csv", at.rows)
+        return
     result = evaluate_split(evaluation.model, evaluation.loader, env, amp=schedule.amp)
-    row = {"epoch": at.epoch, "train_loss": loss_sum / max(seen, 1), "eval_loss": result["loss"],
-           "eval_top1": result["top1"] * 100, "eval_top5": result["top5"] * 100,
-           "lr": optimizer.param_groups[0]["lr"], "time": round(at.elapsed + time.perf_counter() - started, 3)}
+    row.update(eval_loss=result["loss"], eval_top1=result["top1"] * 100, eval_top5=result["top5"] * 100)
     at.rows.append(row)
     if result["top1"] > at.best_top1:
         at.best_top1, at.best_epoch = result["top1"], at.epoch + 1
