@@ -17,10 +17,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the finished file gets ordinary permissions
+    mode = 0o666 & ~umask  # mkstemp makes 0600; the finished file gets ordinary permissions
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # Again after the block: a writer that recreates the file (safetensors' save_file) makes it 0600.
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -137,6 +137,8 @@ def check_parity(model: nn.Module, path: str | os.PathLike, sample: torch.Tensor
     session = ort_session(path, providers=["CPUExecutionProvider"])
     with eval_mode(model), torch.no_grad():
         expected = _Logits(model)(sample.to(model_device(model))).float().cpu().numpy()
+    if not np.isfinite(expected).all():
+        raise ExportParityError(f"{path}: the model outputs NaN or infinite logits on real images; not exported")
     images = sample.detach().float().cpu().numpy()
     got_full = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
     got_one = session.run([OUTPUT_NAME], {INPUT_NAME: images[:1]})[0]
@@ -167,7 +169,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, sample: torch.Tens
     class on every image, at batch N and at batch 1. On failure ``ExportParityError`` is raised and
     no file is left at ``path``. The model itself is not modified (training flags are restored).
     """
-    path = Path(path)
+    from vitshrink.validate import check_finite_weights, check_float, check_int, check_output_file
+
+    path = check_output_file(path, "--output")
+    check_int(opset, "opset", low=7, high=30, optional=True)
+    check_float(atol, "atol", low=0.0)
+    check_finite_weights(model, f"{path}: cannot export")
     if sample is not None and (sample.ndim != 4 or sample.shape[0] < 2):
         raise UserError(f"export sample must be an image batch (N, C, H, W) with N >= 2, got shape {tuple(sample.shape)}")
     size = tuple(sample.shape[1:]) if sample is not None else None

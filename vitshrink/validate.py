@@ -273,3 +273,65 @@ def check_finite_weights(model: Any, what: str) -> None:
     name = first_nonfinite([*model.named_parameters(), *model.named_buffers()])
     if name is not None:
         raise UserError(f"{what}: weight {name} holds NaN or infinite values")
+
+
+# ------------------------------------------------------------------------------------------- models
+def _nonfinite_output(output: Any) -> bool:
+    import numpy as np
+
+    outputs = output if isinstance(output, (tuple, list)) else [output]
+    return any(not np.isfinite(np.asarray(o, dtype=np.float64)).all() for o in outputs)
+
+
+def check_torch_classifier(model: Any, size: Sequence[int], what: str) -> None:
+    """Refuse a model with NaN/inf weights or whose output on a test image is NaN/inf (timings of it mean nothing)."""
+    import torch
+
+    from vitshrink.measure import eval_mode, model_device
+
+    check_finite_weights(model, what)
+    with eval_mode(model), torch.inference_mode():
+        output = model(torch.zeros(1, *size, device=model_device(model)))
+    outputs = output if isinstance(output, (tuple, list)) else [output]
+    if any(not torch.isfinite(o.float()).all() for o in outputs):
+        raise UserError(f"{what}: the model outputs NaN or infinite values")
+
+
+def check_onnx_classifier(path: Path, input_size: Sequence[int] | None = None) -> None:
+    """Refuse a file that is not a loadable ONNX model with one float image input (N, C, H, W), or whose output
+    on a test image is NaN/inf."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # DecodeError, ValidationError, OSError: a damaged or foreign file
+        raise UserError(f"{path}: not a valid ONNX model ({type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:200]})") from None
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UserError(f"{path}: expected one image input, the model has {len(inputs)} inputs "
+                        f"({', '.join(i.name for i in inputs)})")
+    tensor_type = inputs[0].type.tensor_type
+    dims = tensor_type.shape.dim
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    if tensor_type.elem_type not in float_types or len(dims) != 4:
+        raise UserError(f"{path}: input {inputs[0].name!r} is not a float image tensor (N, C, H, W): "
+                        f"{onnx.TensorProto.DataType.Name(tensor_type.elem_type)} of rank {len(dims)}")
+    static = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:]]
+    size = list(input_size) if input_size is not None else static
+    if any(v is None for v in size):
+        return  # symbolic sizes: benchmark asks for --input-size
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        dtype = np.float16 if tensor_type.elem_type == onnx.TensorProto.FLOAT16 else (
+            np.float64 if tensor_type.elem_type == onnx.TensorProto.DOUBLE else np.float32)
+        outputs = session.run(None, {inputs[0].name: np.zeros((1, *size), dtype=dtype)})
+    except Exception as exc:  # onnxruntime's Fail / InvalidArgument / RuntimeException
+        raise UserError(f"{path}: onnxruntime cannot run it on a (1, {', '.join(map(str, size))}) image "
+                        f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    if _nonfinite_output(outputs):
+        raise UserError(f"{path}: the model outputs NaN or infinite values")

@@ -5,6 +5,7 @@ command group is a module of this package that registers its commands on `app` (
 """
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -32,24 +33,18 @@ PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="timm names: l
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="ImageFolder dir or .tar (default: bundled CIFAR-10)")]
 
 
-def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-
-
 def load_spec(spec: str, arch: Optional[str], num_heads: Optional[int], img_size: Optional[int],
               in_chans: Optional[int], num_classes: Optional[int], mean: Optional[str], std: Optional[str],
               pretrained: bool = False):
     """Load a SPEC with the shared loading options and print any assumption the loader made."""
     from vitshrink.io import load_model
+    from vitshrink.validate import check_load_options, parse_floats
 
+    means, stds = parse_floats(mean, "--mean"), parse_floats(std, "--std", positive=True)
+    check_load_options(num_heads=num_heads, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+                       mean=means, std=stds)
     model = load_model(spec, arch=arch, num_heads=num_heads, img_size=img_size, in_chans=in_chans,
-                       num_classes=num_classes, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-                       pretrained=pretrained)
+                       num_classes=num_classes, mean=means, std=stds, pretrained=pretrained)
     for note in getattr(model, "vitshrink_notes", []) or []:
         err_console.print(f"[yellow]note:[/yellow] {note}")
     return model
@@ -74,7 +69,9 @@ def _device(name: str) -> str:
 
 
 def main() -> None:
-    """Entry point: run the app; bad input becomes one stderr line and exit code 2."""
+    """Entry point: run the app; bad input becomes one stderr line and exit code 2, any other failure one
+    line naming the command and the exception and exit code 1 (``--debug`` shows the traceback)."""
+    _state["debug"] = False
     try:
         # Standalone mode: click handles usage errors itself (message + exit 2) and --help.
         app()
@@ -83,6 +80,43 @@ def main() -> None:
             raise
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(UserError.exit_code)
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            raise
+        err_console.print("error: interrupted", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(130)
+    except OSError as exc:
+        if _state["debug"] or exc.errno not in _USER_ERRNOS:
+            if _state["debug"]:
+                raise
+            _fail_unexpected(exc)
+        # A full disk, a read-only folder, a vanished file: the user must act, as for bad input.
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        err_console.print(f"error: {_command_name()}: {where}{exc.strerror or exc}", markup=False,
+                          highlight=False, soft_wrap=True)
+        sys.exit(UserError.exit_code)
+    except Exception as exc:  # noqa: BLE001  (the last resort: never a raw traceback)
+        if _state["debug"]:
+            raise
+        _fail_unexpected(exc)
+
+
+# OS errors the user must fix (space, permissions, paths): exit 2 like bad input.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _fail_unexpected(exc: BaseException) -> None:
+    text = " ".join(str(exc).split())
+    err_console.print(f"error: {_command_name()} failed: {type(exc).__name__}: {text[:500]} "
+                      "(rerun with --debug for the traceback)", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1)
+
+
+def _command_name() -> str:
+    """The subcommand in sys.argv (the first word after the global options), for one-line failure messages."""
+    words = [a for a in sys.argv[1:] if not a.startswith("-")]
+    return f"vitshrink {words[0]}" if words else "vitshrink"
 
 
 # Command modules register their commands on `app` when imported.

@@ -38,8 +38,9 @@ def inspect(
         console.print(blocks)
     if json_out:
         from vitshrink._atomic import atomic_write_text
+        from vitshrink.validate import check_output_file
 
-        atomic_write_text(json_out, json.dumps(info, indent=2))
+        atomic_write_text(check_output_file(json_out, "--json"), json.dumps(info, indent=2))
 
 
 @app.command()
@@ -105,10 +106,11 @@ def benchmark(
     from vitshrink.measure import benchmark as run_benchmark
     from vitshrink.measure import compare
 
-    try:
-        sizes = tuple(int(v) for v in batch_sizes.split(","))
-    except ValueError:
-        raise UserError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    from vitshrink.validate import check_output_file, parse_ints
+
+    sizes = parse_ints(batch_sizes, "--batch-sizes", low=1)
+    if json_out:
+        check_output_file(json_out, "--json")
 
     def target(spec: str):
         if spec.endswith(".onnx"):
