@@ -162,3 +162,89 @@ def test_select_wild_never_scores_its_own_output(capsys, vit_file, pool, tmp_pat
     assert code == 0, err
     rows = (pool / "second" / "scores.csv").read_text().splitlines()[1:]
     assert len(rows) == 8 and not any(row.startswith("selected/") for row in rows)
+
+
+# --- tar and image reading ----------------------------------------------------------------------------
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def bomb_png() -> bytes:
+    """A PNG header claiming 30000 x 30000 pixels (900 M, over PIL's bomb limit) with no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def two_class_vit(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "two.safetensors"
+    save_model(tiny_vit(num_classes=2), path, class_names=["cat", "dog"])
+    return path
+
+
+def test_unsafe_tar_member_names_are_skipped_and_counted(capsys, two_class_vit, tmp_path):
+    from vitshrink.data import resolve_data
+
+    rng = np.random.default_rng(0)
+    tar_path = tmp_path / "evil.tar"
+    unsafe = ["../../x/y.png", "/abs/y.png", "root.png", "aaa/../../z.png"]
+    with tarfile.open(tar_path, "w") as tar:
+        for name in ["cat/a.png", "cat/b.png", "dog/c.png", "dog/d.png", *unsafe]:
+            add_member(tar, name, png_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+    data = resolve_data(tar_path, val_split=0.5)
+    assert data.class_names == ["cat", "dog"]  # no class from an unsafe name, labels not shifted
+    assert sorted(data.train.targets + data.val.targets) == [0, 0, 1, 1]
+    assert "4 tar member(s) with unsafe names" in data.note
+    code, out, err = run_cli(capsys, "evaluate", str(two_class_vit), "--data", str(tar_path), "-j", "0")
+    assert code == 0, err
+    assert "4 images, 4 unreadable skipped" in " ".join(out.split())
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from vitshrink.data.folders import ImageSplit, _open_reader
+
+    values = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+    (tmp_path / "data" / "grey").mkdir(parents=True)
+    Image.fromarray(values).save(tmp_path / "data" / "grey" / "wide.png")
+    assert Image.open(tmp_path / "data" / "grey" / "wide.png").mode.startswith("I")
+    img, target = ImageSplit(_open_reader(tmp_path / "data"), img_mode="L")[0]
+    assert np.array_equal(np.asarray(img), np.arange(256, dtype=np.uint8).reshape(16, 16))  # v / 257 exactly
+    rgb, _ = ImageSplit(_open_reader(tmp_path / "data"), img_mode="RGB")[0]
+    assert np.asarray(rgb)[15, 15].tolist() == [255, 255, 255] and np.asarray(rgb)[0, 0].tolist() == [0, 0, 0]
+
+
+def test_decompression_bombs_are_skipped_and_counted(capsys, two_class_vit, vit_file, tmp_path):
+    data = tmp_path / "data"
+    write_images(data / "cat", 3)
+    write_images(data / "dog", 3, seed=1)
+    (data / "cat" / "bomb.png").write_bytes(bomb_png())
+    code, out, err = run_cli(capsys, "evaluate", str(two_class_vit), "--data", str(data), "-j", "0")
+    assert code == 0, err
+    assert "6 images, 1 unreadable skipped" in " ".join(out.split())
+    pool = tmp_path / "pool"
+    write_images(pool, 3)
+    (pool / "bomb.png").write_bytes(bomb_png())
+    code, out, err = select(capsys, vit_file, pool, tmp_path / "out", "--mode", "list")
+    assert code == 0, err
+    assert "too large (decompression bomb)" in " ".join(out.split())
+    with tarfile.open(tmp_path / "bomb.tar", "w") as tar:
+        for name, path in [("cat/a.png", data / "cat" / "img000.png"), ("dog/b.png", data / "dog" / "img000.png")]:
+            add_member(tar, name, path.read_bytes())
+        add_member(tar, "dog/bomb.png", bomb_png())
+    code, out, err = run_cli(capsys, "evaluate", str(two_class_vit), "--data", str(tmp_path / "bomb.tar"), "-j", "0")
+    assert code == 0, err
+    assert "2 images, 1 unreadable skipped" in " ".join(out.split())

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from vitshrink.errors import UserError
+from vitshrink.validate import check_settings
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 # Keys every run records besides the recipe's preset (they are not recipe defaults).
@@ -50,6 +51,7 @@ def resolve_config(recipe: str, config: str | Path | None, flags: dict[str, Any]
         layers.append((f"--config {config}", loaded.get("config", loaded)))
     layers.append(("flag", {k: v for k, v in flags.items() if v is not None}))
     layers.append(("override", dict(overrides or {})))
+    sources: dict[str, str] = {}
     for source, layer in layers:
         for key, value in layer.items():
             if key in RUN_KEYS and source != "flag":
@@ -58,9 +60,6 @@ def resolve_config(recipe: str, config: str | Path | None, flags: dict[str, Any]
                 raise UserError(f"{source}: unknown setting {key!r} for recipe {recipe} "
                                 f"(known: {', '.join(sorted(cfg))})")
             cfg[key] = value
-    for key in ("epochs", "batch_size"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
-    if float(cfg["lr"]) <= 0:
-        raise UserError(f"--lr must be > 0, got {cfg['lr']}")
+            sources[key] = source
+    check_settings(cfg, sources)
     return cfg

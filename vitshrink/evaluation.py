@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vitshrink.data import ImageSplit, build_transform, make_loader
+from vitshrink.data.folders import unsafe_member_count
 from vitshrink.errors import UserError
 from vitshrink.io import data_config
 from vitshrink.validate import check_batch_size, check_finite_weights, check_workers
@@ -84,4 +85,6 @@ def evaluate(model: nn.Module, dataset: ImageSplit, *, batch_size: int = 256, wo
     dataset.transform = build_transform(data_config(model), is_training=False)
     model.to(device)
     loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
-    return evaluate_loader(model, loader, device=device, progress=progress, require_finite=True)
+    result = evaluate_loader(model, loader, device=device, progress=progress, require_finite=True)
+    result.n_skipped += unsafe_member_count(dataset)  # tar members with unsafe names count as unreadable
+    return result

@@ -149,15 +149,16 @@ def _setting_flag(key: str, source: str | None) -> str:
     if source is None or source == "flag":
         return flag
     if source == "override":
-        return f"--set {key}"
+        return f"{flag} (or --set {key})"
     return f"{key} ({source})"
 
 
-def check_settings(cfg: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> None:
+def check_settings(cfg: dict[str, Any], sources: Mapping[str, str] | None = None) -> None:
     """Type and range of every known engine/recipe setting; finiteness of every other number.
 
     ``sources`` maps a key to where its value came from ("flag", "override" for --set, "--config FILE",
-    absent for the preset) so that the message names what the user must change.
+    absent for the preset) so that the message names what the user must change. A float setting given as
+    a numeric string (YAML reads ``1e-4`` as a string) is converted in place.
     """
     sources = sources or {}
     for key, value in cfg.items():
@@ -174,14 +175,39 @@ def check_settings(cfg: Mapping[str, Any], sources: Mapping[str, str] | None = N
         if kind == "int":
             check_int(value, flag, low=None if low is None else int(low), high=None if high is None else int(high))
         else:
+            if isinstance(value, str):
+                try:
+                    value = cfg[key] = float(value)
+                except ValueError:
+                    raise UserError(f"{flag} must be a number, got {value!r}") from None
             check_float(value, flag, low=low, high=high, low_open=low_open)
     if "aug_scale" in cfg and cfg["aug_scale"] is not None:
         scale = cfg["aug_scale"]
         flag = _setting_flag("aug_scale", sources.get("aug_scale"))
+        message = f"{flag} must be two numbers [low, high] with 0 < low <= high <= 1, got {scale!r}"
         if not isinstance(scale, (list, tuple)) or len(scale) != 2:
-            raise UserError(f"{flag} must be two numbers [low, high], got {scale!r}")
+            raise UserError(message)
         low = check_float(scale[0], flag, low=0.0, high=1.0, low_open=True)
-        check_float(scale[1], flag, low=low, high=1.0)
+        if check_float(scale[1], flag, low=0.0, high=1.0) < low:
+            raise UserError(message)
+
+
+def check_run_options(*, seed: Any = 0, val_split: Any = 0.1, flops_target: Any = None, workers: Any = None,
+                      epochs: Any = None, batch_size: Any = None, lr: Any = None,
+                      out_dir: str | os.PathLike | None = None, teacher: Any = None) -> None:
+    """The ``distill`` arguments that are not preset settings (and the flags that become settings, early);
+    ``out_dir`` must be a writable folder (made if missing), ``teacher`` free of NaN/inf weights."""
+    if out_dir is not None:
+        check_output_dir(out_dir)
+    if teacher is not None:
+        check_finite_weights(teacher, "teacher")
+    check_seed(seed)
+    check_float(val_split, "--val-split", low=0.0, high=1.0, low_open=True, high_open=True)
+    check_float(flops_target, "--flops-target", low=0.0, high=1.0, low_open=True, optional=True)
+    check_workers(workers)
+    check_int(epochs, "--epochs", low=1, high=100_000, optional=True)
+    check_int(batch_size, "-b/--batch-size", low=1, high=MAX_BATCH, optional=True)
+    check_float(lr, "--lr", low=0.0, high=10.0, low_open=True, optional=True)
 
 
 def _check_finite_tree(value: Any, flag: str) -> None:

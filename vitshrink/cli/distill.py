@@ -54,7 +54,10 @@ def distill(
 
     from vitshrink.engine import distill as run_distill
     from vitshrink.engine import load_bundled_teacher
+    from vitshrink.validate import check_run_options
 
+    check_run_options(seed=seed, val_split=val_split, flops_target=flops_target, workers=workers, epochs=epochs,
+                      batch_size=batch_size, lr=lr, out_dir=out)
     overrides: dict[str, Any] = {}
     for key, value in (("warmup_epochs", warmup_epochs), ("weight_decay", weight_decay), ("clip_grad", clip_grad),
                        ("smoothing", smoothing), ("checkpoint_steps", checkpoint_steps),
@@ -74,6 +77,7 @@ def distill(
     else:
         model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
         model.vitshrink_spec = teacher
+    check_run_options(teacher=model)
     result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out, epochs=epochs,
                          batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
                          config=config, overrides=overrides, workers=workers, compile=compile_model,

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitshrink._atomic import atomic_path, atomic_write_text
+from vitshrink.data.images import decode_image
 from vitshrink.distill.attention_probe import ClassTokenAttention, check_probeable, uniform_cosine
 from vitshrink.errors import UserError
 from vitshrink.validate import check_output_dir, contained, is_inside, plain_name
@@ -146,15 +147,9 @@ def read_image(path: str | os.PathLike, mode: str) -> tuple[Image.Image | None, 
     try:
         if os.path.getsize(path) == 0:
             return None, "empty file"
-        with Image.open(path) as img:
-            img.load()  # decodes every pixel, so truncated data fails here
-            return img.convert(mode), ""
-    except UnidentifiedImageError:
-        return None, "not an image"
-    except OSError as exc:
-        return None, "truncated" if "truncated" in str(exc).lower() else "corrupt"
-    except (ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+    except OSError:
         return None, "corrupt"
+    return decode_image(path, mode)
 
 
 class _PoolImages(IterableDataset):
