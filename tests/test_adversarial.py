@@ -248,3 +248,100 @@ def test_decompression_bombs_are_skipped_and_counted(capsys, two_class_vit, vit_
     code, out, err = run_cli(capsys, "evaluate", str(two_class_vit), "--data", str(tmp_path / "bomb.tar"), "-j", "0")
     assert code == 0, err
     assert "2 images, 1 unreadable skipped" in " ".join(out.split())
+
+
+# --- numeric options: range and finiteness, one line, before any work --------------------------------
+BAD_NUMBERS = [
+    (["inspect", "{vit}", "--num-heads", "0"], "--num-heads"),
+    (["inspect", "{vit}", "--num-heads", "-3"], "--num-heads"),
+    (["inspect", "{vit}", "--img-size", "0"], "--img-size"),
+    (["inspect", "{vit}", "--img-size", "100000000"], "--img-size"),
+    (["inspect", "{vit}", "--in-chans", "0"], "--in-chans"),
+    (["inspect", "{vit}", "--num-classes", "-1"], "--num-classes"),
+    (["evaluate", "{vit}", "--mean", "nan"], "--mean"),
+    (["evaluate", "{vit}", "--mean", "0.5,x"], "--mean"),
+    (["evaluate", "{vit}", "--std", "0"], "--std"),
+    (["evaluate", "{vit}", "--std", "-1,1,1"], "--std"),
+    (["evaluate", "{vit}", "--std", "inf"], "--std"),
+    (["evaluate", "{vit}", "-b", "0"], "--batch-size"),
+    (["evaluate", "{vit}", "-j", "-1"], "--workers"),
+    (["benchmark", "{vit}", "--batch-sizes", "0"], "--batch-sizes"),
+    (["benchmark", "{vit}", "--batch-sizes", "1,x"], "--batch-sizes"),
+    (["benchmark", "{vit}", "--threads", "0"], "--threads"),
+    (["benchmark", "{vit}", "--min-time", "nan"], "--min-time"),
+    (["benchmark", "{vit}", "--min-time", "-1"], "--min-time"),
+    (["select-wild", "--teacher", "{vit}", "--pool", "{pool}", "--num", "0"], "--num"),
+    (["select-wild", "--teacher", "{vit}", "--pool", "{pool}", "--fraction", "nan"], "--fraction"),
+    (["select-wild", "--teacher", "{vit}", "--pool", "{pool}", "--num", "2", "-b", "0"], "--batch-size"),
+    (["select-wild", "--teacher", "{vit}", "--pool", "{pool}", "--num", "2", "-j", "-2"], "--workers"),
+    (["distill", "{vit}", "--lr", "nan"], "--lr"),
+    (["distill", "{vit}", "--lr", "0"], "--lr"),
+    (["distill", "{vit}", "--seed", "-1"], "--seed"),
+    (["distill", "{vit}", "--epochs", "0"], "--epochs"),
+    (["distill", "{vit}", "-b", "0"], "--batch-size"),
+    (["distill", "{vit}", "-j", "-1"], "--workers"),
+    (["distill", "{vit}", "--val-split", "1"], "--val-split"),
+    (["distill", "{vit}", "--flops-target", "0"], "--flops-target"),
+    (["distill", "{vit}", "--clip-grad", "-1"], "--clip-grad"),
+    (["distill", "{vit}", "--smoothing", "1.5"], "--smoothing"),
+    (["distill", "{vit}", "--smoothing", "nan"], "--smoothing"),
+    (["distill", "{vit}", "--steps-per-epoch", "-3"], "--steps-per-epoch"),
+    (["distill", "{vit}", "--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["distill", "{vit}", "--weight-decay", "inf"], "--weight-decay"),
+    (["distill", "{vit}", "--set", "lr=abc"], "lr"),
+    (["distill", "{vit}", "--set", "eval_batch_size=0"], "eval_batch_size"),
+    (["distill", "{vit}", "--set", "aug_scale=[0.9,0.1]"], "aug_scale"),
+    (["distill", "{vit}", "--set", "warmup_lr=.nan"], "warmup_lr"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_NUMBERS, ids=[" ".join(a[2:] if a[1] == "{vit}" else a[5:])
+                                                          for a, _ in BAD_NUMBERS])
+def test_out_of_range_numbers_are_one_line_errors(capsys, vit_file, pool, tmp_path, args, flag):
+    args = [a.format(vit=vit_file, pool=pool) for a in args]
+    if args[0] == "distill":
+        args += ["--out", str(tmp_path / "run")]
+    if args[0] == "select-wild":
+        args += ["--out", str(tmp_path / "sel")]
+    before = tree_digest(tmp_path)
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, flag)
+    after = tree_digest(tmp_path)
+    assert {k: v for k, v in after.items() if k not in ("run", "sel")} == before  # at most an empty --out
+
+
+# --- non-finite weights and outputs -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nan_vit_file(tmp_path_factory) -> Path:
+    model = tiny_vit()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+    path = tmp_path_factory.mktemp("models") / "nan.safetensors"
+    save_model(model, path, class_names=["cat", "dog", "fish"])
+    return path
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "benchmark", "distill", "select-wild"])
+def test_nan_weights_are_refused(capsys, nan_vit_file, pool, tmp_path, command):
+    args = {"evaluate": ["evaluate", str(nan_vit_file), "--data", str(pool)],
+            "export": ["export", str(nan_vit_file), "--data", str(pool), "-o", str(tmp_path / "m.onnx")],
+            "benchmark": ["benchmark", str(nan_vit_file), "--min-time", "0"],
+            "distill": ["distill", str(nan_vit_file), "--data", str(pool), "--out", str(tmp_path / "run")],
+            "select-wild": ["select-wild", "--teacher", str(nan_vit_file), "--pool", str(pool), "--num", "2",
+                            "--out", str(tmp_path / "sel")]}[command]
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "blocks.1.mlp.fc1.weight", "NaN")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "select-wild"])
+def test_nan_outputs_are_refused(capsys, vit_file, pool, tmp_path, command):
+    # Finite weights, but a std so small that normalised pixels overflow to inf: the logits are NaN.
+    broken = ["--std", "1e-39"]
+    args = {"evaluate": ["evaluate", str(vit_file), "--data", str(pool), "-j", "0", *broken],
+            "export": ["export", str(vit_file), "--data", str(pool), "-o", str(tmp_path / "m.onnx"), *broken],
+            "select-wild": ["select-wild", "--teacher", str(vit_file), "--pool", str(pool), "--num", "2", "-j", "0",
+                            "--out", str(tmp_path / "sel"), *broken]}[command]
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "NaN")
+    assert not (tmp_path / "m.onnx").exists()

@@ -11,7 +11,7 @@ from vitshrink.data import ImageSplit, build_transform, make_loader
 from vitshrink.data.folders import unsafe_member_count
 from vitshrink.errors import UserError
 from vitshrink.io import data_config
-from vitshrink.validate import check_batch_size, check_finite_weights, check_workers
+from vitshrink.validate import check_batch_size, check_finite_weights, check_outputs_finite, check_workers
 
 
 @dataclass
@@ -84,6 +84,9 @@ def evaluate(model: nn.Module, dataset: ImageSplit, *, batch_size: int = 256, wo
     check_finite_weights(model, "evaluate")
     dataset.transform = build_transform(data_config(model), is_training=False)
     model.to(device)
+    first = next((item for item in (dataset[i] for i in range(min(len(dataset), 64))) if item is not None), None)
+    if first is not None:
+        check_outputs_finite(model, first[0][None], "evaluate")
     loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
     result = evaluate_loader(model, loader, device=device, progress=progress, require_finite=True)
     result.n_skipped += unsafe_member_count(dataset)  # tar members with unsafe names count as unreadable

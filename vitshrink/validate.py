@@ -309,6 +309,24 @@ def _nonfinite_output(output: Any) -> bool:
     return any(not np.isfinite(np.asarray(o, dtype=np.float64)).all() for o in outputs)
 
 
+def check_outputs_finite(model: Any, images: Any, what: str) -> None:
+    """Run ``model`` (eval mode) on a few real ``images``; NaN/inf outputs are a UserError naming ``what``.
+
+    Called before a long loop starts, so that broken weights or normalisation (--mean/--std) stop the run
+    with one line instead of producing a meaningless accuracy or ranking.
+    """
+    import torch
+
+    from vitshrink.measure import eval_mode, model_device
+
+    with eval_mode(model), torch.inference_mode():
+        output = model(images.to(model_device(model)))
+    outputs = output if isinstance(output, (tuple, list)) else [output]
+    if any(not torch.isfinite(o.float()).all() for o in outputs):
+        raise UserError(f"{what}: the model outputs NaN or infinite values on real images; check its weights "
+                        "and normalisation (--mean/--std)")
+
+
 def check_torch_classifier(model: Any, size: Sequence[int], what: str) -> None:
     """Refuse a model with NaN/inf weights or whose output on a test image is NaN/inf (timings of it mean nothing)."""
     import torch

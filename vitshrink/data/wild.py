@@ -34,7 +34,8 @@ from vitshrink._atomic import atomic_path, atomic_write_text
 from vitshrink.data.images import decode_image
 from vitshrink.distill.attention_probe import ClassTokenAttention, check_probeable, uniform_cosine
 from vitshrink.errors import UserError
-from vitshrink.validate import check_output_dir, contained, is_inside, plain_name
+from vitshrink.validate import (check_batch_size, check_finite_weights, check_float, check_int, check_output_dir, check_workers, contained,
+                                is_inside, plain_name)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 CRITERIA = ("combined", "probe", "confidence", "energy")
@@ -212,8 +213,9 @@ def score_batch(teacher: nn.Module, images: torch.Tensor, probe: ClassTokenAtten
 
 
 def criterion_key(row: dict[str, str], criterion: str) -> float:
-    """The value a criterion ranks by for one scores.csv row (smaller is better)."""
-    return float(row[criterion])
+    """The value a criterion ranks by for one scores.csv row (smaller is better; NaN ranks last)."""
+    value = float(row[criterion])
+    return value if value == value else float("inf")
 
 
 # ---------------------------------------------------------------------------------------------- csv
@@ -286,10 +288,11 @@ def select_wild(
         raise UserError(f"--pool {pool}: not a directory")
     if (num is None) == (fraction is None):
         raise UserError("give exactly one of --num and --fraction")
-    if num is not None and num < 1:
-        raise UserError(f"--num must be at least 1, got {num}")
-    if fraction is not None and not 0.0 < fraction <= 1.0:
-        raise UserError(f"--fraction must be in (0, 1], got {fraction}")
+    check_int(num, "--num", low=1, optional=True)
+    check_float(fraction, "--fraction", low=0.0, high=1.0, low_open=True, optional=True)
+    check_batch_size(batch_size)
+    check_workers(workers)
+    check_finite_weights(teacher, "--teacher")
     if criterion not in CRITERIA:
         raise UserError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     if mode not in MODES:
@@ -320,6 +323,7 @@ def select_wild(
         raise UserError(f"--pool {pool}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
 
     device = torch.device(device)
+    _check_teacher_outputs(teacher, pool, out_dir, transform, img_mode, device)
     was_training = teacher.training
     teacher.eval().to(device)
     if workers is None:
@@ -364,6 +368,20 @@ def select_wild(
                       resumed, counts["other"], balanced)
     summary.notes[:0] = _pool_notes(counts)
     return summary
+
+
+def _check_teacher_outputs(teacher: nn.Module, pool: Path, out_dir: Path, transform, mode: str,
+                           device: torch.device) -> None:
+    """NaN/inf logits on the first readable pool image stop the run before scoring (every rank would be noise)."""
+    from vitshrink.validate import check_outputs_finite
+
+    for index, rel in enumerate(iter_pool(pool, out_dir)):
+        img, _ = read_image(pool / rel, mode)
+        if img is not None:
+            check_outputs_finite(teacher.to(device), transform(img)[None], "--teacher")
+            return
+        if index >= 64:
+            return
 
 
 def _progress(progress: Any, total: int):
