@@ -345,3 +345,114 @@ def test_nan_outputs_are_refused(capsys, vit_file, pool, tmp_path, command):
     code, _, err = run_cli(capsys, *args)
     assert_one_line_error(code, err, "NaN")
     assert not (tmp_path / "m.onnx").exists()
+
+
+# --- output locations ---------------------------------------------------------------------------------
+def test_output_that_is_a_file_or_under_a_file_is_one_line(capsys, vit_file, pool, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    cases = [
+        (["distill", str(vit_file), "--data", str(pool), "--out", str(a_file)], "--out", a_file),
+        (["distill", str(vit_file), "--data", str(pool), "--out", str(a_file / "sub")], "--out", a_file),
+        (["select-wild", "--teacher", str(vit_file), "--pool", str(pool), "--num", "2", "--out", str(a_file)], "--out",
+         a_file),
+        (["export", str(vit_file), "-o", str(a_file / "m.onnx")], "--output", a_file),
+        (["export", str(vit_file), "-o", str(tmp_path)], "--output", tmp_path),
+        (["inspect", str(vit_file), "--json", str(a_file / "x.json")], "--json", a_file),
+        (["benchmark", str(vit_file), "--json", str(tmp_path)], "--json", tmp_path),
+    ]
+    before = tree_digest(tmp_path)
+    for args, flag, named in cases:
+        code, out, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, flag, str(named))
+        assert out == ""  # refused before any work or output
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_full_output_location_is_one_line_and_leaves_no_file(vit_file, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, like a full disk) while writing the ONNX file: exit 2, no partial file."""
+    import resource
+    import signal
+    import subprocess
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then write() fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    target = tmp_path / "out" / "m.onnx"
+    run = subprocess.run([sys.executable, "-m", "vitshrink", "export", str(vit_file), "-o", str(target)],
+                         preexec_fn=limit, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert_one_line_error(run.returncode, run.stderr, str(target), "File too large")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# --- benchmark on files that are not ONNX image classifiers ------------------------------------------
+def test_benchmark_refuses_files_that_are_not_onnx_image_models(capsys, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07definitely not protobuf" * 10)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+
+    def identity_model(path: Path, elem_type: int, shape: list) -> Path:
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", elem_type, shape)],
+                                  [helper.make_tensor_value_info("y", elem_type, shape)])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    table = identity_model(tmp_path / "table.onnx", TensorProto.FLOAT, [1, 10])  # a rank-2 input
+    tokens = identity_model(tmp_path / "tokens.onnx", TensorProto.INT64, [1, 3, 16, 16])  # not float
+    for path, needle in [(garbage, "not a valid ONNX model"), (empty, "ONNX"), (table, "image tensor"),
+                         (tokens, "image tensor"), (tmp_path / "missing.onnx", "not found")]:
+        code, _, err = run_cli(capsys, "benchmark", str(path), "--min-time", "0")
+        assert_one_line_error(code, err, path.name, needle)
+
+
+# --- the last resort: an unexpected failure is one line naming the command, exit 1 --------------------
+def test_unexpected_exception_is_one_line_with_debug_for_the_traceback(capsys, vit_file, monkeypatch):
+    import vitshrink.inspection
+
+    def broken(model):  # a bug inside the library, after the input was accepted
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(vitshrink.inspection, "describe", broken)
+    code, _, err = run_cli(capsys, "inspect", str(vit_file))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith("error: vitshrink inspect failed: ZeroDivisionError: division by zero second line")
+    assert "--debug" in lines[0]
+    with pytest.raises(ZeroDivisionError):  # --debug: the real exception and its traceback
+        run_cli(capsys, "--debug", "inspect", str(vit_file))
+
+
+# --- every output file has ordinary permissions -------------------------------------------------------
+def test_saved_models_get_the_same_permissions_as_other_outputs(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    save_model(tiny_vit(), tmp_path / "student.safetensors")
+    assert (tmp_path / "student.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- a validation set whose first images are unreadable ----------------------------------------------
+def test_export_sample_skips_unreadable_first_images(capsys, two_class_vit, tmp_path):
+    data = tmp_path / "data"
+    for cls, seed in (("cat", 0), ("dog", 1)):
+        write_images(data / cls, 3, seed=seed)
+        for i in range(10):  # sorted before the good ones: every first image of every class is broken
+            (data / cls / f"aa{i}.png").write_bytes(b"not a png")
+    code, out, err = run_cli(capsys, "export", str(two_class_vit), "--data", str(data), "-o", str(tmp_path / "m.onnx"))
+    assert code == 0, err
+    assert "on 6 real images" in " ".join(out.split())
+    (tmp_path / "m.onnx").unlink()
+    for path in (data / "dog").glob("img*.png"):
+        path.unlink()
+    for path in list((data / "cat").glob("img*.png"))[1:]:
+        path.unlink()
+    code, _, err = run_cli(capsys, "export", str(two_class_vit), "--data", str(data), "-o", str(tmp_path / "m.onnx"))
+    assert_one_line_error(code, err, "fewer than 2 readable images")
+    assert not (tmp_path / "m.onnx").exists()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitshrink._atomic import atomic_path
+from vitshrink._atomic import NO_ROOM, atomic_path
 from vitshrink.errors import UserError
 from vitshrink.measure import resolve_input_size, model_device, eval_mode, ort_session
 
@@ -118,6 +118,8 @@ def write_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequenc
             _export_dynamo(wrapper, example, path, opset)
             return "dynamo"
         except Exception as exc:  # the dynamo exporter raises many types (export, onnxscript, lowering)
+            if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+                raise  # the file could not be written (full disk, size limit): the fallback would fail too
             log.warning("dynamo ONNX export failed (%s: %s); falling back to the TorchScript exporter",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             _export_torchscript(wrapper, example, path, opset)

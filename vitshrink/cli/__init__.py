@@ -103,7 +103,7 @@ def main() -> None:
 
 # OS errors the user must fix (space, permissions, paths): exit 2 like bad input.
 _USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
-                errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+                errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG}
 
 
 def _fail_unexpected(exc: BaseException) -> None:

@@ -22,7 +22,10 @@ def inspect(
 ) -> None:
     """Architecture summary: family, input, patch size, width, depth, heads, MLP, params, GMACs/GFLOPs."""
     from vitshrink.inspection import describe
+    from vitshrink.validate import check_output_file
 
+    if json_out:
+        check_output_file(json_out, "--json")
     model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
     info = describe(model)
     table = Table(title=f"{spec}", show_header=False)
@@ -38,9 +41,8 @@ def inspect(
         console.print(blocks)
     if json_out:
         from vitshrink._atomic import atomic_write_text
-        from vitshrink.validate import check_output_file
 
-        atomic_write_text(check_output_file(json_out, "--json"), json.dumps(info, indent=2))
+        atomic_write_text(json_out, json.dumps(info, indent=2))
 
 
 @app.command()
@@ -83,7 +85,9 @@ def export(
     from vitshrink.data import sample_images
     from vitshrink.export import export_onnx
     from vitshrink.io import data_config
+    from vitshrink.validate import check_output_file
 
+    check_output_file(output, "--output")
     model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
     sample = sample_images(data_config(model), data)
     result = export_onnx(model, output, sample=sample)

@@ -276,21 +276,32 @@ def resolve_eval_split(
 def sample_images(model_cfg: dict[str, Any], data: str | os.PathLike | None = None, n: int = 8) -> torch.Tensor:
     """``n`` real images (one per class first) from ``data`` or the bundled set, transformed for a model."""
     split, _ = resolve_eval_split(data, in_chans=int(model_cfg["input_size"][0]))
-    split.transform = build_transform(model_cfg, is_training=False)
-    targets = split.targets
+    return readable_images(split, build_transform(model_cfg, is_training=False), n, what=str(data or BUNDLED_VAL))
+
+
+def readable_images(split: ImageSplit, transform: Callable, n: int = 8, *, what: str | None = None,
+                    max_tries: int = 2048) -> torch.Tensor:
+    """The first ``n`` readable images of ``split`` (one per class first) in ``transform``, at least 2.
+
+    Unreadable images are passed over (up to ``max_tries`` looked at), so a validation set whose first
+    images are broken still yields a sample; fewer than 2 readable images is a UserError.
+    """
+    view = ImageSplit(split.reader, split.indices, transform, split.img_mode, split.target_map)
     first_of_class: dict[int, int] = {}
-    for index, target in enumerate(targets):
+    for index, target in enumerate(view.targets):
         first_of_class.setdefault(target, index)
-    order = list(first_of_class.values()) + [i for i in range(len(split)) if i not in first_of_class.values()]
+    firsts = set(first_of_class.values())
+    order = list(first_of_class.values()) + [i for i in range(len(view)) if i not in firsts]
     images = []
-    for index in order:
-        item = split[index]
+    for index in order[:max_tries]:
+        item = view[index]
         if item is not None:
             images.append(item[0])
         if len(images) == n:
             break
-    if not images:
-        raise UserError(f"{data or BUNDLED_VAL}: no readable images to check the export with")
+    if len(images) < 2:
+        raise UserError(f"{what or 'validation data'}: fewer than 2 readable images among the first "
+                        f"{min(len(order), max_tries)} (need real images to check the ONNX export)")
     return torch.stack(images)
 
 
