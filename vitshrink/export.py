@@ -175,7 +175,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, sample: torch.Tens
 
     path = check_output_file(path, "--output")
     check_int(opset, "opset", low=7, high=30, optional=True)
-    check_float(atol, "atol", low=0.0)
+    check_float(atol, "atol")  # finite; a negative atol is a way to force the parity failure (tests)
     check_finite_weights(model, f"{path}: cannot export")
     if sample is not None and (sample.ndim != 4 or sample.shape[0] < 2):
         raise UserError(f"export sample must be an image batch (N, C, H, W) with N >= 2, got shape {tuple(sample.shape)}")

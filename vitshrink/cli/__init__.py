@@ -37,12 +37,12 @@ def load_spec(spec: str, arch: Optional[str], num_heads: Optional[int], img_size
               in_chans: Optional[int], num_classes: Optional[int], mean: Optional[str], std: Optional[str],
               pretrained: bool = False):
     """Load a SPEC with the shared loading options and print any assumption the loader made."""
-    from vitshrink.io import load_model
     from vitshrink.validate import check_load_options, parse_floats
 
     means, stds = parse_floats(mean, "--mean"), parse_floats(std, "--std", positive=True)
     check_load_options(num_heads=num_heads, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
                        mean=means, std=stds)
+    from vitshrink.io import load_model  # after the checks: importing torch takes seconds
     model = load_model(spec, arch=arch, num_heads=num_heads, img_size=img_size, in_chans=in_chans,
                        num_classes=num_classes, mean=means, std=stds, pretrained=pretrained)
     for note in getattr(model, "vitshrink_notes", []) or []:
@@ -71,10 +71,29 @@ def _device(name: str) -> str:
 def main() -> None:
     """Entry point: run the app; bad input becomes one stderr line and exit code 2, any other failure one
     line naming the command and the exception and exit code 1 (``--debug`` shows the traceback)."""
+    from typer import _click as click  # typer 0.29 vendors click: its exceptions live here
+    from typer.exceptions import Abort, Exit
+
     _state["debug"] = False
     try:
-        # Standalone mode: click handles usage errors itself (message + exit 2) and --help.
-        app()
+        # Not standalone: usage errors come back here and are printed on one line like any bad input.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except Exit as exc:  # --help and friends
+        sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # `vitshrink` alone: the help
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        if _state["debug"]:
+            raise
+        hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
+        message = " ".join(exc.format_message().split())
+        err_console.print(f"error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except Abort:
+        err_console.print("error: aborted", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
     except UserError as exc:
         if _state["debug"]:
             raise

@@ -52,12 +52,13 @@ def distill(
     """Distil TEACHER into a smaller student with a recipe; writes the run folder and prints the report."""
     import yaml
 
-    from vitshrink.engine import distill as run_distill
-    from vitshrink.engine import load_bundled_teacher
     from vitshrink.validate import check_run_options
 
     check_run_options(seed=seed, val_split=val_split, flops_target=flops_target, workers=workers, epochs=epochs,
                       batch_size=batch_size, lr=lr, out_dir=out)
+    from vitshrink.engine import distill as run_distill
+    from vitshrink.engine import load_bundled_teacher
+
     overrides: dict[str, Any] = {}
     for key, value in (("warmup_epochs", warmup_epochs), ("weight_decay", weight_decay), ("clip_grad", clip_grad),
                        ("smoothing", smoothing), ("checkpoint_steps", checkpoint_steps),

@@ -323,7 +323,6 @@ def select_wild(
         raise UserError(f"--pool {pool}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
 
     device = torch.device(device)
-    _check_teacher_outputs(teacher, pool, out_dir, transform, img_mode, device)
     was_training = teacher.training
     teacher.eval().to(device)
     if workers is None:
@@ -344,6 +343,9 @@ def select_wild(
                 if images is not None:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                         s = score_batch(teacher, images.to(device, non_blocking=True), probe_ctx)
+                    if not (torch.isfinite(s.confidence).all() and torch.isfinite(s.energy).all()):
+                        raise UserError(f"--teacher outputs NaN or infinite logits on pool images (e.g. {rels[0]}); "
+                                        "check its weights and normalisation (--mean/--std)")
                     columns = [*(s.probe_blocks[b] for b in probe_blocks)]
                     probe = s.probe
                     columns += [probe if probe is not None else torch.full_like(s.confidence, float("nan")),
@@ -357,6 +359,10 @@ def select_wild(
                 handle.flush()  # a stopped run keeps every finished batch
                 if bar is not None:
                     bar.advance(task, len(rows))
+    except BaseException:
+        if bar is not None:
+            bar.remove_task(task)  # the error line alone, not a half-finished bar above it
+        raise
     finally:
         if probe_ctx is not None:
             probe_ctx.__exit__(None, None, None)
@@ -368,20 +374,6 @@ def select_wild(
                       resumed, counts["other"], balanced)
     summary.notes[:0] = _pool_notes(counts)
     return summary
-
-
-def _check_teacher_outputs(teacher: nn.Module, pool: Path, out_dir: Path, transform, mode: str,
-                           device: torch.device) -> None:
-    """NaN/inf logits on the first readable pool image stop the run before scoring (every rank would be noise)."""
-    from vitshrink.validate import check_outputs_finite
-
-    for index, rel in enumerate(iter_pool(pool, out_dir)):
-        img, _ = read_image(pool / rel, mode)
-        if img is not None:
-            check_outputs_finite(teacher.to(device), transform(img)[None], "--teacher")
-            return
-        if index >= 64:
-            return
 
 
 def _progress(progress: Any, total: int):
