@@ -121,6 +121,7 @@ class Case:
     setup: Callable[[Path, dict], None] | None = None  # (case dir, shared) -> crafts the input
     check: Callable[[Path, str, str], str | None] | None = None  # (case dir, stdout, stderr) -> problem
     pre: list[str] = field(default_factory=list)  # a CLI run that prepares the case (must exit 0)
+    before: Callable[[Path, dict], None] | None = None  # crafts what ``pre`` needs
     env: dict[str, str] = field(default_factory=dict)
     limit_fsize: int | None = None
 
@@ -224,9 +225,9 @@ def _own_pool(build: Callable[[Path, dict], None]) -> Callable[[Path, dict], Non
     return setup
 
 
-def _rows(n: int):
+def _rows(n: int, out_dir: str = "out"):
     def check(case_dir: Path, out: str, err: str) -> str | None:
-        rows = (case_dir / "out" / "scores.csv").read_text().splitlines()[1:]
+        rows = (case_dir / out_dir / "scores.csv").read_text().splitlines()[1:]
         return None if len(rows) == n else f"scores.csv has {len(rows)} rows, expected {n}"
     return check
 
@@ -241,10 +242,10 @@ def path_cases() -> list[Case]:
             _edit_summary(value)(case_dir, shared)
         cases.append(E("paths", f"selection.json class_dirs {label}", SEL, "selection.json", pre=SEL.split(),
                        setup=setup))
-    # An unreadable record cannot vouch for the class folders: they are kept, and the run refuses to replace them.
-    cases.append(E("paths", "selection.json not JSON", SEL, "already exists", pre=SEL.split(),
+    # An unreadable record cannot vouch for the class folders: the run refuses before any work.
+    cases.append(E("paths", "selection.json not JSON", SEL, "selection.json", pre=SEL.split(),
                    setup=_write_summary("{not json")))
-    cases.append(E("paths", "selection.json a list", SEL, "already exists", pre=SEL.split(),
+    cases.append(E("paths", "selection.json a list", SEL, "selection.json", pre=SEL.split(),
                    setup=_write_summary("[1, 2]")))
     for value in ("../victim/img000.png", "/etc/passwd", "a/../../victim/img000.png", ""):
         cases.append(E("paths", f"scores.csv path {value or 'empty'}", SEL, "scores.csv", pre=SEL.split(),
@@ -279,8 +280,8 @@ def path_cases() -> list[Case]:
     cases.append(E("paths", "--out equal to --pool via ..", own.replace("{out}", "{case}/pool/a/.."), "--pool",
                    setup=_own_pool(lambda d, s: None)))
     inside = own.replace("{out}", "{case}/pool/sel2")
-    cases.append(OK("paths", "earlier selection inside the pool is not scored", inside, check=_rows(10),
-                    pre=own.replace("{out}", "{case}/pool/sel1").split(), setup=_own_pool(lambda d, s: None)))
+    cases.append(OK("paths", "earlier selection inside the pool is not scored", inside, check=_rows(10, "pool/sel2"),
+                    pre=own.replace("{out}", "{case}/pool/sel1").split(), before=_own_pool(lambda d, s: None)))
     return cases
 
 
@@ -450,7 +451,7 @@ def output_cases() -> list[Case]:
         E("outputs", "export -o in /proc", "export {vit} -o /proc/vitshrink_x.onnx", "vitshrink_x.onnx"),
         E("outputs", "export hits a file-size limit", "export {vit} -o {out}/m.onnx", "m.onnx", limit_fsize=20_000),
         E("outputs", "select-wild hits a file-size limit", SEL.replace("--num 3", "--num 10"), None,
-          limit_fsize=1_500),
+          limit_fsize=700),
     ]
     return cases
 
@@ -531,6 +532,8 @@ def run_case(case: Case, work: Path, shared: dict, index: int) -> dict:
         return run_cli([a.format(**values) for a in args], case_dir, env, limit)
 
     problems: list[str] = []
+    if case.before is not None:
+        case.before(case_dir, shared)
     if case.pre:
         prep = cli(case.pre)
         if prep.returncode != 0:
@@ -556,7 +559,10 @@ def run_case(case: Case, work: Path, shared: dict, index: int) -> dict:
         if run.returncode != 0:
             problems.append(f"exit {run.returncode}, expected 0")
         elif case.check is not None:
-            problem = case.check(case_dir, run.stdout, run.stderr)
+            try:
+                problem = case.check(case_dir, run.stdout, run.stderr)
+            except Exception as exc:  # noqa: BLE001  (a result the check cannot even read is a defect)
+                problem = f"check failed: {type(exc).__name__}: {exc}"
             if problem:
                 problems.append(problem)
     if digest(Path(shared["shared"])) != guarded["shared"]:

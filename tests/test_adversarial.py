@@ -116,6 +116,17 @@ def test_select_wild_never_deletes_outside_out(capsys, vit_file, pool, tmp_path,
     assert (tree_digest(tmp_path / "victim"), tree_digest(pool)) == before
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_select_wild_refuses_an_unreadable_selection_record(capsys, vit_file, pool, tmp_path, text):
+    out = tmp_path / "out"
+    assert select(capsys, vit_file, pool, out)[0] == 0
+    (out / "selection.json").write_text(text)
+    before = tree_digest(tmp_path)
+    code, _, err = select(capsys, vit_file, pool, out)
+    assert_one_line_error(code, err, "selection.json")
+    assert tree_digest(tmp_path) == before  # refused before any work: the class folders are kept
+
+
 def test_select_wild_scores_csv_paths_stay_in_the_pool(capsys, vit_file, pool, tmp_path):
     out = tmp_path / "out"
     assert select(capsys, vit_file, pool, out)[0] == 0
@@ -254,6 +265,8 @@ def test_decompression_bombs_are_skipped_and_counted(capsys, two_class_vit, vit_
 BAD_NUMBERS = [
     (["inspect", "{vit}", "--num-heads", "0"], "--num-heads"),
     (["inspect", "{vit}", "--num-heads", "-3"], "--num-heads"),
+    (["inspect", "{vit}", "--num-heads", "abc"], "--num-heads"),  # click's usage error, on one line too
+    (["distill", "{vit}", "--lr", "fast"], "--lr"),
     (["inspect", "{vit}", "--img-size", "0"], "--img-size"),
     (["inspect", "{vit}", "--img-size", "100000000"], "--img-size"),
     (["inspect", "{vit}", "--in-chans", "0"], "--in-chans"),
@@ -369,21 +382,22 @@ def test_output_that_is_a_file_or_under_a_file_is_one_line(capsys, vit_file, poo
     assert tree_digest(tmp_path) == before
 
 
-def test_a_full_output_location_is_one_line_and_leaves_no_file(vit_file, tmp_path):
+def test_a_full_output_location_is_one_line_and_leaves_no_file(capsys, vit_file, tmp_path):
     """A file-size limit (RLIMIT_FSIZE, like a full disk) while writing the ONNX file: exit 2, no partial file."""
     import resource
     import signal
-    import subprocess
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then write() fails with EFBIG instead of killing us
-        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     target = tmp_path / "out" / "m.onnx"
-    run = subprocess.run([sys.executable, "-m", "vitshrink", "export", str(vit_file), "-o", str(target)],
-                         preexec_fn=limit, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert_one_line_error(run.returncode, run.stderr, str(target), "File too large")
+    (tmp_path / "out").mkdir()
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, old_limit[1]))
+    try:
+        code, _, err = run_cli(capsys, "export", str(vit_file), "-o", str(target))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert_one_line_error(code, err, str(target), "File too large")
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -171,7 +171,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, sample: torch.Tens
     class on every image, at batch N and at batch 1. On failure ``ExportParityError`` is raised and
     no file is left at ``path``. The model itself is not modified (training flags are restored).
     """
-    from vitshrink.validate import check_finite_weights, check_float, check_int, check_output_file
+    from vitshrink.validate import (check_finite_weights, check_float, check_int, check_output_file,
+                                    check_outputs_finite)
 
     path = check_output_file(path, "--output")
     check_int(opset, "opset", low=7, high=30, optional=True)
@@ -180,6 +181,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, sample: torch.Tens
     if sample is not None and (sample.ndim != 4 or sample.shape[0] < 2):
         raise UserError(f"export sample must be an image batch (N, C, H, W) with N >= 2, got shape {tuple(sample.shape)}")
     size = tuple(sample.shape[1:]) if sample is not None else None
+    if sample is not None:
+        check_outputs_finite(model, sample, f"{path}: cannot export")
     with atomic_path(path) as tmp:
         exporter = write_onnx(model, tmp, input_size=size, opset=opset)
         if not check:

@@ -35,6 +35,10 @@ def _open_reader(path: Path):
         raise UserError(f"{path}: expected an ImageFolder directory or a .tar in ImageFolder layout")
     try:
         reader = create_reader("", root=str(path))
+    except ValueError as exc:  # timm's tar reader unpacks an empty sample list
+        if "unpack" not in str(exc):
+            raise UserError(f"{path}: cannot read as an image folder ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path}: no images found (expected <class>/<image> layout)") from None
     except Exception as exc:  # timm raises RuntimeError/AssertionError/TarError for bad roots
         raise UserError(f"{path}: cannot read as an image folder ({type(exc).__name__}: {exc})") from None
     reader.unsafe_members = _drop_unsafe_members(reader)

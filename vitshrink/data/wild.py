@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitshrink._atomic import atomic_path, atomic_write_text
+from vitshrink._atomic import NO_ROOM, atomic_path, atomic_write_text
 from vitshrink.data.images import decode_image
 from vitshrink.distill.attention_probe import ClassTokenAttention, check_probeable, uniform_cosine
 from vitshrink.errors import UserError
@@ -359,9 +359,12 @@ def select_wild(
                 handle.flush()  # a stopped run keeps every finished batch
                 if bar is not None:
                     bar.advance(task, len(rows))
-    except BaseException:
+    except BaseException as exc:
         if bar is not None:
             bar.remove_task(task)  # the error line alone, not a half-finished bar above it
+        if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+            raise UserError(f"{scores_path}: cannot write ({exc.strerror}); rerun with the same --out when "
+                            "there is room: the scores written so far are kept") from None
         raise
     finally:
         if probe_ctx is not None:
@@ -486,9 +489,13 @@ def _previous_class_dirs(out_dir: Path) -> list[str]:
         return []
     try:
         record = json.loads(summary.read_text())
-    except (OSError, ValueError):
-        return []
-    names = record.get("class_dirs", []) if isinstance(record, dict) else []
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{summary}: not a readable selection record ({type(exc).__name__}); it says which "
+                        "folders a rerun may replace: delete it with those folders, or use another --out") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{summary}: not a selection record (a JSON object); delete it with the folders of "
+                        "the previous selection, or use another --out")
+    names = record.get("class_dirs", [])
     if not isinstance(names, list):
         raise UserError(f"{summary}: class_dirs must be a list of folder names; fix or delete the file")
     what = f"{summary} (class_dirs)"
