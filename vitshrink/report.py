@@ -58,7 +58,9 @@ def _fmt(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], out_dir: str | Path | None = None) -> str:
+    """report.md's text. Pictures named in ``report["pictures"]`` are embedded when they exist in ``out_dir``
+    (or, without ``out_dir``, taken on trust); ``report["warnings"]`` are listed at the end."""
     teacher, student, ratios = report["teacher"], report["student"], report["ratios"]
     lines = [
         f"# vitshrink distill report: `{report['recipe']}`",
@@ -82,13 +84,42 @@ def render_markdown(report: dict[str, Any]) -> str:
         onnx = report["onnx"]
         lines.append(f"ONNX parity: max |logit diff| {_fmt(onnx.get('max_abs_diff'), '.2e')}, top-1 agreement "
                      f"{_fmt(onnx.get('top1_agree'), '.0%')} on {onnx.get('n_images')} images.")
+    lines += _picture_lines(report.get("pictures") or {}, out_dir)
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {warning}" for warning in report["warnings"]]
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write report.json and report.md atomically; return their paths."""
+_PICTURE_TITLES = {"teacher_vs_student": "Teacher vs student", "training_curves": "Training curves"}
+
+
+def _picture_lines(pictures: dict[str, str], out_dir: str | Path | None) -> list[str]:
+    lines: list[str] = []
+    for name, filename in pictures.items():
+        if out_dir is not None and not (Path(out_dir) / filename).is_file():
+            continue  # never link a picture that is not there
+        title = _PICTURE_TITLES.get(name, name.replace("_", " "))
+        lines += ["", f"## {title}", "", f"![{title}]({filename})"]
+    return lines
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path, *, pictures: bool = True) -> dict[str, Path]:
+    """Write report.json, the run's pictures (``vitshrink.plots``) and report.md, each atomically; return the paths.
+
+    report.json is written first, so a failure while drawing (caught and listed under ``warnings``) or
+    anything worse never loses the numbers; it is rewritten with the names of the pictures drawn.
+    """
+    from vitshrink.plots import write_report_pictures
+
     out_dir = Path(out_dir)
     paths = {"report_json": out_dir / "report.json", "report_md": out_dir / "report.md"}
     atomic_write_text(paths["report_json"], json.dumps(report, indent=2))
-    atomic_write_text(paths["report_md"], render_markdown(report))
+    if pictures:
+        drawn, failures = write_report_pictures(out_dir, report)
+        report["pictures"] = {name: path.name for name, path in drawn.items()}
+        if failures:
+            report["warnings"] = [*report.get("warnings", []), *failures]
+        atomic_write_text(paths["report_json"], json.dumps(report, indent=2))
+        paths.update(drawn)
+    atomic_write_text(paths["report_md"], render_markdown(report, out_dir))
     return paths
