@@ -456,7 +456,60 @@ def output_cases() -> list[Case]:
     return cases
 
 
-ALL_CASES = numeric_cases() + path_cases() + data_cases() + model_cases() + output_cases()
+def _report(**edits) -> dict:
+    model = {"top1": 0.9, "params": 1000, "gmacs": 0.01, "ort_p50_ms": {"1": 1.0, "32": 8.0}}
+    report = {"recipe": "vanilla", "distill_seconds": 12.0, "teacher": dict(model),
+              "student": {**model, "top1": 0.8, "params": 500, "ort_p50_ms": {"1": 0.6, "32": 4.0}},
+              "ratios": {"ort_speedup": {"1": 1.6, "32": 2.0}}}
+    for key, value in edits.items():
+        target = report
+        *parents, last = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[last] = value
+    return report
+
+
+def _runs(*reports) -> Callable[[Path, dict], None]:
+    def setup(case_dir: Path, shared: dict) -> None:
+        for index, report in enumerate(reports):
+            (case_dir / f"run{index}").mkdir()
+            text = report if isinstance(report, str) else json.dumps(report)
+            (case_dir / f"run{index}" / "report.json").write_text(text)
+    return setup
+
+
+def compare_cases() -> list[Case]:
+    two = "compare {case}/run0 {case}/run1"
+    good = _report()
+    cases = [OK("compare", "two good runs", two, contains("3 models", "Pareto front"), setup=_runs(good, _report(**{"student.top1": 0.7})))]
+    for label, edits, needle in (("top1 a string", {"student.top1": "abc"}, "top1"),
+                                 ("top1 NaN", {"student.top1": float("nan")}, "top1"),
+                                 ("top1 above 1", {"student.top1": 85.0}, "top1"),
+                                 ("negative params", {"student.params": -5}, "params"),
+                                 ("latency zero", {"student.ort_p50_ms": {"1": 0, "32": 4.0}}, "ort_p50_ms"),
+                                 ("latency batch not a number", {"student.ort_p50_ms": {"x": 1.0}}, "ort_p50_ms"),
+                                 ("teacher a list", {"teacher": [1, 2]}, "report.json"),
+                                 ("speedup a string", {"ratios.ort_speedup": "fast"}, "report.json"),
+                                 ("recipe a number", {"recipe": 7}, "recipe")):
+        cases.append(E("compare", f"report.json {label}", two, needle, setup=_runs(good, _report(**edits))))
+    cases += [
+        E("compare", "report.json is a list", two, "report.json", setup=_runs(good, "[1, 2]")),
+        E("compare", "report.json is not JSON", two, "report.json", setup=_runs(good, "{oops")),
+        E("compare", "--batch 0", two + " --batch 0", "--batch", setup=_runs(good, good)),
+        E("compare", "benchmark file =2", "compare {case}/b.json=2", "TOP1",
+          setup=lambda d, s: (d / "b.json").write_text("{}")),
+        E("compare", "benchmark file without model", "compare {case}/b.json", "b.json",
+          setup=lambda d, s: (d / "b.json").write_text('{"model": 3}')),
+        E("compare", "benchmark batches not a list", "compare {case}/b.json", "b.json",
+          setup=lambda d, s: (d / "b.json").write_text(
+              '{"model": {"runtimes": {"onnxruntime": {"batches": [1, 2]}}, "params": 5, "gmacs": 0.1}}')),
+        E("compare", "--plot under a file", two + " --plot {a_file}/p.png", "--plot", setup=_runs(good, good)),
+    ]
+    return cases
+
+
+ALL_CASES = numeric_cases() + path_cases() + data_cases() + model_cases() + output_cases() + compare_cases()
 
 
 # ---------------------------------------------------------------------------------------------- run

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from vitshrink.cli import main
-from vitshrink.io import create_model, save_model, set_data_config
+from vitshrink.io import create_model, save_model
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -470,3 +470,23 @@ def test_export_sample_skips_unreadable_first_images(capsys, two_class_vit, tmp_
     code, _, err = run_cli(capsys, "export", str(two_class_vit), "--data", str(data), "-o", str(tmp_path / "m.onnx"))
     assert_one_line_error(code, err, "fewer than 2 readable images")
     assert not (tmp_path / "m.onnx").exists()
+
+
+# --- numbers read back from files (compare's report.json and benchmark files) -------------------------
+def _report(**student) -> dict:
+    model = {"top1": 0.9, "params": 1000, "gmacs": 0.01, "ort_p50_ms": {"1": 1.0}}
+    return {"recipe": "vanilla", "distill_seconds": 1.0, "teacher": model, "student": {**model, **student},
+            "ratios": {"ort_speedup": {"1": 1.5}}}
+
+
+@pytest.mark.parametrize("student,needle", [({"top1": float("nan")}, "top1"), ({"top1": "abc"}, "top1"),
+                                            ({"params": -1}, "params"), ({"ort_p50_ms": {"0": 1.0}}, "batch size"),
+                                            ({"gmacs": float("inf")}, "gmacs")])
+def test_compare_checks_every_number_it_reads(capsys, tmp_path, student, needle):
+    for name, report in (("good", _report()), ("bad", _report(**student))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+    code, _, err = run_cli(capsys, "compare", str(tmp_path / "good"), str(tmp_path / "bad"))
+    assert_one_line_error(code, err, str(tmp_path / "bad" / "report.json"), needle)
+    code, out, err = run_cli(capsys, "compare", str(tmp_path / "good"), str(tmp_path / "good"))
+    assert code == 0, err

@@ -21,6 +21,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{path}: cannot write here (a parent path is a file, not a folder)") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot write here ({exc.strerror or exc})") from None
     os.close(fd)

@@ -389,7 +389,7 @@ def benchmark(
         if is_onnx:
             path = Path(model_or_onnx_path)
             if not path.is_file():
-                raise UserError(f"{path}: {'not a file' if path.exists() else 'ONNX file not found'}")
+                raise UserError(f"{path}: {'is a directory, not an ONNX file' if path.exists() else 'ONNX file not found'}")
             check_onnx_classifier(path, input_size)
             result["source"] = str(path)
             result["name"] = name or path.stem
