@@ -84,6 +84,18 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, *, strict: bool = 
     """
     from timm.layers import resample_abs_pos_embed
 
+    own_init = getattr(student, "init_from_vit_teacher", None)
+    if callable(own_init):
+        # Students with their own token layout (CiT: three prefix tokens, two stems) map a ViT teacher themselves.
+        untouched = {"copied": 0, "left_as_created": len(student.state_dict()), "wider": 0}
+        if _depth(teacher) is None:
+            return untouched
+        try:
+            return {"wider": 0, **own_init(teacher)}
+        except UserError:
+            if strict:
+                raise
+            return untouched
     t_state = teacher.state_dict()
     s_state = student.state_dict()
     t_depth, s_depth = _depth(teacher), _depth(student)

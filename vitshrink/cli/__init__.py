@@ -143,3 +143,4 @@ from vitshrink.cli import models as _model_commands  # noqa: E402,F401
 from vitshrink.cli import distill as _distill_commands  # noqa: E402,F401
 from vitshrink.cli import wild as _wild_commands  # noqa: E402,F401
 from vitshrink.cli import compare as _compare_commands  # noqa: E402,F401
+from vitshrink.cli import synthesize as _synthesize_commands  # noqa: E402,F401

@@ -1,0 +1,42 @@
+"""The synthesize command: data-free images from a teacher (DeepInversion / PSAQ-ViT priors)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from vitshrink.cli import (ArchOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt, PretrainedOpt,
+                           StdOpt, _device, app, console, load_spec)
+
+
+@app.command()
+def synthesize(
+    teacher: Annotated[str, typer.Argument(help="teacher SPEC (timm name, .safetensors, .pt/.pth/.th, HF dir)")],
+    num: Annotated[int, typer.Option("--num", help="how many images to synthesise (balanced over classes)")],
+    out: Annotated[Path, typer.Option("--out", help="output folder: OUT/<class>/*.png + manifest.csv")],
+    prior: Annotated[str, typer.Option("--prior", help="auto|bn|patch-sim (auto: bn for BatchNorm teachers, "
+                                                       "patch-sim for ViTs)")] = "auto",
+    iterations: Annotated[int, typer.Option("--iterations", help="optimisation steps per batch")] = 1000,
+    batch_size: Annotated[int, typer.Option("-b", "--batch-size", help="images optimised together")] = 64,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda")] = "auto",
+    arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
+    num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
+) -> None:
+    """Synthesise labelled images from TEACHER alone (no real data); resumable; usable as --data."""
+    from vitshrink.data.synthetic import synthesize as run_synthesize
+
+    model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
+    result = run_synthesize(model, num, out, prior=prior, iterations=iterations, batch_size=batch_size,
+                            device=_device(device), seed=seed, progress=True)
+    table = Table(title=f"synthesize: {teacher} -> {out}", show_header=False)
+    table.add_row("prior", result.prior)
+    table.add_row("images", f"{result.num} ({result.batches_made} batches made, "
+                            f"{result.batches_skipped} finished earlier)")
+    if result.images_per_s is not None:
+        table.add_row("speed", f"{result.images_per_s:.2f} images/s ({iterations} iterations each)")
+    table.add_row("teacher top-1 = target", f"{result.target_agreement:.1%}")
+    console.print(table)
+    console.print(f"wrote {out}/<class>/*.png and {out / 'manifest.csv'}")
