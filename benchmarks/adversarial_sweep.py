@@ -509,7 +509,38 @@ def compare_cases() -> list[Case]:
     return cases
 
 
-ALL_CASES = numeric_cases() + path_cases() + data_cases() + model_cases() + output_cases() + compare_cases()
+def synthesize_cases() -> list[Case]:
+    syn = "synthesize {vit2} --num 2 --out {out} --iterations 2 -b 2 --device cpu"
+
+    def evil_names(case_dir: Path, shared: dict) -> None:
+        import torch
+
+        from vitshrink.io import create_model, save_model
+
+        torch.manual_seed(0)
+        model = create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                             num_classes=2)
+        save_model(model, case_dir / "evil.safetensors", class_names=["../victim", "zz"])
+        (case_dir / "victim").mkdir()
+
+    cases = [E("synthesize", f"synthesize {extra}", f"{syn} {extra}", flag)
+             for extra, flag in (("--num 0", "--num"), ("--iterations -1", "--iterations"), ("-b 0", "--batch-size"),
+                                 ("--seed -1", "--seed"), ("--num-heads 0", "--num-heads"))]
+    cases += [
+        E("synthesize", "synthesize --out is a file", syn.replace("{out}", "{a_file}"), "--out"),
+        E("synthesize", "synthesize NaN teacher", syn.replace("{vit2}", "{nan}"), "fc1.weight"),
+        E("synthesize", "synthesize damaged synthesis.json", syn, "synthesis.json", pre=syn.split(),
+          setup=lambda d, s: (d / "out" / "synthesis.json").write_text("{oops")),
+        E("synthesize", "synthesize into a foreign folder", syn, "--out",
+          setup=lambda d, s: ((d / "out").mkdir(), (d / "out" / "mine.txt").write_text("x"))),
+        OK("synthesize", "synthesize with class names '../victim'", "synthesize {case}/evil.safetensors --num 2 "
+           "--out {out} --iterations 2 -b 2 --device cpu", check=lambda d, o, e: None if not any(
+               (d / "victim").iterdir()) else "wrote into the victim folder", setup=evil_names),
+    ]
+    return cases
+
+
+ALL_CASES = numeric_cases() + path_cases() + data_cases() + model_cases() + output_cases() + compare_cases() + synthesize_cases()
 
 
 # ---------------------------------------------------------------------------------------------- run

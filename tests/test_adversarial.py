@@ -490,3 +490,20 @@ def test_compare_checks_every_number_it_reads(capsys, tmp_path, student, needle)
     assert_one_line_error(code, err, str(tmp_path / "bad" / "report.json"), needle)
     code, out, err = run_cli(capsys, "compare", str(tmp_path / "good"), str(tmp_path / "good"))
     assert code == 0, err
+
+
+# --- synthesize: class names come from a record the user can edit -------------------------------------
+def test_synthesize_never_writes_outside_out_for_crafted_class_names(capsys, tmp_path):
+    model_path = tmp_path / "evil_names.safetensors"
+    save_model(tiny_vit(num_classes=2), model_path, class_names=["../victim", "zz"])  # sorted, unique: trusted before
+    (tmp_path / "victim").mkdir()
+    code, _, err = run_cli(capsys, "synthesize", str(model_path), "--num", "2", "--out", str(tmp_path / "out"),
+                           "--iterations", "2", "-b", "2", "--device", "cpu")
+    assert code == 0, err
+    assert list((tmp_path / "victim").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir() and not p.name.startswith(".")) == \
+        ["000", "001"]  # index folders instead of the unsafe names
+    (tmp_path / "out" / "synthesis.json").write_text("{damaged")
+    code, _, err = run_cli(capsys, "synthesize", str(model_path), "--num", "2", "--out", str(tmp_path / "out"),
+                           "--iterations", "2", "-b", "2", "--device", "cpu")
+    assert_one_line_error(code, err, "synthesis.json")
