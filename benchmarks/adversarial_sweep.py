@@ -663,13 +663,19 @@ def main() -> None:
     parser.add_argument("--only", help="run the cases whose name contains this")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "adversarial_sweep.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="the checkout whose vitshrink is tried (default: this one), e.g. an older commit's")
     args = parser.parse_args()
+    global ROOT
+    ROOT = args.root.resolve()
+    sys.path.insert(0, str(ROOT))
     import torch
 
-    import vitshrink.cli  # noqa: F401  (imported once here; each case runs in a fork of this process)
-    import vitshrink.io  # noqa: F401
-    import vitshrink.data.wild  # noqa: F401
-    import vitshrink.measure  # noqa: F401,E501
+    import importlib
+
+    # Imported once here; each case runs in a fork of this process.
+    for module in ("vitshrink.cli", "vitshrink.io", "vitshrink.data.wild", "vitshrink.measure"):
+        importlib.import_module(module)
 
     torch.set_num_threads(1)
     cases = [c for c in ALL_CASES if not args.only or args.only in c.name]
@@ -697,7 +703,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "machine": f"{os.cpu_count()}-core CPU",
-        "command": "nice -n 5 python benchmarks/adversarial_sweep.py", "tried": len(results),
+        "command": "nice -n 5 python benchmarks/adversarial_sweep.py", "root": str(ROOT), "tried": len(results),
         "ok": len(results) - len(defects), "defects": len(defects), "seconds": round(time.time() - started, 1),
         "results": results}, indent=2))
     print(f"wrote {args.json}")
