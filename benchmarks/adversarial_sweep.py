@@ -659,6 +659,7 @@ def run_case(case: Case, work: Path, shared: dict, index: int) -> dict:
 
 
 def main() -> None:
+    global ROOT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="run the cases whose name contains this")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "adversarial_sweep.json")
@@ -666,7 +667,6 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT,
                         help="the checkout whose vitshrink is tried (default: this one), e.g. an older commit's")
     args = parser.parse_args()
-    global ROOT
     ROOT = args.root.resolve()
     sys.path.insert(0, str(ROOT))
     import torch
