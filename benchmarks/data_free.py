@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vitshrink.models  # noqa: E402,F401  (registers the CIFAR ResNets)
 from vitshrink.data.folders import ImageSplit, reader_targets, resolve_data  # noqa: E402
 from vitshrink.data.synthetic import class_folder_names, synthesize  # noqa: E402
-from vitshrink.engine import BUNDLED_TEACHER, distill  # noqa: E402
-from vitshrink.io import create_model, data_config, load_model, set_data_config  # noqa: E402
+from vitshrink.pipeline import BUNDLED_TEACHER, distill  # noqa: E402
+from vitshrink.io import create_model, data_config, load_model, record_of, set_data_config  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -54,8 +54,9 @@ TEACHERS = {
 def load_teacher(name: str) -> torch.nn.Module:
     entry = TEACHERS[name]
     teacher = load_model(entry["spec"], arch=entry["arch"])
-    if not (getattr(teacher, "vitshrink_meta", None) or {}).get("class_names"):
-        teacher.vitshrink_meta = {"class_names": CIFAR_CLASSES}  # the .th checkpoint carries no class names
+    record = record_of(teacher)
+    if not record.class_names:
+        record.class_names = list(CIFAR_CLASSES)  # the .th checkpoint carries no class names
     return teacher
 
 

@@ -24,7 +24,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vitshrink.engine import BUNDLED_TEACHER, distill  # noqa: E402
+from vitshrink.pipeline import BUNDLED_TEACHER, distill  # noqa: E402
 from vitshrink.io import load_model  # noqa: E402
 
 SHARED_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "test.tar"

@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 from vitshrink.distill.attention_probe import ClassTokenAttention, check_probeable  # noqa: E402
 from vitshrink.data import build_transform  # noqa: E402
-from vitshrink.engine import distill, load_bundled_teacher  # noqa: E402
-from vitshrink.io import create_model, data_config, save_model, set_data_config  # noqa: E402
+from vitshrink.pipeline import distill, load_bundled_teacher  # noqa: E402
+from vitshrink.io import create_model, data_config, record_of, save_model, set_data_config  # noqa: E402
 from vitshrink.data.wild import CRITERIA, _collate, _PoolImages, score_batch, select_wild  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -127,9 +127,9 @@ def make_teacher(train_dir: Path, test_dir: Path, args) -> tuple[torch.nn.Module
     info: dict = {"source": args.teacher_source, "classes": list(TEACHER_CLASSES)}
     if args.teacher_source == "bundled":
         base = load_bundled_teacher()
-        names = list(base.vitshrink_meta["class_names"])
+        names = list(record_of(base).class_names)
         rows = [names.index(c) for c in TEACHER_CLASSES]
-        model = create_model(base.vitshrink_arch["name"], **(base.vitshrink_arch["kwargs"] | {"num_classes": 5}))
+        model = create_model(record_of(base).name, **(record_of(base).kwargs | {"num_classes": 5}))
         cfg = data_config(base)
         set_data_config(model, mean=cfg["mean"], std=cfg["std"])
         state = base.state_dict()
@@ -155,7 +155,7 @@ def make_teacher(train_dir: Path, test_dir: Path, args) -> tuple[torch.nn.Module
         info["note"] = "trained from scratch on the 5 classes' train.tar images only (strict setting)"
     info.update(train_seconds=time.perf_counter() - start, train_images=len(x), epochs=args.teacher_epochs,
                 lr=args.teacher_lr, top1=top1_on(model, xt, yt), test_images=len(xt),
-                arch=model.vitshrink_arch)
+                arch={"name": record_of(model).name, "kwargs": record_of(model).kwargs})
     return model, info
 
 
@@ -339,7 +339,7 @@ def main() -> None:
 
     teacher, results["teacher"] = make_teacher(work / "teacher_data", work / "test5", args)
     save_model(teacher, work / "teacher.safetensors", class_names=list(TEACHER_CLASSES))
-    teacher.vitshrink_meta = {"class_names": list(TEACHER_CLASSES)}
+    record_of(teacher).class_names = list(TEACHER_CLASSES)
     print(f"teacher: {json.dumps(results['teacher'])}", flush=True)
 
     n_pool = sum(1 for p in pool.rglob("*") if p.is_file())

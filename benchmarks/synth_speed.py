@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import vitshrink.models  # noqa: E402,F401  (registers the CIFAR ResNets)
 from vitshrink.data.synthetic import synthesize  # noqa: E402
-from vitshrink.engine import BUNDLED_TEACHER  # noqa: E402
+from vitshrink.pipeline import BUNDLED_TEACHER  # noqa: E402
 from vitshrink.io import load_model  # noqa: E402
 
 SHARED_RESNET56 = Path(__file__).resolve().parents[2] / "shared" / "data" / "checkpoints" / "cifar10_resnet56_akamaster.th"

@@ -1,8 +1,8 @@
-"""Distillation step throughput: vitshrink's engine step vs timm's LogitDistillationTask, same everything.
+"""Distillation step throughput: vitshrink's train_step vs timm's LogitDistillationTask, same everything.
 
 Both sides train the same student (a fresh copy each), against the same frozen teacher, on the same batch of
 real images, with the same AdamW optimizer, gradient clipping and (on CUDA) bf16 autocast; only the task and
-step differ: ``vitshrink.engine.train_step`` with the ``vanilla`` recipe's task vs a plain loop around
+step differ: ``vitshrink.train.train_step`` with the ``vanilla`` recipe's task vs a plain loop around
 ``timm.task.LogitDistillationTask`` (the loop timm's train.py runs). Data loading is excluded on both sides.
 Steps interleave one by one (A B A B ...; B A in odd rounds) so machine-load drift hits both alike;
 images/s per round is steps x batch / the side's summed step time, and the table gives the median round.
@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vitshrink.data import build_transform, make_loader, resolve_data  # noqa: E402
-from vitshrink.engine import train_step  # noqa: E402
+from vitshrink.data.sources import with_transform  # noqa: E402
+from vitshrink.train import train_step  # noqa: E402
 from vitshrink.io import create_model, data_config, load_model  # noqa: E402
 from vitshrink.recipes import get_recipe, load_preset  # noqa: E402
 from vitshrink.students import derive_student  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> None:
     base_student = derive_student(teacher).to(device)
     cfg = load_preset("vanilla")
     split = resolve_data().train
-    split.transform = build_transform(data_config(base_student), is_training=True, scale=(0.35, 1.0))
+    split = with_transform(split, build_transform(data_config(base_student), is_training=True, scale=(0.35, 1.0)))
     images, targets, _ = next(iter(make_loader(split, args.batch_size, shuffle=True, workers=0, seed=0)))
     images, targets = images.to(device), targets.to(device)
 
@@ -98,7 +99,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.get_clip_parameters(), float(cfg["clip_grad"]))
         optimizer.step()
-        return loss.item()  # timm logs the loss value (a host sync), as the engine's NaN guard does
+        return loss.item()  # timm logs the loss value (a host sync), as vitshrink's NaN guard does
 
     def ours_step(task, optimizer):
         return train_step(task, images, targets, optimizer, clip_grad=cfg["clip_grad"], amp=amp)[1]
@@ -138,7 +139,7 @@ def main() -> None:
         "ratio_vitshrink_over_timm": median["vitshrink"] / median["timm"],
     }
     print(f"{'step':<30} {'images/s (median)':>18}   rounds (images/s)")
-    for name, label in (("vitshrink", "vitshrink engine train_step"), ("timm", "timm LogitDistillationTask")):
+    for name, label in (("vitshrink", "vitshrink train_step"), ("timm", "timm LogitDistillationTask")):
         print(f"{label:<30} {median[name]:>18.1f}   {'  '.join(f'{v:.1f}' for v in rates[name])}")
     print(f"ratio vitshrink / timm: {result['ratio_vitshrink_over_timm']:.3f}  ({device}, batch {args.batch_size})")
     args.json.parent.mkdir(parents=True, exist_ok=True)

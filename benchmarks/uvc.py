@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from vitshrink._atomic import atomic_write_text
-from vitshrink.engine import distill
+from vitshrink.pipeline import distill
 from vitshrink.io import load_model
 from vitshrink.prune.surgery import slice_vit, uniform_plan
 from vitshrink.prune.uvc_search import ResourceModel

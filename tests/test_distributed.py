@@ -10,7 +10,7 @@ import yaml
 
 from distill_support import PYTHON, REPO, subprocess_env, tiny_teacher_path  # noqa: F401
 from vitshrink.data import resolve_data
-from vitshrink.engine import load_checkpoint
+from vitshrink.train import load_checkpoint
 from vitshrink.evaluation import evaluate
 from vitshrink.io import load_model
 

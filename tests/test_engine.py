@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from distill_support import PYTHON, REPO, small_data, subprocess_env, tiny_teacher_path  # noqa: F401
 from conftest import SHARED_DATA
-from vitshrink.engine import distill, load_checkpoint
+from vitshrink.pipeline import distill
+from vitshrink.train import load_checkpoint
 from vitshrink.errors import UserError
-from vitshrink.io import load_model
+from vitshrink.io import load_model, record_of
 
 OUTPUTS = ("args.yaml", "summary.csv", "student.safetensors", "last.pt", "student.onnx", "report.json", "report.md")
 
@@ -34,7 +35,7 @@ def test_one_epoch_writes_every_output_and_student_reloads_alone(tiny_teacher_pa
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(reloaded(x), result.student(x))
-    assert len(reloaded.blocks) == 2 and reloaded.vitshrink_meta["class_names"][0] == "airplane"
+    assert len(reloaded.blocks) == 2 and record_of(reloaded).class_names[0] == "airplane"
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", "time"]
     assert len(rows) == 1 and 0 <= float(rows[0]["eval_top1"]) <= 100

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from vitshrink.errors import UserError
-from vitshrink.io import create_model, data_config, load_model, save_model
+from vitshrink.io import create_model, data_config, load_model, record_of, save_model
 
 # A tiny ViT at 32 px: 8x8 patches of 4 px, width 64, 2 blocks, 4 heads of 16.
 TINY_VIT = "vit_tiny_patch16_224"
@@ -63,8 +63,8 @@ def _raises_user_error(match_file: str | Path, *args, **kwargs) -> str:
 def test_timm_name_with_kwargs_builds_random_model_and_round_trips(tmp_path):
     model = load_model(TINY_VIT, img_size=32, num_heads=4, num_classes=7, in_chans=3)
     assert not model.training
-    assert model.vitshrink_arch == {"name": TINY_VIT,
-                                    "kwargs": {"img_size": 32, "in_chans": 3, "num_classes": 7, "num_heads": 4}}
+    assert record_of(model).name == TINY_VIT
+    assert record_of(model).kwargs == {"img_size": 32, "in_chans": 3, "num_classes": 7, "num_heads": 4}
     assert model.blocks[0].attn.num_heads == 4 and model.head.out_features == 7
     assert data_config(model)["input_size"] == (3, 32, 32)
     x = _images()
@@ -75,7 +75,7 @@ def test_timm_name_with_kwargs_builds_random_model_and_round_trips(tmp_path):
 def test_timm_cnn_name_takes_img_size_as_preprocessing(tmp_path):
     model = load_model("resnet18", img_size=32, num_classes=10)
     assert data_config(model)["input_size"] == (3, 32, 32)
-    assert "img_size" not in model.vitshrink_arch["kwargs"]
+    assert "img_size" not in record_of(model).kwargs
     _assert_round_trip(model, tmp_path, _images())
 
 
@@ -105,8 +105,8 @@ def test_vitshrink_safetensors_loads_with_no_other_argument(tmp_path):
     path = save_model(model, tmp_path / "tiny.safetensors", class_names=[str(i) for i in range(10)])
     loaded = load_model(path)
     torch.testing.assert_close(_logits(loaded, _images()), _logits(model, _images()), rtol=0, atol=0)
-    assert loaded.vitshrink_notes == []
-    assert loaded.vitshrink_meta["class_names"] == [str(i) for i in range(10)]
+    assert record_of(loaded).notes == []
+    assert record_of(loaded).class_names == [str(i) for i in range(10)]
 
 
 @pytest.mark.parametrize("variant", [
@@ -124,7 +124,7 @@ def test_foreign_safetensors_infers_architecture_from_shapes(tmp_path, variant):
     loaded = load_model(path, arch=TINY_VIT, num_heads=4)
     x = _images(chans=variant.get("in_chans", 3))
     torch.testing.assert_close(_logits(loaded, x), _logits(model, x), rtol=0, atol=0)
-    kwargs = loaded.vitshrink_arch["kwargs"]
+    kwargs = record_of(loaded).kwargs
     assert (kwargs["embed_dim"], kwargs["depth"], kwargs["patch_size"], kwargs["img_size"]) == (64, 2, 4, 32)
     assert kwargs["num_classes"] == variant.get("num_classes", 10)
     assert data_config(loaded)["input_size"] == (variant.get("in_chans", 3), 32, 32)
@@ -138,7 +138,7 @@ def test_foreign_file_without_num_heads_says_what_it_assumed(tmp_path):
     save_file(model.state_dict(), str(path))
     loaded = load_model(path, arch=TINY_VIT)
     assert loaded.blocks[0].attn.num_heads == 3
-    assert any("num_heads=3 assumed" in note and TINY_VIT in note for note in loaded.vitshrink_notes)
+    assert any("num_heads=3 assumed" in note and TINY_VIT in note for note in record_of(loaded).notes)
     torch.testing.assert_close(_logits(loaded, _images()), _logits(model, _images()), rtol=0, atol=0)
 
 
@@ -165,7 +165,7 @@ def test_foreign_cnn_state_dict_infers_num_classes(tmp_path):
     path = tmp_path / "resnet.safetensors"
     save_file(model.state_dict(), str(path))
     loaded = load_model(path, arch="resnet18")
-    assert loaded.vitshrink_arch["kwargs"] == {"num_classes": 10}
+    assert record_of(loaded).kwargs == {"num_classes": 10}
     torch.testing.assert_close(_logits(loaded, _images()), _logits(model, _images()), rtol=0, atol=0)
 
 
@@ -182,7 +182,7 @@ def test_img_size_resamples_position_embedding(tmp_path):
         # The class and register token rows are not interpolated.
         torch.testing.assert_close(bigger.pos_embed[:, :2], model.pos_embed[:, :2], rtol=0, atol=0)
         assert data_config(bigger)["input_size"] == (3, 48, 48)
-        assert bigger.vitshrink_arch["kwargs"]["img_size"] == 48
+        assert record_of(bigger).kwargs["img_size"] == 48
         x = _images(size=48)
         assert torch.isfinite(_logits(bigger, x)).all()
         _assert_round_trip(bigger, tmp_path, x)
@@ -200,7 +200,7 @@ def test_torch_state_dict_unwraps_and_strips_prefixes(tmp_path, wrapper, prefix,
     torch.save(obj, path)
     loaded = load_model(path, arch=TINY_VIT, num_heads=4)
     torch.testing.assert_close(_logits(loaded, _images()), _logits(model, _images()), rtol=0, atol=0)
-    assert loaded.vitshrink_arch["kwargs"]["embed_dim"] == 64  # what a round trip rebuilds from
+    assert record_of(loaded).kwargs["embed_dim"] == 64  # what a round trip rebuilds from
 
 
 class _WritesMarker:
@@ -284,7 +284,7 @@ def test_hf_vit_directory_matches_transformers_logits(tmp_path, transformers, hi
     torch.testing.assert_close(_logits(loaded, x), expected, rtol=1e-4, atol=1e-4)
     assert loaded.norm.eps == 1e-12  # HF's LayerNorm epsilon, not timm's 1e-6
     assert data_config(loaded)["mean"] == (0.5, 0.5, 0.5)
-    assert any("preprocessor_config.json" in note for note in loaded.vitshrink_notes)
+    assert any("preprocessor_config.json" in note for note in record_of(loaded).notes)
     _assert_round_trip(loaded, tmp_path, x)
 
 
@@ -305,9 +305,9 @@ def test_hf_vit_bin_weights_and_preprocessor_config(tmp_path, transformers):
     torch.testing.assert_close(_logits(loaded, x), expected, rtol=1e-4, atol=1e-4)
     assert data_config(loaded)["mean"] == (0.4, 0.45, 0.5) and data_config(loaded)["std"] == (0.2, 0.25, 0.3)
     assert data_config(loaded)["interpolation"] == "bicubic"
-    assert loaded.vitshrink_meta["class_names"] == list("abcdefghij")
+    assert record_of(loaded).class_names == list("abcdefghij")
     saved = load_model(save_model(loaded, tmp_path / "from_hf.safetensors"))
-    assert saved.vitshrink_meta["class_names"] == list("abcdefghij")
+    assert record_of(saved).class_names == list("abcdefghij")
 
 
 @pytest.mark.parametrize("hf_class", ["DeiTForImageClassificationWithTeacher", "DeiTForImageClassification"])
@@ -319,7 +319,7 @@ def test_hf_deit_directory_with_distillation_token_matches_transformers(tmp_path
     with torch.no_grad():
         expected = hf(pixel_values=x).logits
     loaded = load_model(tmp_path / "hf_deit")
-    assert loaded.vitshrink_arch["name"] == "deit_base_distilled_patch16_224"
+    assert record_of(loaded).name == "deit_base_distilled_patch16_224"
     torch.testing.assert_close(_logits(loaded, x), expected, rtol=1e-4, atol=1e-4)
     _assert_round_trip(loaded, tmp_path, x)
 

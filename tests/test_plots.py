@@ -11,7 +11,7 @@ import pytest
 
 from distill_support import PYTHON, REPO, small_data, subprocess_env, tiny_teacher_path  # noqa: F401
 from vitshrink.compare import compare_runs, plot_comparison
-from vitshrink.engine import distill
+from vitshrink.pipeline import distill
 from vitshrink.errors import UserError
 from vitshrink.io import load_model
 from vitshrink.report import render_markdown, write_report

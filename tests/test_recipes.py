@@ -14,7 +14,7 @@ from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, load_model, set_data_config
 from vitshrink.recipes import RecipeContext, get_recipe, load_preset, recipe_names
 from vitshrink.config import PRESETS
-from vitshrink.recipes.base import TeacherInput
+from vitshrink.distill.teachers import TeacherInput
 from vitshrink.students import derive_student, kept_blocks, parse_student_spec, resolve_student
 
 RESNET20 = SHARED_DATA / "checkpoints" / "cifar10_resnet20_akamaster.th"
@@ -37,7 +37,7 @@ def test_registry_and_unknown_recipe():
 
 
 def test_every_preset_key_has_a_citing_comment():
-    for preset in ("vanilla", "deit", "ce"):
+    for preset in ("base", "vanilla", "deit", "ce", "probe", "uvc"):
         lines = (PRESETS / f"{preset}.yaml").read_text().splitlines()
         keys = [i for i, line in enumerate(lines) if re.match(r"^[a-z_]+:", line)]
         assert keys, preset

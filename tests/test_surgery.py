@@ -6,7 +6,7 @@ import torch
 
 from vitshrink.data import build_transform, make_loader, resolve_data
 from vitshrink.errors import UserError
-from vitshrink.io import create_model, data_config, load_model, save_model
+from vitshrink.io import create_model, data_config, load_model, record_of, save_model
 from vitshrink.measure import count_flops, count_params
 from vitshrink.prune.surgery import (BlockKeep, block_dims, drop_blocks, full_plan, head_norms, mask_vit, mlp_unit_norms,
                                plan_from_json, plan_to_json, slice_vit, uniform_plan)
@@ -79,13 +79,13 @@ def test_full_plan_is_exact_conversion(images):
 
 def test_round_trip_save_load(tmp_path, images):
     model = _tiny_vit()
-    model.vitshrink_meta = {"class_names": [f"c{i}" for i in range(10)], "provenance": {}}
+    record_of(model).class_names = [f"c{i}" for i in range(10)]
     sliced = slice_vit(model, MIXED_PLAN)
     path = save_model(sliced, tmp_path / "sliced.safetensors", provenance={"recipe": "test"})
     again = load_model(path)
     assert type(again).__name__ == "BlockwiseVisionTransformer"
     assert again.block_head_dims == [8, 0, 16] and again.kept_blocks == [0, 2, 3]
-    assert again.vitshrink_meta["class_names"][0] == "c0"
+    assert record_of(again).class_names[0] == "c0"
     assert data_config(again)["input_size"] == (3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(again(images), sliced(images))

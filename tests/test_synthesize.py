@@ -23,12 +23,12 @@ NUM, BATCH, ITERATIONS = 20, 10, 30
 
 def _teacher():
     import vitshrink.models  # noqa: F401  (registers cifar_resnet20)
-    from vitshrink.io import load_model
+    from vitshrink.io import load_model, record_of
 
     if not RESNET20.exists():
         pytest.skip(f"{RESNET20} not present")
     model = load_model(RESNET20, arch="cifar_resnet20")
-    model.vitshrink_meta = {"class_names": CIFAR_CLASSES}  # what a saved record would carry
+    record_of(model).class_names = list(CIFAR_CLASSES)  # what a saved record would carry
     return model
 
 

@@ -129,7 +129,7 @@ def test_unreachable_target_is_refused(teacher, loader):
 
 
 def test_uvc_recipe_end_to_end(tiny_teacher_path, tmp_path):
-    from vitshrink.engine import distill
+    from vitshrink.pipeline import distill
 
     out = tmp_path / "run"
     result = distill(load_model(tiny_teacher_path), "uvc", data=small_data(n_train=128, n_val=64), out_dir=out,

@@ -18,7 +18,7 @@ from vitshrink.distill.attention_probe import ClassTokenAttention, blocks_at_fra
 from vitshrink.cli import main
 from vitshrink.data.folders import _open_reader, build_transform
 from vitshrink.errors import UserError
-from vitshrink.io import create_model, data_config, load_model, save_model, set_data_config
+from vitshrink.io import create_model, data_config, load_model, record_of, save_model, set_data_config
 from vitshrink.data.wild import read_image, select_wild
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -117,7 +117,7 @@ def test_selects_digits_and_counts_broken_files(reference, teacher_file):
     assert summary.skipped == BAD_FILES
     assert summary.other_files == 1
     # The selection is a pseudo-labelled ImageFolder named by the teacher's classes.
-    class_names = load_model(teacher_file).vitshrink_meta["class_names"]
+    class_names = record_of(load_model(teacher_file)).class_names
     reader = _open_reader(out)
     assert len(reader) == N_DIGITS
     assert sum(summary.class_histogram.values()) == N_DIGITS
@@ -250,7 +250,7 @@ def test_cli_list_mode_and_errors(teacher_file, pool, tmp_path, capsys):
 
 def test_selection_trains_a_student_with_probe(reference, teacher_file, tmp_path):
     """The selected folder is data that ``distill --data`` reads; ``probe`` trains on it without labels."""
-    from vitshrink.engine import distill
+    from vitshrink.pipeline import distill
 
     out, _ = reference
     result = distill(load_model(teacher_file), "probe", data=out, out_dir=tmp_path / "run", epochs=1,

@@ -11,6 +11,7 @@ class UserError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str):
-        # One line only: the CLI prints it as-is.
+    def __init__(self, message: str, details: str | None = None):
+        # One line only: the CLI prints it as-is. ``details`` (any length) is shown with --debug.
         super().__init__(" ".join(str(message).split("\n")).strip())
+        self.details = details

@@ -79,15 +79,17 @@ def evaluate(model: nn.Module, dataset: ImageSplit, *, batch_size: int = 256, wo
 
     A model with NaN/inf weights, or whose logits are NaN/inf, is a ``UserError``.
     """
+    from vitshrink.data.sources import with_transform
+
     batch_size = check_batch_size(batch_size)
     check_workers(workers)
     check_finite_weights(model, "evaluate")
-    dataset.transform = build_transform(data_config(model), is_training=False)
+    view = with_transform(dataset, build_transform(data_config(model), is_training=False))  # dataset untouched
     model.to(device)
-    first = next((item for item in (dataset[i] for i in range(min(len(dataset), 64))) if item is not None), None)
+    first = next((item for item in (view[i] for i in range(min(len(view), 64))) if item is not None), None)
     if first is not None:
         check_outputs_finite(model, first[0][None], "evaluate")
-    loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
+    loader = make_loader(view, batch_size, shuffle=False, workers=workers)
     result = evaluate_loader(model, loader, device=device, progress=progress, require_finite=True)
     result.n_skipped += unsafe_member_count(dataset)  # tar members with unsafe names count as unreadable
     return result

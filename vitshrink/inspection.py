@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from vitshrink.io import data_config
+from vitshrink.io import data_config, record_of
 
 
 def _block_row(index: int, block: nn.Module) -> dict[str, Any]:
@@ -29,10 +29,10 @@ def describe(model: nn.Module) -> dict[str, Any]:
     from vitshrink.measure import count_flops, count_params
 
     cfg = data_config(model)
-    arch = getattr(model, "vitshrink_arch", {}) or {}
+    record = record_of(model)
     flops = count_flops(model, tuple(cfg["input_size"]))
     summary: dict[str, Any] = {
-        "architecture": arch.get("name", type(model).__name__),
+        "architecture": record.name if record is not None else type(model).__name__,
         "class": type(model).__name__,
         "input size": "x".join(str(v) for v in cfg["input_size"]),
         "mean / std": f"{tuple(round(v, 4) for v in cfg['mean'])} / {tuple(round(v, 4) for v in cfg['std'])}",
@@ -60,7 +60,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
     summary["parameters"] = f"{count_params(model):,}"
     summary["GMACs (batch 1)"] = round(flops.gmacs, 4)
     summary["GFLOPs (= 2 x MACs)"] = round(flops.gflops, 4)
-    class_names = (getattr(model, "vitshrink_meta", {}) or {}).get("class_names")
+    class_names = record.class_names if record is not None else None
     if class_names:
         summary["classes"] = ", ".join(class_names[:10]) + (" ..." if len(class_names) > 10 else "")
     return {"summary": summary, "blocks": rows}

@@ -409,7 +409,10 @@ def benchmark(
             size = resolve_input_size(model, input_size)
             check_torch_classifier(model, size, name or "model")
             result["source"] = "torch model"
-            result["name"] = name or (getattr(model, "vitshrink_arch", None) or {}).get("name") or type(model).__name__
+            from vitshrink.io import record_of
+
+            record = record_of(model)
+            result["name"] = name or (record.name if record is not None else type(model).__name__)
             result["params"] = count_params(model)
             count = count_flops(model, size)
             result["flops_note"] = "MACs of conv/linear/matmul/attention at batch 1; FLOPs = 2 x MACs"

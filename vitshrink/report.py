@@ -27,8 +27,7 @@ def model_entry(top1: float | None, bench: dict[str, Any], batch_sizes: tuple[in
 
 
 def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any], distill_seconds: float,
-                 epochs: int, best_epoch: int | None, onnx: dict[str, Any] | None, data: str,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 epochs: int, best_epoch: int | None, onnx: dict[str, Any] | None, data: str) -> dict[str, Any]:
     """The report dict: teacher vs student and the ratios between them (speed-up = teacher p50 / student p50)."""
 
     def ratio(a: float | None, b: float | None) -> float | None:
@@ -50,7 +49,6 @@ def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any
             "top1_delta": (student["top1"] - teacher["top1"]) if None not in (student["top1"], teacher["top1"]) else None,
         },
         "onnx": onnx,
-        **(extra or {}),
     }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from vitshrink.errors import UserError
-from vitshrink.io import create_model, data_config, load_model, set_data_config
+from vitshrink.io import create_model, data_config, load_model, record_of, set_data_config
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
 _FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".th", ".bin")
@@ -70,9 +70,9 @@ def copy_data_config(target: nn.Module, source: nn.Module) -> None:
     cfg = data_config(source)
     set_data_config(target, mean=cfg["mean"], std=cfg["std"], interpolation=cfg.get("interpolation"),
                     crop_pct=cfg.get("crop_pct"))
-    meta = getattr(source, "vitshrink_meta", None)
-    if meta is not None:
-        target.vitshrink_meta = {"class_names": meta.get("class_names"), "provenance": {}}
+    source_record, target_record = record_of(source), record_of(target)
+    if source_record is not None and target_record is not None:
+        target_record.class_names = source_record.class_names
 
 
 def init_from_teacher(student: nn.Module, teacher: nn.Module, *, strict: bool = True) -> dict[str, int]:
@@ -141,22 +141,22 @@ def derive_student(teacher: nn.Module, *, depth_ratio: float = 0.5, init: bool =
     Works for any timm model built with a ``depth`` kwarg and ``blocks.N`` layout (ViT, DeiT, the pruned
     per-block ViT): kwargs given per block (lists as long as the depth) are subset to the kept blocks.
     """
-    arch = getattr(teacher, "vitshrink_arch", None)
+    record = record_of(teacher)
     t_depth = _depth(teacher)
-    if arch is None or t_depth is None:
+    if record is None or t_depth is None:
         raise UserError(f"cannot derive a student from a {type(teacher).__name__} teacher (not a ViT with "
                         "blocks); pass --student NAME:key=value,...")
     s_depth = max(1, int(round(t_depth * depth_ratio)))
     kept = kept_blocks(t_depth, s_depth)
-    kwargs = dict(arch["kwargs"])
+    kwargs = dict(record.kwargs)
     for key, value in kwargs.items():
         if isinstance(value, list) and len(value) == t_depth:
             kwargs[key] = [value[i] for i in kept]
     kwargs["depth"] = s_depth
     try:
-        student = create_model(arch["name"], **kwargs)
+        student = create_model(record.name, **kwargs)
     except TypeError as exc:
-        raise UserError(f"cannot derive a student from teacher {arch['name']}: {exc}") from None
+        raise UserError(f"cannot derive a student from teacher {record.name}: {exc}") from None
     set_data_config(student, input_size=data_config(teacher)["input_size"])
     copy_data_config(student, teacher)
     if init:
@@ -203,8 +203,3 @@ def vit_kwargs(model: nn.Module) -> dict[str, Any]:
         "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
         "qkv_bias": block.attn.qkv.bias is not None,
     }
-
-
-def has_blocks(model: nn.Module) -> bool:
-    return _depth(model) is not None
-

@@ -145,11 +145,14 @@ _NULLABLE = {"clip_grad", "steps_per_epoch", "workers", "kd_weight", "flops_targ
 
 
 def _setting_flag(key: str, source: str | None) -> str:
+    """How the user set ``key``: its flag, ``--set key``, or the file (``--config FILE``, a preset)."""
     flag = f"--{key.replace('_', '-')}"
     if source is None or source == "flag":
         return flag
-    if source == "override":
+    if source in ("override", "--set"):
         return f"{flag} (or --set {key})"
+    if source in ("base", "preset"):
+        return f"{key} (recipe preset)"
     return f"{key} ({source})"
 
 

@@ -30,22 +30,30 @@ NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="cla
 MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="normalisation mean, comma-separated, e.g. 0.1307")]
 StdOpt = Annotated[Optional[str], typer.Option("--std", help="normalisation std, comma-separated, e.g. 0.3081")]
 PretrainedOpt = Annotated[bool, typer.Option("--pretrained", help="timm names: load pretrained weights (needs them offline)")]
+KeyMapOpt = Annotated[Optional[list[str]], typer.Option(
+    "--key-map", help="rename checkpoint tensors before loading: 'REGEX=REPLACEMENT' (repeatable)")]
+NormEpsOpt = Annotated[Optional[float], typer.Option(
+    "--norm-eps", help="LayerNorm epsilon the checkpoint was trained with (timm 1e-6, torch.nn 1e-5)")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="ImageFolder dir or .tar (default: bundled CIFAR-10)")]
 
 
 def load_spec(spec: str, arch: Optional[str], num_heads: Optional[int], img_size: Optional[int],
               in_chans: Optional[int], num_classes: Optional[int], mean: Optional[str], std: Optional[str],
-              pretrained: bool = False):
+              pretrained: bool = False, *, key_map: Optional[list[str]] = None, norm_eps: Optional[float] = None):
     """Load a SPEC with the shared loading options and print any assumption the loader made."""
-    from vitshrink.validate import check_load_options, parse_floats
+    from vitshrink.validate import check_load_options, check_float, parse_floats
 
     means, stds = parse_floats(mean, "--mean"), parse_floats(std, "--std", positive=True)
     check_load_options(num_heads=num_heads, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
                        mean=means, std=stds)
-    from vitshrink.io import load_model  # after the checks: importing torch takes seconds
+    check_float(norm_eps, "--norm-eps", low=0.0, high=1.0, low_open=True, optional=True)
+    from vitshrink.io import load_model, record_of  # after the checks: importing torch takes seconds
     model = load_model(spec, arch=arch, num_heads=num_heads, img_size=img_size, in_chans=in_chans,
-                       num_classes=num_classes, mean=means, std=stds, pretrained=pretrained)
-    for note in getattr(model, "vitshrink_notes", []) or []:
+                       num_classes=num_classes, mean=means, std=stds, pretrained=pretrained, key_map=key_map,
+                       norm_eps=norm_eps)
+    record = record_of(model)
+    record.spec = spec
+    for note in record.notes:
         err_console.print(f"[yellow]note:[/yellow] {note}")
     return model
 
@@ -96,6 +104,8 @@ def main() -> None:
         sys.exit(1)
     except UserError as exc:
         if _state["debug"]:
+            if exc.details:
+                err_console.print(exc.details, markup=False, highlight=False)
             raise
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(UserError.exit_code)
@@ -144,3 +154,5 @@ from vitshrink.cli import distill as _distill_commands  # noqa: E402,F401
 from vitshrink.cli import wild as _wild_commands  # noqa: E402,F401
 from vitshrink.cli import compare as _compare_commands  # noqa: E402,F401
 from vitshrink.cli import synthesize as _synthesize_commands  # noqa: E402,F401
+from vitshrink.cli import convert as _convert_commands  # noqa: E402,F401
+from vitshrink.cli import recipes as _recipe_commands  # noqa: E402,F401

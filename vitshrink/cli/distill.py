@@ -1,4 +1,9 @@
-"""The distill command."""
+"""The distill command.
+
+Besides the options below, every setting of the chosen recipe is a flag: ``--kebab-name VALUE`` (e.g. uvc's
+``--flops-target 0.3``, ``--search-steps 50``; a true/false option given without a value, like ``--no-skip``,
+means true). ``--set KEY=VALUE`` and ``-c FILE`` reach the same settings (``vitshrink recipes show NAME``).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,14 +12,54 @@ from typing import Annotated, Any, Optional
 import typer
 
 from vitshrink.cli import (ArchOpt, DataOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt,
-                           PretrainedOpt, StdOpt, app, console, load_spec)
+                           KeyMapOpt, NormEpsOpt, PretrainedOpt, StdOpt, app, console, load_spec)
 from vitshrink.errors import UserError
 
 
-@app.command()
+def parse_setting_flags(args: list[str], recipe: str) -> tuple[dict[str, Any], list[str]]:
+    """``--kebab-name VALUE`` / ``--kebab-name=VALUE`` -> ``{snake_name: value}`` (values read as YAML), and the
+    arguments that are not flags (click hands a TEACHER written after such flags over with them).
+
+    A setting whose default is true/false may stand alone (``--no-skip``: true). Unknown names are left for the
+    settings merge, which names the known ones.
+    """
+    import yaml
+
+    from vitshrink.config import load_preset
+
+    defaults = load_preset(recipe)
+    options: dict[str, Any] = {}
+    positionals: list[str] = []
+    i = 0
+    while i < len(args):
+        item = args[i]
+        i += 1
+        if not item.startswith("--") or len(item) < 3:
+            positionals.append(item)
+            continue
+        name, sep, value = item[2:].partition("=")
+        key = name.replace("-", "_")
+        following = args[i] if i < len(args) and not args[i].startswith("--") else None
+        if not sep and isinstance(defaults.get(key), bool):
+            value = "true"
+            if following is not None and isinstance(yaml.safe_load(following), bool):
+                value, i = following, i + 1
+        elif not sep:
+            if following is None:
+                raise UserError(f"--{name}: expected a value")
+            value, i = following, i + 1
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--{name} {value!r}: not a value") from None
+    return options, positionals
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def distill(
+    ctx: typer.Context,
     teacher: Annotated[Optional[str], typer.Argument(help="teacher SPEC (default: the bundled CIFAR-10 ViT)")] = None,
-    recipe: Annotated[str, typer.Option("--recipe", help="vanilla | deit | ce | ... (recipes/NAME.yaml)")] = "vanilla",
+    recipe: Annotated[str, typer.Option("--recipe", help="vanilla | deit | ce | ... (vitshrink recipes)")] = "vanilla",
     student: Annotated[Optional[str], typer.Option(
         "--student", help="file or NAME:key=value,... (default: the teacher at half depth)")] = None,
     data: DataOpt = None,
@@ -23,51 +68,45 @@ def distill(
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     batch_size: Annotated[Optional[int], typer.Option("-b", "--batch-size")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
-    warmup_epochs: Annotated[Optional[int], typer.Option("--warmup-epochs")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay")] = None,
-    clip_grad: Annotated[Optional[float], typer.Option("--clip-grad")] = None,
-    smoothing: Annotated[Optional[float], typer.Option("--smoothing")] = None,
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda")] = "auto",
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bf16 autocast (default: on CUDA)")] = None,
     out: Annotated[Path, typer.Option("--out", "--output", help="run folder")] = Path("output/distill"),
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from last.pt")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    config: Annotated[Optional[Path], typer.Option("-c", "--config", help="YAML with preset keys")] = None,
+    config: Annotated[Optional[Path], typer.Option("-c", "--config", help="YAML of settings")] = None,
     workers: Annotated[Optional[int], typer.Option("-j", "--workers")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile student and teacher")] = False,
-    flops_target: Annotated[Optional[float], typer.Option(
-        "--flops-target", help="target share of the teacher's FLOPs (recipes that search)")] = None,
-    checkpoint_steps: Annotated[Optional[int], typer.Option(
-        "--checkpoint-steps", help="write last.pt every N steps (0: epoch ends only)")] = None,
-    steps_per_epoch: Annotated[Optional[int], typer.Option(
-        "--steps-per-epoch", help="cap the optimizer steps of each epoch")] = None,
-    no_skip: Annotated[bool, typer.Option("--no-skip", help="uvc ablation: prune within blocks only")] = False,
-    skip_only: Annotated[bool, typer.Option("--skip-only", help="uvc ablation: only skip whole blocks")] = False,
-    no_kd: Annotated[bool, typer.Option("--no-kd", help="uvc ablation: post-train on labels, no KD")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="any preset key: KEY=VALUE (repeatable)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="any setting: KEY=VALUE (repeatable)")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
 ) -> None:
-    """Distil TEACHER into a smaller student with a recipe; writes the run folder and prints the report."""
+    """Distil TEACHER into a smaller student with a recipe; writes the run folder and prints the report.
+
+    Any setting of the recipe is also a flag, --kebab-name VALUE (see `vitshrink recipes show NAME`).
+    """
     import yaml
 
     from vitshrink.validate import check_run_options
 
-    check_run_options(seed=seed, val_split=val_split, flops_target=flops_target, workers=workers, epochs=epochs,
-                      batch_size=batch_size, lr=lr, out_dir=out)
-    from vitshrink.engine import distill as run_distill
-    from vitshrink.engine import load_bundled_teacher
+    # Before the teacher loads (seconds); the pipeline checks them again for Python callers.
+    check_run_options(seed=seed, val_split=val_split, workers=workers, epochs=epochs, batch_size=batch_size, lr=lr,
+                      out_dir=out)
+    from vitshrink.pipeline import distill as run_distill
+    from vitshrink.pipeline import load_bundled_teacher
+    from vitshrink.recipes import get_recipe
 
+    get_recipe(recipe)  # an unknown recipe is named before its flags are read
+    extra = list(ctx.args)
+    if teacher is not None and teacher.startswith("--"):  # click filled TEACHER with a setting flag
+        extra, teacher = [teacher, *extra], None
+    options, positionals = parse_setting_flags(extra, recipe)
+    if positionals and teacher is None:
+        teacher, positionals = positionals[0], positionals[1:]
+    if positionals:
+        raise UserError(f"unexpected argument {positionals[0]!r} (settings are flags: --name VALUE)")
     overrides: dict[str, Any] = {}
-    for key, value in (("warmup_epochs", warmup_epochs), ("weight_decay", weight_decay), ("clip_grad", clip_grad),
-                       ("smoothing", smoothing), ("checkpoint_steps", checkpoint_steps),
-                       ("steps_per_epoch", steps_per_epoch)):
-        if value is not None:
-            overrides[key] = value
-    for key, flag in (("no_skip", no_skip), ("skip_only", skip_only), ("no_kd", no_kd)):
-        if flag:
-            overrides[key] = True
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -76,13 +115,12 @@ def distill(
     if teacher is None:
         model = load_bundled_teacher()
     else:
-        model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
-        model.vitshrink_spec = teacher
-    check_run_options(teacher=model)
+        model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
+                          key_map=key_map, norm_eps=norm_eps)
     result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out, epochs=epochs,
                          batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
                          config=config, overrides=overrides, workers=workers, compile=compile_model,
-                         progress=progress, flops_target=flops_target, val_split=val_split)
+                         progress=progress, val_split=val_split, options=options)
     if result.report:
         console.print((result.out_dir / "report.md").read_text())
         console.print(f"wrote {result.out_dir}: " + ", ".join(sorted(p.name for p in result.paths.values())))

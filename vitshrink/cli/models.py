@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from vitshrink.cli import (ArchOpt, DataOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt,
-                           PretrainedOpt, StdOpt, _device, app, console, err_console, load_spec)
+                           KeyMapOpt, NormEpsOpt, PretrainedOpt, StdOpt, _device, app, console, err_console, load_spec)
 from vitshrink.errors import UserError
 
 
@@ -18,6 +18,7 @@ def inspect(
     spec: Annotated[str, typer.Argument(help="timm name, .safetensors, .pt/.pth, or HF directory")],
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the summary as JSON")] = None,
 ) -> None:
     """Architecture summary: family, input, patch size, width, depth, heads, MLP, params, GMACs/GFLOPs."""
@@ -26,7 +27,8 @@ def inspect(
 
     if json_out:
         check_output_file(json_out, "--json")
-    model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
+    model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
+                      key_map=key_map, norm_eps=norm_eps)
     info = describe(model)
     table = Table(title=f"{spec}", show_header=False)
     for key, value in info["summary"].items():
@@ -55,6 +57,7 @@ def evaluate(
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda")] = "auto",
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
 ) -> None:
     """Top-1/top-5 on the validation split (whole set when it has no split and --val-data is not given)."""
     from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -63,7 +66,8 @@ def evaluate(
     from vitshrink.evaluation import evaluate as run_evaluation
     from vitshrink.io import data_config
 
-    model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
+    model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
+                          key_map=key_map, norm_eps=norm_eps)
     split, description = resolve_eval_split(data, val_data, in_chans=data_config(model)["input_size"][0])
     with Progress(*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console) as progress:
@@ -80,6 +84,7 @@ def export(
     data: DataOpt = None,
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
 ) -> None:
     """Export to ONNX (dynamic batch) and check it against PyTorch on real images."""
     from vitshrink.data import sample_images
@@ -88,7 +93,8 @@ def export(
     from vitshrink.validate import check_output_file
 
     check_output_file(output, "--output")
-    model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
+    model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
+                      key_map=key_map, norm_eps=norm_eps)
     sample = sample_images(data_config(model), data)
     result = export_onnx(model, output, sample=sample)
     console.print(f"wrote {output}: max |logit diff| {result.max_abs_diff:.2e} (limit 1e-4), top-1 agreement "
@@ -105,6 +111,7 @@ def benchmark(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON")] = None,
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
 ) -> None:
     """Params, FLOPs (attention counted), latency p50/p90/p99 and throughput on onnxruntime and PyTorch."""
     from vitshrink.measure import benchmark as run_benchmark
@@ -121,7 +128,8 @@ def benchmark(
             if not Path(spec).exists():
                 raise UserError(f"{spec}: file not found")
             return spec
-        return load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
+        return load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
+                          key_map=key_map, norm_eps=norm_eps)
 
     result = run_benchmark(target(model), batch_sizes=sizes, threads=threads, min_time_s=min_time, name=model)
     output: dict[str, Any] = {"model": result}

@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vitshrink.cli import (ArchOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt, PretrainedOpt,
-                           StdOpt, _device, app, console, load_spec)
+from vitshrink.cli import (ArchOpt, ImgSizeOpt, InChansOpt, KeyMapOpt, MeanOpt, NormEpsOpt, NumClassesOpt, NumHeadsOpt,
+                           PretrainedOpt, StdOpt, _device, app, console, load_spec)
 
 
 @app.command()
@@ -24,11 +24,13 @@ def synthesize(
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda")] = "auto",
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
 ) -> None:
     """Synthesise labelled images from TEACHER alone (no real data); resumable; usable as --data."""
     from vitshrink.data.synthetic import synthesize as run_synthesize
 
-    model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
+    model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
+                      key_map=key_map, norm_eps=norm_eps)
     result = run_synthesize(model, num, out, prior=prior, iterations=iterations, batch_size=batch_size,
                             device=_device(device), seed=seed, progress=True)
     table = Table(title=f"synthesize: {teacher} -> {out}", show_header=False)

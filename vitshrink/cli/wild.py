@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from vitshrink.cli import (ArchOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt,
-                           PretrainedOpt, StdOpt, _device, app, console, err_console, load_spec)
+                           KeyMapOpt, NormEpsOpt, PretrainedOpt, StdOpt, _device, app, console, err_console, load_spec)
 from vitshrink.errors import UserError
 
 
@@ -29,6 +29,7 @@ def select_wild(
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda")] = "auto",
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
 ) -> None:
     """Select the pool images the teacher finds meaningful (Attention Probe); resumable; writes scores.csv."""
     from vitshrink.data.wild import select_wild as run_select_wild
@@ -37,7 +38,8 @@ def select_wild(
         block_list = [int(b) for b in blocks.split(",")] if blocks else None
     except ValueError:
         raise UserError(f"--blocks must be comma-separated block indices, got {blocks!r}") from None
-    model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained)
+    model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
+                          key_map=key_map, norm_eps=norm_eps)
     out_dir = out if out is not None else pool.parent / f"{pool.name}-selected"
     summary = run_select_wild(model, pool, out_dir, num=num, fraction=fraction, mode=mode, criterion=criterion,
                               balanced=balanced,

@@ -35,6 +35,7 @@ from vitshrink._atomic import atomic_path, atomic_write_text
 from vitshrink.distill.priors import choose_prior, image_l2, intra_divergence_loss, make_prior, total_variation_l1, \
     total_variation_l2
 from vitshrink.errors import UserError
+from vitshrink.io import record_of
 from vitshrink.validate import check_output_dir
 
 SETTINGS_FILE = "synthesis.json"
@@ -94,16 +95,8 @@ class SynthesisResult:
 def class_folder_names(teacher: nn.Module, num_classes: int) -> list[str]:
     """Class folder names: the teacher's recorded names when they are as many as its outputs and already in
     sorted order (ImageFolder numbers classes by sorted folder name), else zero-padded indices."""
-    names = None
-    try:
-        from vitshrink.io import record_of  # the model record, once it lands
-
-        record = record_of(teacher)
-        names = getattr(record, "class_names", None) if record is not None else None
-    except ImportError:
-        pass
-    if names is None:
-        names = (getattr(teacher, "vitshrink_meta", None) or {}).get("class_names")
+    record = record_of(teacher)
+    names = record.class_names if record is not None else None
     if names and len(names) == num_classes and list(names) == sorted(names) and len(set(names)) == num_classes \
             and all(_plain_folder_name(n) for n in names):
         return [str(n) for n in names]

@@ -281,7 +281,7 @@ def select_wild(
     N // C of each of the C predicted classes first, the rest by global rank (see ``_choose``).
     """
     from vitshrink.data import build_transform
-    from vitshrink.io import data_config
+    from vitshrink.io import data_config, record_of
 
     pool, out_dir = Path(pool), Path(out_dir)
     if not pool.is_dir():
@@ -309,8 +309,8 @@ def select_wild(
     cfg = data_config(teacher)
     img_mode = "L" if int(cfg["input_size"][0]) == 1 else "RGB"
     transform = build_transform(cfg, is_training=False)
-    meta = getattr(teacher, "vitshrink_meta", None) or {}
-    class_names = meta.get("class_names") or None
+    record = record_of(teacher)
+    class_names = (record.class_names if record is not None else None) or None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     scores_path = out_dir / SCORES_NAME

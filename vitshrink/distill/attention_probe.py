@@ -7,9 +7,8 @@ Two pieces, both used by ``select-wild`` and the ``probe`` recipe:
 - the *probe distillation loss*: block features normalised over the token dimension, the class token's
   row of their token-similarity matrix, matched between teacher and student by MSE.
 
-timm's ``Attention`` runs a fused kernel that returns no weights, so :class:`ClassTokenAttention` hooks
-the ``attn.qkv`` projection of the probed blocks only and computes the class token's row (1 x N per
-head) from the q and k it already produced: no extra projection, no change to the forward.
+The class token's attention row comes from :mod:`vitshrink.distill.taps` (point ``blocks.N:cls_attn``),
+recomputed from the q and k the block's fused ``attn.qkv`` already produced.
 """
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitshrink.distill.taps import FeatureTaps
 from vitshrink.errors import UserError
 
 # Official blocks 3 and 7 (0-based) of a 12-block teacher for the probe, 3, 7 and 11 for distillation:
@@ -58,40 +58,26 @@ class ClassTokenAttention:
     """Context manager recording, per probed block, the class token's softmax attention over the patches.
 
     After each forward, ``rows[block]`` is a float tensor (B, heads, num_patches). Like the official code,
-    the softmax runs over all tokens (prefix tokens included) before the patch part is kept.
+    the softmax runs over all tokens (prefix tokens included) before the patch part is kept. Built on
+    :class:`vitshrink.distill.taps.FeatureTaps` (points ``blocks.N:cls_attn``).
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[int]):
-        self.model = model
         self.blocks = list(blocks)
         self.prefix = num_prefix_tokens(model)
-        self.rows: dict[int, torch.Tensor] = {}
-        self._handles: list = []
+        self._taps = FeatureTaps(model, [f"blocks.{i}:cls_attn" for i in self.blocks], detach=True)
+
+    @property
+    def rows(self) -> dict[int, torch.Tensor]:
+        return {i: self._taps[f"blocks.{i}:cls_attn"][..., self.prefix:]
+                for i in self.blocks if f"blocks.{i}:cls_attn" in self._taps}
 
     def __enter__(self) -> "ClassTokenAttention":
-        for index in self.blocks:
-            attn = self.model.blocks[index].attn
-            self._handles.append(attn.qkv.register_forward_hook(self._hook(index, attn)))
+        self._taps.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, index: int, attn: nn.Module):
-        def record(module: nn.Module, inputs, qkv: torch.Tensor) -> None:
-            batch, tokens, width = qkv.shape
-            heads = attn.num_heads
-            head_dim = width // (3 * heads)
-            qkv = qkv.detach().reshape(batch, tokens, 3, heads, head_dim)
-            q = qkv[:, :1, 0].transpose(1, 2)  # (B, H, 1, d): the class token's query only
-            k = qkv[:, :, 1].transpose(1, 2)  # (B, H, N, d)
-            q, k = attn.q_norm(q), attn.k_norm(k)
-            scale = getattr(attn, "scale", head_dim ** -0.5)
-            logits = (q.float() @ k.float().transpose(-2, -1)).squeeze(2) * scale
-            self.rows[index] = logits.softmax(dim=-1)[..., self.prefix:]
-        return record
+        self._taps.__exit__(*exc)
 
 
 def uniform_cosine(rows: torch.Tensor, head: int | None = 0) -> torch.Tensor:
@@ -124,28 +110,3 @@ def probe_distillation_loss(teacher_features: Sequence[torch.Tensor], student_fe
         losses.append(F.mse_loss(class_token_similarity(s.float(), prefix),
                                  class_token_similarity(t.float(), prefix)))
     return torch.stack(losses).mean()
-
-
-class BlockOutputs:
-    """Context manager capturing the outputs (B, N, C) of chosen blocks during a forward."""
-
-    def __init__(self, model: nn.Module, blocks: Sequence[int]):
-        self.model = model
-        self.blocks = list(blocks)
-        self.outputs: dict[int, torch.Tensor] = {}
-        self._handles: list = []
-
-    def __enter__(self) -> "BlockOutputs":
-        for index in self.blocks:
-            def record(module, inputs, output, index=index):
-                self.outputs[index] = output
-            self._handles.append(self.model.blocks[index].register_forward_hook(record))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def ordered(self) -> list[torch.Tensor]:
-        return [self.outputs[i] for i in self.blocks]

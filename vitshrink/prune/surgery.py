@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from vitshrink.errors import UserError
-from vitshrink.io import create_model, data_config, set_data_config
+from vitshrink.io import create_model, data_config, record_of, set_data_config
 from vitshrink.models.blockwise_vit import BlockwiseVisionTransformer, SlimBlock
 
 __all__ = [
@@ -379,9 +379,11 @@ def slice_vit(model: nn.Module, plan: Plan) -> BlockwiseVisionTransformer:
     cfg = data_config(model)
     set_data_config(student, input_size=cfg["input_size"], mean=cfg["mean"], std=cfg["std"],
                     interpolation=cfg.get("interpolation"), crop_pct=cfg.get("crop_pct"))
-    meta = getattr(model, "vitshrink_meta", None)
-    if meta:
-        student.vitshrink_meta = copy.deepcopy(meta)
+    source = record_of(model)
+    if source is not None:
+        record = record_of(student)
+        record.class_names = copy.deepcopy(source.class_names)
+        record.provenance = copy.deepcopy(source.provenance)
     student.train(model.training)
     return student
 

@@ -1,4 +1,4 @@
-"""``ce``: no distillation, cross-entropy to the labels only — the baseline KD must beat. Defaults: recipes/ce.yaml."""
+"""``ce``: no distillation, cross-entropy to the labels only — the baseline KD must beat. Settings: recipes/ce.yaml."""
 from __future__ import annotations
 
 from typing import Any
@@ -14,6 +14,6 @@ class CrossEntropyOnly(Recipe):
     """The same student, schedule and data as the KD recipes, trained on labels alone (timm's ClassificationTask
     fits as is: the teacher only supplies the student's initial weights and the report's comparison)."""
 
-    def task(self, teacher: nn.Module, student: nn.Module, cfg: dict[str, Any]) -> ClassificationTask:
+    def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]) -> ClassificationTask:
         return ClassificationTask(student, criterion=nn.CrossEntropyLoss(label_smoothing=float(cfg["smoothing"])),
                                   verbose=False)

@@ -1,4 +1,4 @@
-"""``deit``: the DeiT distillation token (Touvron et al. 2021). Defaults: recipes/deit.yaml.
+"""``deit``: the DeiT distillation token (Touvron et al. 2021). Settings: recipes/deit.yaml.
 
 The student gets a distillation token and a second head (timm's ``VisionTransformerDistilled``); the class
 head learns from the labels, the distillation head from the teacher (a CNN or a ViT). At inference the two
@@ -11,13 +11,12 @@ from typing import Any
 import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
-from timm.task import TokenDistillationTask
 from torch import nn
 
-from vitshrink.distill import losses
+from vitshrink.distill.tasks import TokenKDTask
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, set_data_config
-from vitshrink.recipes.base import Recipe, RecipeContext, normalisation_differs, register_recipe, teacher_for
+from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
 from vitshrink.students import copy_data_config, vit_kwargs
 
 # timm's registered distilled ViT; the shape kwargs given override the name's defaults.
@@ -51,46 +50,6 @@ def add_distillation_token(student: nn.Module) -> VisionTransformerDistilled:
     return distilled
 
 
-class DeiTTask(TokenDistillationTask):
-    """timm's TokenDistillationTask with vitshrink's losses and the DeiT paper's weighting.
-
-    Reused from timm: the distilled-training switch on the student, student-only DDP, ``compile``, teacher in
-    eval mode. Replaced, and why: ``forward`` uses ``vitshrink.distill.losses`` with one weight ``kd_weight``
-    (lambda in the paper, alpha in the official code) as ``(1 - kd_weight) * CE(cls, y) + kd_weight * D``
-    where ``D`` is ``CE(dist, argmax teacher)`` (hard) or ``T^2 KL`` (soft); label smoothing applies to the
-    label term only (as in the official code); the normalisation check is made once, not per step; and the
-    reported ``output`` is the two heads' average, which is what inference predicts.
-    """
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, distill_type: str, kd_weight: float,
-                 temperature: float, smoothing: float = 0.0):
-        if distill_type not in ("hard", "soft"):
-            raise UserError(f"deit distill_type must be hard or soft, got {distill_type!r}")
-        wrapped = teacher_for(teacher, student)
-        super().__init__(student, wrapped, criterion=nn.CrossEntropyLoss(label_smoothing=smoothing),
-                         distill_type=distill_type, task_loss_weight=1.0 - kd_weight, temperature=temperature,
-                         device=wrapped.mean_kd.device, verbose=False)
-        self.kd_weight = kd_weight
-        self.smoothing = smoothing
-        self.renormalise = normalisation_differs(wrapped, student)
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        cls_logits, dist_logits = self.trainable_module(input)
-        with torch.no_grad():
-            images = input
-            if self.renormalise:
-                images = (input * self.student_std + self.student_mean - self.teacher.mean_kd) / self.teacher.std_kd
-            teacher_logits = self.teacher(images)
-        task_loss = losses.cross_entropy(cls_logits, target, self.smoothing)
-        if self.distill_type == "hard":
-            distill_loss = losses.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))
-        else:
-            distill_loss = losses.kd_kl(dist_logits, teacher_logits, self.temperature)
-        loss = (1.0 - self.kd_weight) * task_loss + self.kd_weight * distill_loss
-        return {"loss": loss, "output": (cls_logits.detach() + dist_logits.detach()) / 2,
-                "task_loss": task_loss.detach(), "kd_loss": distill_loss.detach()}
-
-
 @register_recipe("deit")
 class DeiT(Recipe):
     """DeiT: a distillation token and head on the student; hard (teacher argmax) or soft (T^2 KL) targets."""
@@ -104,8 +63,8 @@ class DeiT(Recipe):
     def build_student(self, teacher: nn.Module, student: nn.Module | str | None, ctx: RecipeContext) -> nn.Module:
         return add_distillation_token(super().build_student(teacher, student, ctx))
 
-    def task(self, teacher: nn.Module, student: nn.Module, cfg: dict[str, Any]) -> DeiTTask:
-        return DeiTTask(student, teacher, distill_type=str(cfg["distill_type"]), kd_weight=float(cfg["kd_weight"]),
+    def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]) -> TokenKDTask:
+        return TokenKDTask(student, teachers, distill_type=str(cfg["distill_type"]), kd_weight=float(cfg["kd_weight"]),
                         temperature=float(cfg["temperature"]), smoothing=float(cfg["smoothing"]))
 
     def finalize(self, student: nn.Module, cfg: dict[str, Any]) -> nn.Module:

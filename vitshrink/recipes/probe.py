@@ -1,5 +1,5 @@
 """``probe``: label-free probe distillation (Wang et al., ICASSP 2022, "Attention Probe: Vision Transformer
-Distillation in the Wild"; official code IIGROUP/AttentionProbe). Defaults: recipes/probe.yaml.
+Distillation in the Wild"; official code IIGROUP/AttentionProbe). Settings: recipes/probe.yaml.
 
 Made for the images ``vitshrink select-wild`` picks from an unlabelled pool: the labels (pseudo or
 none) are never read. Loss = ``T^2 KL(teacher_T || student_T)`` + ``probe_weight`` x the probe
@@ -8,17 +8,19 @@ distillation loss (``vitshrink.distill.attention_probe.probe_distillation_loss``
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from vitshrink.distill import losses
-from vitshrink.distill.attention_probe import (DISTILL_FRACTIONS, BlockOutputs, blocks_at_fractions, num_prefix_tokens,
-                                       probe_distillation_loss)
+from vitshrink.distill.attention_probe import (DISTILL_FRACTIONS, blocks_at_fractions, num_prefix_tokens,
+                                               probe_distillation_loss)
+from vitshrink.distill.taps import FeatureTaps
+from vitshrink.distill.tasks import LogitKDTask
+from vitshrink.distill.teachers import as_teachers
 from vitshrink.errors import UserError
 from vitshrink.recipes.base import Recipe, register_recipe
-from vitshrink.recipes.vanilla import LogitKDTask
 
 
 def paired_blocks(teacher_depth: int, student_depth: int) -> list[tuple[int, int]]:
@@ -39,31 +41,34 @@ def _token_layout(model: nn.Module, role: str) -> tuple[int, int]:
 class ProbeTask(LogitKDTask):
     """Logit KD (kd_weight 1: labels unused) plus the probe distillation loss on paired block outputs.
 
-    Reuses vanilla's task (timm's ``LogitDistillationTask``: teacher wrapping, renormalisation, student-only
-    DDP). Block outputs are captured with forward hooks registered for the duration of each step only.
+    The shared logit-KD task (``vitshrink.distill.tasks``) with block outputs tapped
+    (``vitshrink.distill.taps``) on the student and on the live teacher for the duration of each step only.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, temperature: float, probe_weight: float):
+    def __init__(self, student: nn.Module, teachers: Any, *, temperature: float, probe_weight: float):
+        teachers = as_teachers(teachers, student)
+        teacher = teachers.main.module
         teacher_layout, student_layout = _token_layout(teacher, "teacher"), _token_layout(student, "student")
         if teacher_layout != student_layout:
             raise UserError(f"--recipe probe matches token-similarity rows, so teacher and student need the same "
                             f"tokens: teacher has {teacher_layout[0]} prefix + {teacher_layout[1]} patch tokens, "
                             f"student {student_layout[0]} + {student_layout[1]}")
-        super().__init__(student, teacher, kd_weight=1.0, temperature=temperature)
-        self.raw_teacher, self.raw_student = teacher, student  # hooks go on the unwrapped modules
+        super().__init__(student, teachers, kd_weight=1.0, temperature=temperature)
+        self.raw_student = student  # taps go on the unwrapped student
         self.pairs = paired_blocks(len(teacher.blocks), len(student.blocks))
         self.prefix = teacher_layout[0]
         self.probe_weight = probe_weight
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        t_blocks = sorted({t for t, _ in self.pairs})
-        s_blocks = sorted({s for _, s in self.pairs})
-        with BlockOutputs(self.raw_student, s_blocks) as s_out, BlockOutputs(self.raw_teacher, t_blocks) as t_out:
+    def forward(self, input: torch.Tensor, target: torch.Tensor | None = None,
+                extras: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        t_points = [f"blocks.{t}" for t, _ in self.pairs]
+        s_points = [f"blocks.{s}" for _, s in self.pairs]
+        with FeatureTaps(self.raw_student, sorted(set(s_points))) as s_feats:
             student_logits = self.trainable_module(input)
-            teacher_logits = self.teacher_logits(input)
+        teacher_logits, t_feats = self.teachers.main.features(input, sorted(set(t_points)))
         kd = losses.kd_kl(student_logits, teacher_logits, self.temperature)
-        probe = probe_distillation_loss([t_out.outputs[t].detach() for t, _ in self.pairs],
-                                        [s_out.outputs[s] for _, s in self.pairs], prefix=self.prefix)
+        probe = probe_distillation_loss([t_feats[p] for p in t_points], [s_feats[p] for p in s_points],
+                                        prefix=self.prefix)
         loss = kd + self.probe_weight * probe
         return {"loss": loss, "output": student_logits, "kd_loss": kd.detach(), "probe_loss": probe.detach()}
 
@@ -74,6 +79,6 @@ class Probe(Recipe):
 
     uses_labels = False
 
-    def task(self, teacher: nn.Module, student: nn.Module, cfg: dict[str, Any]) -> ProbeTask:
-        return ProbeTask(student, teacher, temperature=float(cfg["temperature"]),
+    def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]) -> ProbeTask:
+        return ProbeTask(student, teachers, temperature=float(cfg["temperature"]),
                          probe_weight=float(cfg["probe_weight"]))

@@ -1,7 +1,7 @@
-"""``uvc``: Unified Visual Transformer Compression (Yu et al., ICLR 2022). Defaults: recipes/uvc.yaml.
+"""``uvc``: Unified Visual Transformer Compression (Yu et al., ICLR 2022). Settings: recipes/uvc.yaml.
 
 The student is the teacher itself, searched (``vitshrink.prune.uvc_search``), sliced (``vitshrink.prune.surgery``) to
-``--flops-target`` and post-trained with logit KD from the unpruned teacher.
+``flops_target`` (``--flops-target``, ``--set flops_target=...``) and post-trained with logit KD from the unpruned teacher.
 """
 from __future__ import annotations
 
@@ -12,17 +12,19 @@ from typing import Any
 from torch import nn
 
 from vitshrink._atomic import atomic_write_text
+from vitshrink.distill.tasks import LogitKDTask
 from vitshrink.errors import UserError
+from vitshrink.io import record_of
 from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
 from vitshrink.prune.surgery import check_sliceable, plan_to_json, slice_vit
 from vitshrink.prune.uvc_search import ResourceModel, UVCConfig, check_flops_target, search_uvc
 
 
-def uvc_config(cfg: dict[str, Any], flops_target: float | None = None) -> UVCConfig:
-    """The search settings of a merged recipe configuration (``flops_target`` overrides the preset's)."""
+def uvc_config(cfg: dict[str, Any]) -> UVCConfig:
+    """The search settings of a merged recipe configuration (uvc's own options: recipes/uvc.yaml)."""
     if cfg.get("no_skip") and cfg.get("skip_only"):
         raise UserError("--no-skip and --skip-only together leave nothing to prune")
-    target = check_flops_target(cfg["flops_target"] if flops_target is None else flops_target)
+    target = check_flops_target(cfg["flops_target"])
     return UVCConfig(
         flops_target=target, steps=int(cfg["search_steps"]), lr=float(cfg["search_lr"]),
         count_lr=float(cfg["count_lr"]), gate_lr=float(cfg["gate_lr"]), gate_momentum=float(cfg["gate_momentum"]),
@@ -43,7 +45,7 @@ class UVC(Recipe):
         if student is not None:
             raise UserError("--student: the uvc recipe prunes the teacher itself; leave --student out")
         check_sliceable(teacher)
-        config = uvc_config(ctx.cfg, ctx.flops_target)
+        config = uvc_config(ctx.cfg)
         # Fail before any training if the target cannot be reached at all.
         check_flops_target(config.flops_target, ResourceModel(teacher), skip=config.skip, within=config.within)
         return copy.deepcopy(teacher)
@@ -51,7 +53,7 @@ class UVC(Recipe):
     def prepare(self, teacher: nn.Module, student: nn.Module, ctx: RecipeContext) -> nn.Module:
         from vitshrink.measure import count_flops
 
-        config = uvc_config(ctx.cfg, ctx.flops_target)
+        config = uvc_config(ctx.cfg)
         loader = ctx.train_loader(student, batch_size=int(ctx.cfg["search_batch_size"]))
         result = search_uvc(student, loader, config, device=ctx.device, log=ctx.log, progress=ctx.progress)
         sliced = slice_vit(result.model, result.plan).to(ctx.device)
@@ -69,20 +71,17 @@ class UVC(Recipe):
         summary = {"flops_target": config.flops_target, "flops_ratio": measured, **result.summary(),
                    "plan": plan_to_json(result.plan), "ablation": {"no_skip": not config.skip,
                                                                    "skip_only": not config.within}}
-        meta = dict(getattr(sliced, "vitshrink_meta", None) or {})
-        meta["provenance"] = {**meta.get("provenance", {}), "uvc": {k: v for k, v in summary.items() if k != "plan"}}
-        sliced.vitshrink_meta = meta
+        record = record_of(sliced)
+        record.provenance = {**record.provenance, "uvc": {k: v for k, v in summary.items() if k != "plan"}}
         if ctx.out_dir is not None and ctx.rank == 0:
             atomic_write_text(ctx.out_dir / "uvc_plan.json", json.dumps(summary, indent=2) + "\n")
         return sliced
 
-    def task(self, teacher: nn.Module, student: nn.Module, cfg: dict[str, Any]):
+    def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]):
         if cfg.get("no_kd"):
             from timm.task import ClassificationTask
 
             return ClassificationTask(student, criterion=nn.CrossEntropyLoss(label_smoothing=float(cfg["smoothing"])),
                                       verbose=False)
-        from vitshrink.recipes.vanilla import LogitKDTask
-
-        return LogitKDTask(student, teacher, kd_weight=float(cfg["kd_weight"]), temperature=float(cfg["temperature"]),
+        return LogitKDTask(student, teachers, kd_weight=float(cfg["kd_weight"]), temperature=float(cfg["temperature"]),
                            smoothing=float(cfg["smoothing"]))

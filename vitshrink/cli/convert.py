@@ -1,0 +1,37 @@
+"""The convert command."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vitshrink.cli import (ArchOpt, ImgSizeOpt, InChansOpt, KeyMapOpt, MeanOpt, NormEpsOpt, NumClassesOpt,
+                           NumHeadsOpt, StdOpt, _floats, app, console, err_console)
+
+
+@app.command()
+def convert(
+    spec: Annotated[str, typer.Argument(help="checkpoint: .pt/.pth/.safetensors state dict or HF directory")],
+    output: Annotated[Path, typer.Option("-o", "--output", help=".safetensors file to write")],
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="labelled images: parity sample, top-1 and the head-count check")] = None,
+    arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
+    num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
+) -> None:
+    """Write SPEC as a vitshrink safetensors with its architecture record; later commands need no loading flags."""
+    from vitshrink.io.convert import convert as run_convert
+
+    result = run_convert(spec, output, data=data, arch=arch, num_heads=num_heads, img_size=img_size,
+                         in_chans=in_chans, num_classes=num_classes, mean=_floats(mean, "--mean"),
+                         std=_floats(std, "--std"), key_map=key_map, norm_eps=norm_eps)
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/yellow] {note}")
+    if result.top1 is not None:
+        console.print(f"top-1 {result.top1:.4f} on {result.n_eval_images} images of {data}")
+    if result.heads_top1:
+        console.print("head counts checked (top-1): "
+                      + ", ".join(f"{h}: {v:.3f}" for h, v in sorted(result.heads_top1.items())))
+    console.print(f"wrote {result.path}: max |logit diff| {result.max_abs_diff:.2e} (limit 1e-4) against the "
+                  f"loaded checkpoint on {result.n_parity_images} real images")

@@ -1,0 +1,210 @@
+"""Fitting a state dict to a timm model: check it against the model's shapes first, then build and load.
+
+``build_and_load`` builds the architecture on the meta device (no memory), compares every tensor's
+shape with the state dict, and only then builds the model for real: a record asking for an absurd
+size fails on the tensors it does not match, with one line, before anything is allocated.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from vitshrink.errors import UserError
+from vitshrink.io.readers import one_line
+from vitshrink.io.record import create_model
+
+
+def first(value: Any) -> Any:
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def require_timm_name(name: str, what: str) -> None:
+    import vitshrink.models  # noqa: F401  (registers vitshrink's own timm models)
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() for the names"
+    raise UserError(f"{name}: unknown {what}{hint}")
+
+
+@functools.lru_cache(maxsize=32)
+def probe(name: str) -> nn.Module:
+    """The arch with default arguments, on the meta device (no memory, no init cost): for its defaults."""
+    import vitshrink.models  # noqa: F401
+
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name)
+    except Exception:  # a model whose init needs real tensors: build it for real, once
+        return timm.create_model(name)
+
+
+def is_vision_transformer(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def create_checked(name: str, kwargs: dict[str, Any], source: str, *, meta: bool = False) -> nn.Module:
+    """``create_model`` with constructor failures turned into one line naming ``source``."""
+    try:
+        if meta:
+            with torch.device("meta"):
+                return create_model(name, **kwargs)
+        return create_model(name, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"{source}: timm model {name} does not accept these options {sorted(kwargs)} ({exc})") from None
+    except (AssertionError, ValueError, RuntimeError, IndexError, KeyError, ZeroDivisionError) as exc:
+        raise UserError(f"{source}: cannot build {name} with {kwargs} ({type(exc).__name__}: {exc})") from None
+
+
+def build_and_load(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor], source: Path | str,
+                   label: str) -> nn.Module:
+    """Build ``name(**kwargs)`` and load ``state`` strictly; shapes are checked on a meta build first."""
+    try:
+        with torch.device("meta"):
+            shell = create_model(name, **kwargs)
+    except Exception:  # a constructor that needs real tensors: the real build below reports any fault
+        shell = None
+    if shell is not None:
+        check_state(shell.state_dict(), state, source, label)
+    model = create_checked(name, kwargs, source=str(source))
+    load_state_checked(model, state, source, label)
+    return model
+
+
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: Path | str,
+                label: str) -> None:
+    """One line naming the first tensor whose shape differs, or the tensors missing / left over."""
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise UserError(f"{source}: {key} has shape {tuple(tensor.shape)} but arch {label} expects "
+                            f"{tuple(expected[key].shape)}")
+    # Checkpoints from PyTorch < 0.4.1 have no BatchNorm step counter; it does not affect the outputs.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if not missing and not unexpected:
+        return
+    details = ("tensors in the file that the model lacks:\n  " + "\n  ".join(
+        f"{k} {tuple(state[k].shape)}" for k in unexpected) + "\ntensors the model needs that the file lacks:\n  "
+        + "\n  ".join(f"{k} {tuple(expected[k].shape)}" for k in missing))
+    hint = " (--debug lists every unmatched key)"
+    suggestion = suggest_key_map(unexpected, missing, state, expected)
+    if suggestion is not None:
+        found, wanted, rule, fixed = suggestion
+        raise UserError(f"{source}: {found} {tuple(state[found].shape)} looks like {wanted}: try --key-map "
+                        f"'{rule}' ({fixed} of {len(unexpected)} unmatched tensors would match){hint}", details)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{source}: arch {label} needs tensor {missing[0]}{more}, which the file lacks{hint}", details)
+    more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+    raise UserError(f"{source}: tensor {unexpected[0]}{more} is not part of arch {label}{hint}", details)
+
+
+def suggest_key_map(unexpected: list[str], missing: list[str], state: dict[str, torch.Tensor],
+                    expected: dict[str, torch.Tensor]) -> tuple[str, str, str, int] | None:
+    """The ``--key-map`` rule that renames the most unmatched file tensors onto needed ones of the same shape.
+
+    Candidates pair a file tensor with a needed tensor of the same shape; the rule replaces the dotted
+    segment where their names differ (with the segment before it as context, e.g. ``mlp\\.0\\.=mlp.fc1.``).
+    """
+    import re
+
+    needed = set(missing)
+    best: tuple[str, str, str, int] | None = None
+    tried: set[str] = set()
+    for found in unexpected[:64]:
+        shape = tuple(state[found].shape)
+        for wanted in missing:
+            if tuple(expected[wanted].shape) != shape:
+                continue
+            rule = _rule_between(found, wanted)
+            if rule is None or rule in tried:
+                continue
+            tried.add(rule)
+            pattern, replacement = rule.split("=", 1)
+            fixed = sum(1 for key in unexpected
+                        if re.sub(pattern, replacement, key) in needed
+                        and tuple(state[key].shape) == tuple(expected[re.sub(pattern, replacement, key)].shape))
+            if fixed and (best is None or fixed > best[3]):
+                best = (found, wanted, rule, fixed)
+    return best
+
+
+def _rule_between(found: str, wanted: str) -> str | None:
+    import re
+
+    a, b = found.split("."), wanted.split(".")
+    start = 0
+    while start < min(len(a), len(b)) and a[start] == b[start]:
+        start += 1
+    end = 0
+    while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
+        end += 1
+    old, new = a[start:len(a) - end], b[start:len(b) - end]
+    if not old:
+        return None
+    context = [a[start - 1]] if start > 0 and not a[start - 1].isdigit() else []
+    lead = "" if context or start == 0 else "."
+    pattern = (re.escape(lead) + re.escape(".".join(context + old))) if start else "^" + re.escape(".".join(old))
+    replacement = lead + ".".join(context + new)
+    return f"{pattern}\\.={replacement}." if end else f"{pattern}$={replacement}"
+
+
+def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str, label: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming the first offending tensor."""
+    expected = model.state_dict()
+    check_state(expected, state, source, label)
+    state = {**{k: torch.zeros_like(v) for k, v in expected.items()
+                if k.endswith("num_batches_tracked") and k not in state}, **state}
+    model.load_state_dict(state, strict=True)
+
+
+def resample_pos_embed(state: dict[str, torch.Tensor], new_img_size: int, patch_size: int,
+                       no_embed_class: bool, source: Path) -> dict[str, torch.Tensor]:
+    """Interpolate the position embedding to a new patch grid (prefix-token rows are kept as they are)."""
+    from timm.layers import resample_abs_pos_embed
+
+    if new_img_size % patch_size:
+        raise UserError(f"{source}: --img-size {new_img_size} is not a multiple of the model's patch size {patch_size}")
+    num_prefix = 0 if no_embed_class else (
+        int("cls_token" in state) + int("dist_token" in state)
+        + (int(state["reg_token"].shape[1]) if "reg_token" in state else 0))
+    pos_embed = state["pos_embed"]
+    if pos_embed.dim() != 3:
+        raise UserError(f"{source}: pos_embed has shape {tuple(pos_embed.shape)}, expected (1, tokens, width)")
+    old_grid = math.isqrt(int(pos_embed.shape[1]) - num_prefix)
+    state = dict(state)
+    try:
+        state["pos_embed"] = resample_abs_pos_embed(
+            pos_embed.float(), [new_img_size // patch_size] * 2, old_size=[old_grid] * 2,
+            num_prefix_tokens=num_prefix).to(pos_embed.dtype)
+    except RuntimeError as exc:
+        raise UserError(f"{source}: cannot resample pos_embed to {new_img_size} ({one_line(exc)})") from None
+    return state
+
+
+def check_sizes_against_state(where: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """The sizes a record or config states, compared with the tensors before anything is built."""
+    import re
+
+    depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
+    stated = kwargs.get("depth")
+    if isinstance(stated, int) and depth and stated != depth:
+        raise UserError(f"{where}: depth={stated} but the file holds {depth} blocks")
+    proj = state.get("patch_embed.proj.weight")
+    width = kwargs.get("embed_dim")
+    if isinstance(width, int) and proj is not None and proj.dim() == 4 and int(proj.shape[0]) != width:
+        raise UserError(f"{where}: embed_dim={width} but patch_embed.proj.weight has width {int(proj.shape[0])}")
+    head = state.get("head.weight")
+    classes = kwargs.get("num_classes")
+    if isinstance(classes, int) and head is not None and head.dim() == 2 and int(head.shape[0]) != classes:
+        raise UserError(f"{where}: num_classes={classes} but head.weight has {int(head.shape[0])} rows")
