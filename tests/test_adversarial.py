@@ -507,3 +507,76 @@ def test_synthesize_never_writes_outside_out_for_crafted_class_names(capsys, tmp
     code, _, err = run_cli(capsys, "synthesize", str(model_path), "--num", "2", "--out", str(tmp_path / "out"),
                            "--iterations", "2", "-b", "2", "--device", "cpu")
     assert_one_line_error(code, err, "synthesis.json")
+
+
+# --- distill: --resume must continue the same run; the NaN guard keeps only good weights --------------
+def _distill(capsys, teacher: Path, data: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    return run_cli(capsys, "distill", str(teacher), "--data", str(data), "--out", str(out), "--epochs", "1",
+                   "-b", "8", "-j", "0", "--device", "cpu", "--no-progress", "--checkpoint-steps", "1", *extra)
+
+
+def assert_error_line(code: int, err: str, *needles: str) -> None:
+    """Exit 2, no traceback, exactly one error line (a run may log what it was doing before it stopped)."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("labelled")
+    write_images(root / "cat", 12, seed=2)
+    write_images(root / "dog", 12, seed=3)
+    return root
+
+
+def test_resume_refuses_another_run_and_a_damaged_checkpoint(capsys, two_class_vit, labelled_folder, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = _distill(capsys, two_class_vit, labelled_folder, out)
+    assert code == 0, err
+    other_data = tmp_path / "other"
+    write_images(other_data / "cat", 12, seed=5)
+    write_images(other_data / "dog", 12, seed=6)
+    last = (out / "last.pt").read_bytes()
+    for extra, needle in ((["--seed", "1"], "seed (0 in last.pt, 1 now)"), (["-b", "4"], "batch_size"),
+                          (["--recipe", "ce"], "recipe ('vanilla' in last.pt, 'ce' now)")):
+        code, _, err = _distill(capsys, two_class_vit, labelled_folder, out, "--resume", *extra)
+        assert_error_line(code, err, "--resume", needle)
+    code, _, err = _distill(capsys, two_class_vit, other_data, out, "--resume")
+    assert_error_line(code, err, "data (other images or labels)")
+    for damaged in (last[: len(last) // 2], b"", b"PK\x03\x04garbage"):
+        (out / "last.pt").write_bytes(damaged)
+        code, _, err = _distill(capsys, two_class_vit, labelled_folder, out, "--resume")
+        assert_error_line(code, err, "last.pt", "damaged")
+    assert (out / "last.pt").read_bytes() == damaged  # refused before anything was written
+
+
+def test_nan_guard_never_checkpoints_diverged_weights(two_class_vit, labelled_folder, tmp_path):
+    from vitshrink.errors import UserError
+    from vitshrink.io import load_model, model_from_record
+    from vitshrink.pipeline import distill
+    from vitshrink.train import load_checkpoint
+
+    # The first step runs at warmup_lr (good weights); the next at ~1e30 / 3: weights around 1e30, finite,
+    # which the old guard (loss only) checkpointed as "good" and a resume then NaN'd at once.
+    with pytest.raises(UserError, match="last good checkpoint kept") as caught:
+        distill(load_model(two_class_vit), "vanilla", data=labelled_folder, out_dir=tmp_path, epochs=1, batch_size=8,
+                lr=1e30, workers=0, progress=False, device="cpu",
+                overrides={"warmup_epochs": 1, "warmup_lr": 1e-6, "clip_grad": None, "checkpoint_steps": 1})
+    assert "\n" not in str(caught.value)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["global_step"] == 1
+    student = model_from_record(json.loads(state["arch"]))
+    student.load_state_dict(state["trainable"])
+    with torch.no_grad():
+        logits = student.eval()(torch.randn(4, 3, 16, 16))
+    assert torch.isfinite(logits).all() and logits.abs().max() < 1e4
+
+
+def test_a_nan_loss_at_the_first_step_does_not_blame_the_learning_rate(capsys, two_class_vit, labelled_folder,
+                                                                      tmp_path):
+    code, _, err = _distill(capsys, two_class_vit, labelled_folder, tmp_path / "run", "--std", "1e-39")
+    assert_error_line(code, err, "first step", "a lower --lr will not help")

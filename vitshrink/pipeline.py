@@ -24,6 +24,7 @@ import vitshrink
 from vitshrink._atomic import atomic_write_text
 from vitshrink.config import Settings, resolve_settings
 from vitshrink.data import LabelledData, make_loader, resolve_data
+from vitshrink.data.folders import readable_images
 from vitshrink.data.sources import eval_transform, train_transform, with_transform
 from vitshrink.distill.teachers import Teachers
 from vitshrink.errors import UserError
@@ -31,6 +32,8 @@ from vitshrink.io import architecture_record, data_config, model_from_record, re
 from vitshrink.recipes.base import Recipe, RecipeContext, get_recipe
 from vitshrink.train import (Checkpointing, Dist, Evaluation, Schedule, TrainEnv, TrainResult, init_distributed,
                              load_checkpoint, select_device, train)
+from vitshrink.train.checkpoint import check_resume, data_fingerprint, weights_fingerprint
+from vitshrink.validate import check_run_options
 
 BUNDLED_TEACHER = Path(vitshrink.__file__).parent / "assets" / "teacher_vit_cifar10.safetensors"
 
@@ -57,6 +60,7 @@ class Run:
     compile: bool = False
     progress: Any = None
     log: Callable[[str], None] = print
+    identity: dict[str, Any] | None = None  # recorded in last.pt; --resume must match it
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -196,7 +200,8 @@ def train_student(run: Run, ctx: RecipeContext, model: nn.Module, labelled: Labe
         save_model(model, run.out_dir / "student.safetensors", class_names=labelled.class_names,
                    provenance={"recipe": run.recipe.name, "teacher": args["teacher"], "epoch": epoch, "top1": top1})
 
-    checkpointing = Checkpointing(run.out_dir, int(cfg["checkpoint_steps"] or 0), arch_json, save_best, resume_state)
+    checkpointing = Checkpointing(run.out_dir, int(cfg["checkpoint_steps"] or 0), arch_json, save_best, resume_state,
+                                  identity=run.identity)
     if run.ddp.main:
         atomic_write_text(run.out_dir / "args.yaml", yaml.safe_dump(args, sort_keys=False))
         run.log(f"{run.recipe.name}: teacher {args['teacher']} -> student {json.loads(arch_json)['model']} "
@@ -219,8 +224,7 @@ def export_student(run: Run, final: nn.Module, labelled: LabelledData):
     """``student.onnx``, parity-checked on real validation images."""
     from vitshrink.export import export_onnx
 
-    val = with_transform(labelled.val, eval_transform(final))
-    sample = torch.stack([val[i][0] for i in range(min(8, len(val))) if val[i] is not None])
+    sample = readable_images(labelled.val, eval_transform(final), 8)  # past unreadable first images
     run.log("exporting student.onnx (parity check on real images) and measuring teacher and student ...")
     return export_onnx(final, run.out_dir / "student.onnx", sample=sample)
 
@@ -303,6 +307,8 @@ def distill(
     ``recipes/RECIPE.yaml`` < ``config`` < the explicit arguments and ``options`` (any setting, as flags) <
     ``overrides`` (``--set``). ``flops_target`` is uvc's option of that name.
     """
+    check_run_options(seed=seed, val_split=val_split, flops_target=flops_target, workers=workers, epochs=epochs,
+                      batch_size=batch_size, lr=lr, out_dir=out_dir)
     ddp = init_distributed(device)
     try:
         flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "workers": workers, "amp": amp,
@@ -321,6 +327,8 @@ def run_pipeline(run: Run, teacher: nn.Module | None, *, student: nn.Module | st
                  val_split: float, resume: bool, device_name: str, show_progress: bool) -> DistillResult:
     """Every stage after the settings, in order."""
     teachers = load_teachers(run.recipe, teacher, run.cfg)
+    for role, model in teachers.items():
+        check_run_options(teacher=model, teacher_role=role)  # NaN weights: every number would be noise
     main_teacher = teachers[Teachers.MAIN]
     resume_state = load_checkpoint(run.out_dir / "last.pt") if resume else None
     rank_seed = run.seed + run.ddp.rank
@@ -328,6 +336,11 @@ def run_pipeline(run: Run, teacher: nn.Module | None, *, student: nn.Module | st
     np.random.seed(rank_seed)
     torch.manual_seed(rank_seed)
     labelled = load_data(data, val_data, teacher=main_teacher, val_split=val_split, seed=run.seed)
+    run.identity = {"recipe": run.recipe.name, "data": data_fingerprint(labelled, [
+        str(Path(p).resolve()) for p in (data, val_data) if isinstance(p, (str, os.PathLike))]), "seed": run.seed,
+                    "batch_size": run.cfg["batch_size"], "teacher": weights_fingerprint(main_teacher)}
+    if resume_state is not None:
+        check_resume(resume_state, run.identity, run.out_dir / "last.pt")
     teachers = {role: freeze(model, run.device) for role, model in teachers.items()}
     main_teacher = teachers[Teachers.MAIN]
     with _progress(show_progress and run.ddp.main) as bar:

@@ -37,13 +37,20 @@ NormEpsOpt = Annotated[Optional[float], typer.Option(
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="ImageFolder dir or .tar (default: bundled CIFAR-10)")]
 
 
+def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
+    """``--mean``/``--std`` as numbers: finite, and each std > 0 (vitshrink.validate.parse_floats)."""
+    from vitshrink.validate import parse_floats
+
+    return parse_floats(text, flag, positive=flag == "--std")
+
+
 def load_spec(spec: str, arch: Optional[str], num_heads: Optional[int], img_size: Optional[int],
               in_chans: Optional[int], num_classes: Optional[int], mean: Optional[str], std: Optional[str],
               pretrained: bool = False, *, key_map: Optional[list[str]] = None, norm_eps: Optional[float] = None):
     """Load a SPEC with the shared loading options and print any assumption the loader made."""
-    from vitshrink.validate import check_load_options, check_float, parse_floats
+    from vitshrink.validate import check_load_options, check_float
 
-    means, stds = parse_floats(mean, "--mean"), parse_floats(std, "--std", positive=True)
+    means, stds = _floats(mean, "--mean"), _floats(std, "--std")
     check_load_options(num_heads=num_heads, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
                        mean=means, std=stds)
     check_float(norm_eps, "--norm-eps", low=0.0, high=1.0, low_open=True, optional=True)
