@@ -540,7 +540,24 @@ def synthesize_cases() -> list[Case]:
     return cases
 
 
-ALL_CASES = numeric_cases() + path_cases() + data_cases() + model_cases() + output_cases() + compare_cases() + synthesize_cases()
+def resume_cases() -> list[Case]:
+    run = DST + " --checkpoint-steps 1"
+    cases = [E("resume", f"--resume with {extra}", f"{run} --resume {extra}", needle, pre=run.split())
+             for extra, needle in (("--seed 1", "seed"), ("-b 4", "batch_size"), ("--recipe ce", "recipe"))]
+    cases.append(E("resume", "--resume with other --data", run.replace("{data}", "{case}/d") + " --resume", "data",
+                   pre=run.split(), setup=lambda d, s: shutil.copytree(s["data"], d / "d")))
+    for label, data in (("truncated", None), ("empty", b""), ("zip garbage", b"PK\x03\x04xx")):
+        def damage(case_dir: Path, shared: dict, data=data) -> None:
+            last = case_dir / "out" / "last.pt"
+            last.write_bytes(data if data is not None else last.read_bytes()[:2000])
+        cases.append(E("resume", f"--resume from a {label} last.pt", f"{run} --resume", "damaged", pre=run.split(),
+                       setup=damage))
+    cases.append(E("resume", "--resume without last.pt", f"{run} --resume", "not found"))
+    cases.append(Case("NaN loss at the first step", "resume", f"{run} --std 1e-39".split(), "error", "first step"))
+    return cases
+
+
+ALL_CASES = numeric_cases() + path_cases() + data_cases() + model_cases() + output_cases() + compare_cases() + synthesize_cases() + resume_cases()
 
 
 # ---------------------------------------------------------------------------------------------- run
