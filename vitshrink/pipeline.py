@@ -24,6 +24,7 @@ import vitshrink
 from vitshrink._atomic import atomic_write_text
 from vitshrink.config import Settings, resolve_settings
 from vitshrink.data import LabelledData, make_loader, resolve_data
+from vitshrink.data.folders import readable_images
 from vitshrink.data.sources import eval_transform, train_transform, with_transform
 from vitshrink.distill.teachers import Teachers
 from vitshrink.errors import UserError
@@ -31,6 +32,8 @@ from vitshrink.io import architecture_record, data_config, model_from_record, re
 from vitshrink.recipes.base import Recipe, RecipeContext, get_recipe
 from vitshrink.train import (Checkpointing, Dist, Evaluation, Schedule, TrainEnv, TrainResult, init_distributed,
                              load_checkpoint, select_device, train)
+from vitshrink.train.checkpoint import check_resume, data_fingerprint, weights_fingerprint
+from vitshrink.validate import check_run_options
 
 BUNDLED_TEACHER = Path(vitshrink.__file__).parent / "assets" / "teacher_vit_cifar10.safetensors"
 
@@ -57,6 +60,7 @@ class Run:
     compile: bool = False
     progress: Any = None
     log: Callable[[str], None] = print
+    identity: dict[str, Any] | None = None  # recorded in last.pt; --resume must match it
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -219,7 +223,8 @@ def train_student(run: Run, ctx: RecipeContext, model: nn.Module, labelled: Labe
         save_model(model, run.out_dir / "student.safetensors", class_names=labelled.class_names,
                    provenance={"recipe": run.recipe.name, "teacher": args["teacher"], "epoch": epoch, "top1": top1})
 
-    checkpointing = Checkpointing(run.out_dir, int(cfg["checkpoint_steps"] or 0), arch_json, save_best, resume_state)
+    checkpointing = Checkpointing(run.out_dir, int(cfg["checkpoint_steps"] or 0), arch_json, save_best, resume_state,
+                                  identity=run.identity)
     if run.ddp.main:
         atomic_write_text(run.out_dir / "args.yaml", yaml.safe_dump(args, sort_keys=False))
         run.log(f"{run.recipe.name}: teacher {args['teacher']} -> student {json.loads(arch_json)['model']} "
@@ -243,8 +248,8 @@ def export_student(run: Run, final: nn.Module, labelled: LabelledData):
     from vitshrink.export import export_onnx
 
     # Without a validation split (data-free, no --val-data) the parity check uses training images.
-    val = with_transform(labelled.val if labelled.val is not None else labelled.train, eval_transform(final))
-    sample = torch.stack([val[i][0] for i in range(min(8, len(val))) if val[i] is not None])
+    split = labelled.val if labelled.val is not None else labelled.train
+    sample = readable_images(split, eval_transform(final), 8)  # past unreadable first images
     what = "synthesised" if labelled.synthetic else "real"
     run.log(f"exporting student.onnx (parity check on {what} images) and measuring teacher and student ...")
     return export_onnx(final, run.out_dir / "student.onnx", sample=sample)
@@ -353,6 +358,8 @@ def distill(
     that name) trains on ``synth_num`` images synthesised from the teacher into ``out_dir/synthetic`` instead of
     ``data``; validation then needs ``val_data`` (without it no accuracy is measured).
     """
+    check_run_options(seed=seed, val_split=val_split, flops_target=flops_target, workers=workers, epochs=epochs,
+                      batch_size=batch_size, lr=lr, out_dir=out_dir)
     ddp = init_distributed(device)
     try:
         flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "workers": workers, "amp": amp,
@@ -372,6 +379,8 @@ def run_pipeline(run: Run, teacher: nn.Module | None, *, student: nn.Module | st
                  val_split: float, resume: bool, device_name: str, show_progress: bool) -> DistillResult:
     """Every stage after the settings, in order."""
     teachers = load_teachers(run.recipe, teacher, run.cfg)
+    for role, model in teachers.items():
+        check_run_options(teacher=model, teacher_role=role)  # NaN weights: every number would be noise
     main_teacher = teachers[Teachers.MAIN]
     resume_state = load_checkpoint(run.out_dir / "last.pt") if resume else None
     rank_seed = run.seed + run.ddp.rank
@@ -380,6 +389,11 @@ def run_pipeline(run: Run, teacher: nn.Module | None, *, student: nn.Module | st
     torch.manual_seed(rank_seed)
     labelled = load_training_data(run, data, val_data, teacher=main_teacher, val_split=val_split,
                                   show_progress=show_progress and run.ddp.main)
+    run.identity = {"recipe": run.recipe.name, "data": data_fingerprint(labelled, [
+        str(Path(p).resolve()) for p in (data, val_data) if isinstance(p, (str, os.PathLike))]), "seed": run.seed,
+                    "batch_size": run.cfg["batch_size"], "teacher": weights_fingerprint(main_teacher)}
+    if resume_state is not None:
+        check_resume(resume_state, run.identity, run.out_dir / "last.pt")
     teachers = {role: freeze(model, run.device) for role, model in teachers.items()}
     main_teacher = teachers[Teachers.MAIN]
     with _progress(show_progress and run.ddp.main) as bar:

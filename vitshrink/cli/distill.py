@@ -92,6 +92,11 @@ def distill(
     """
     import yaml
 
+    from vitshrink.validate import check_run_options
+
+    # Before the teacher loads (seconds); the pipeline checks them again for Python callers.
+    check_run_options(seed=seed, val_split=val_split, workers=workers, epochs=epochs, batch_size=batch_size, lr=lr,
+                      out_dir=out)
     from vitshrink.pipeline import distill as run_distill
     from vitshrink.pipeline import load_bundled_teacher
     from vitshrink.recipes import get_recipe
