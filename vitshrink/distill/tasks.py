@@ -158,8 +158,9 @@ class MultiTokenKDTask(DistillTask):
         for head, role, weight in self.pairs:
             if weight == 0:
                 continue
+            # Co-advise's KL is KLDivLoss(reduction="batchmean") (official main.py), not DeiT's sum / numel.
             term = token_distillation_loss(heads[head], self.teachers[role].logits(input, extras),
-                                           self.distill_type, self.temperature)
+                                           self.distill_type, self.temperature, kl_reduction="batchmean")
             loss = loss + weight * term
             result[f"kd_loss_{role}"] = term.detach()
         output = torch.stack([h.detach() for h in heads]).mean(0)
