@@ -40,6 +40,16 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def teacher_hash(spec: str | Path) -> str:
+    """sha256 of the teacher's file (every file of a folder, in name order); of the name for a timm name."""
+    path = Path(spec)
+    if path.is_file():
+        return file_hash(path)
+    if path.is_dir():
+        return hashlib.sha256("".join(file_hash(p) for p in sorted(path.rglob("*")) if p.is_file()).encode()).hexdigest()
+    return hashlib.sha256(str(spec).encode()).hexdigest()
+
+
 def listing_hash(split: Any) -> str:
     """sha256 of a split's listing: its images (file names where the reader has them), order and targets."""
     digest = hashlib.sha256()
@@ -230,7 +240,7 @@ def replay_loader(split: Any, transform: Callable, *, seed: int, batch_size: int
 def run_fingerprint(teacher_file: str | Path, split: Any, model_data_config: Mapping[str, Any],
                     cfg: Mapping[str, Any], *, seed: int, topk: int) -> dict:
     """The fingerprint of a run that trains on ``split`` with views for ``model_data_config`` and ``cfg``."""
-    return fingerprint(teacher_hash=file_hash(teacher_file), data_listing=listing_hash(split),
+    return fingerprint(teacher_hash=teacher_hash(teacher_file), data_listing=listing_hash(split),
                        augmentation=augmentation_settings(cfg), seed=seed,
                        input_size=tuple(model_data_config["input_size"]), mean=tuple(model_data_config["mean"]),
                        std=tuple(model_data_config["std"]), topk=topk)
