@@ -106,3 +106,34 @@ def test_interrupted_cache_resumes(setup, tiny_teacher_path, tmp_path):
     for name in ("values.f16", "indices.i2", "lse.f32"):
         assert np.array_equal(np.fromfile(tmp_path / "full" / name, dtype=np.uint8),
                               np.fromfile(tmp_path / "part" / name, dtype=np.uint8))
+
+
+def test_distill_reads_cache_and_refuses_mismatch(tiny_teacher_path, tmp_path):
+    """End to end through the CLI: a vanilla run on the cache records it in args.yaml; another seed is refused
+    (exit 2, one line); probe refuses the cache."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from distill_support import REPO
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "vitshrink", *map(str, args)], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+
+    data = REPO / "vitshrink" / "assets" / "cifar10_test_1k.tar"
+    made = cli("cache-logits", tiny_teacher_path, "--data", data, "--epochs", 1, "--topk", 10, "--out", tmp_path / "c",
+               "-b", 64, "--device", "cpu")
+    assert made.returncode == 0, made.stderr
+    common = ["--data", data, "--epochs", 1, "-b", 64, "--device", "cpu", "--no-progress", "-j", 0,
+              "--logit-cache", tmp_path / "c"]
+    run = cli("distill", tiny_teacher_path, "--out", tmp_path / "run", *common)
+    assert run.returncode == 0, run.stderr
+    args = yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())
+    assert args["logit_cache"]["teacher"]["fingerprint"]["topk"] == 10
+    other = cli("distill", tiny_teacher_path, "--out", tmp_path / "run2", "--seed", 1, *common)
+    # --seed also changes the hold-out split, so the data differs too
+    assert other.returncode == 2 and "seed than this run" in other.stderr and "Traceback" not in other.stderr
+    probe = cli("distill", tiny_teacher_path, "--recipe", "probe", "--out", tmp_path / "run3", *common)
+    assert probe.returncode == 2 and "features" in probe.stderr
