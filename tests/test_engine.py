@@ -88,8 +88,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_teacher_path, tmp_p
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_teacher_path, tmp_path):
     teacher = load_model(tiny_teacher_path)
     with pytest.raises(UserError, match="loss became nan") as caught:
+        # Warm-up: the first step runs at warmup_lr (good), the second at ~1e30 / 8 (weights diverge).
         distill(teacher, "vanilla", data=small_data(256, 20), out_dir=tmp_path, epochs=1, batch_size=32, lr=1e30,
-                workers=0, progress=False, overrides={"warmup_epochs": 0, "clip_grad": None, "checkpoint_steps": 1})
+                workers=0, progress=False, overrides={"warmup_epochs": 1, "warmup_lr": 1e-6, "clip_grad": None,
+                                                      "checkpoint_steps": 1})
     assert "last good checkpoint kept" in str(caught.value) and "\n" not in str(caught.value)
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["global_step"] >= 1

@@ -83,20 +83,41 @@ def _run_rows(run_dir: Path) -> tuple[ModelRow, ModelRow]:
         teacher_name = ((teacher.get("benchmark") or {}).get("name")) or "teacher"
         teacher_row = ModelRow(teacher_name, "teacher", str(run_dir), teacher["top1"], teacher["params"],
                                teacher["gmacs"], dict(teacher.get("ort_p50_ms") or {}))
-    except (KeyError, TypeError) as exc:
-        raise UserError(f"{report_path}: not a vitshrink report (missing {exc})") from None
-    return student_row, teacher_row
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise UserError(f"{report_path}: not a vitshrink report ({type(exc).__name__}: {exc})") from None
+    return _checked(student_row, report_path), _checked(teacher_row, report_path)
+
+
+def _checked(row: ModelRow, path: Path) -> ModelRow:
+    """Every number of a row read from a file the user can edit: finite and in range (else a one-line error)."""
+    from vitshrink.validate import check_float
+
+    check_float(row.top1, f"{path}: top1", low=0.0, high=1.0, optional=True)
+    check_float(row.params, f"{path}: params", low=0.0, optional=True)
+    check_float(row.gmacs, f"{path}: gmacs", low=0.0, optional=True)
+    check_float(row.distill_seconds, f"{path}: distill_seconds", low=0.0, optional=True)
+    for what, values in (("ort_p50_ms", row.ort_p50_ms), ("speedup", row.speedup)):
+        for batch, value in values.items():
+            if not str(batch).isdigit() or int(batch) < 1:
+                raise UserError(f"{path}: {what} has a batch size {batch!r} that is not a positive integer")
+            check_float(value, f"{path}: {what}[{batch}]", low=0.0, low_open=True, optional=True)
+    if row.recipe is not None and not isinstance(row.recipe, str):
+        raise UserError(f"{path}: recipe must be a name, got {row.recipe!r}")
+    return row
 
 
 def _benchmark_row(path: Path, top1: float | None) -> ModelRow:
     data = _read_json(path)
-    model = data.get("model")
-    if not isinstance(model, dict) or "runtimes" not in model:
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("runtimes"), dict):
         raise UserError(f"{path}: not a `vitshrink benchmark --json` file (no 'model' entry)")
-    batches = ((model["runtimes"].get("onnxruntime") or {}).get("batches")) or []
-    latency = {str(b["batch_size"]): b["p50_ms"] for b in batches}
-    ratios = ((data.get("ratios") or {}).get("runtimes") or {}).get("onnxruntime") or {}
-    speedup = {batch: values.get("speedup_p50") for batch, values in ratios.items()}
+    try:
+        batches = ((model["runtimes"].get("onnxruntime") or {}).get("batches")) or []
+        latency = {str(b["batch_size"]): b["p50_ms"] for b in batches}
+        ratios = ((data.get("ratios") or {}).get("runtimes") or {}).get("onnxruntime") or {}
+        speedup = {batch: values.get("speedup_p50") for batch, values in ratios.items()}
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path}: not a `vitshrink benchmark --json` file ({type(exc).__name__}: {exc})") from None
     return ModelRow(path.stem, "benchmark", str(path), top1, model.get("params"), model.get("gmacs"), latency, speedup)
 
 
@@ -156,6 +177,10 @@ def compare_runs(paths: Sequence[str | Path], *, x: str = "latency", batch: int 
         raise UserError(f"--x must be one of {', '.join(X_AXES)}, got {x!r}")
     if not paths:
         raise UserError("compare: give at least one run folder or benchmark JSON file")
+    if isinstance(batch, int):
+        from vitshrink.validate import check_int
+
+        check_int(batch, "--batch", low=1)
     students: list[ModelRow] = []
     teachers: list[ModelRow] = []
     for argument in paths:
@@ -165,7 +190,7 @@ def compare_runs(paths: Sequence[str | Path], *, x: str = "latency", batch: int 
             students.append(student)
             teachers.append(teacher)
         elif path.suffix == ".json" and path.is_file():
-            students.append(_benchmark_row(path, top1))
+            students.append(_checked(_benchmark_row(path, top1), path))
         else:
             raise UserError(f"{path}: neither a run folder (with report.json) nor a benchmark .json file")
     rows = _merge_teachers(teachers) + students

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from vitshrink.errors import UserError
+from vitshrink.validate import check_settings
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 BASE = "base"
@@ -113,12 +114,7 @@ def resolve_settings(recipe: str, config: str | Path | None = None, flags: dict[
                 raise UserError(f"{where}: unknown setting {key!r} for recipe {recipe} "
                                 f"(known: {', '.join(sorted(settings.values))})")
             settings.set(key, value, source)
-    cfg = settings.values
-    for key in ("epochs", "batch_size"):
-        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
-            raise UserError(f"{flag_name(key)} must be a positive integer, got {cfg[key]!r}")
-    if float(cfg["lr"]) <= 0:
-        raise UserError(f"--lr must be > 0, got {cfg['lr']}")
+    check_settings(settings.values, settings.sources)  # type, range and finiteness of every value
     return settings
 
 

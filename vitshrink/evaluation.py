@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 from vitshrink.data import ImageSplit, build_transform, make_loader
+from vitshrink.data.folders import unsafe_member_count
+from vitshrink.errors import UserError
 from vitshrink.io import data_config
+from vitshrink.validate import check_batch_size, check_finite_weights, check_outputs_finite, check_workers
 
 
 @dataclass
@@ -32,10 +35,12 @@ def _logits(output: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader, *, device: str | torch.device = "cpu",
-                    progress=None, description: str = "evaluate", amp: bool = False) -> EvalResult:
+                    progress=None, description: str = "evaluate", amp: bool = False,
+                    require_finite: bool = False) -> EvalResult:
     """Accuracy over every batch of ``loader`` (batches of ``(images, targets, n_skipped)``).
 
     ``progress`` is an optional ``rich.progress.Progress``; a task is added and advanced per batch.
+    ``require_finite``: NaN/inf logits are a ``UserError`` (an accuracy from them would be meaningless).
     """
     was_training = model.training
     model.eval()
@@ -49,6 +54,9 @@ def evaluate_loader(model: nn.Module, loader, *, device: str | torch.device = "c
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                 logits = _logits(model(images)).float()
+            if require_finite and not torch.isfinite(logits).all():
+                raise UserError(f"{description}: the model outputs NaN or infinite logits; its weights or "
+                                "normalisation (--mean/--std) are broken")
             loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
@@ -67,10 +75,21 @@ def evaluate_loader(model: nn.Module, loader, *, device: str | torch.device = "c
 
 def evaluate(model: nn.Module, dataset: ImageSplit, *, batch_size: int = 256, workers: int | None = None,
              device: str | torch.device = "cpu", progress=None) -> EvalResult:
-    """Evaluate ``model`` on ``dataset`` using the model's own eval transform (timm's, from its data config)."""
+    """Evaluate ``model`` on ``dataset`` using the model's own eval transform (timm's, from its data config).
+
+    A model with NaN/inf weights, or whose logits are NaN/inf, is a ``UserError``.
+    """
     from vitshrink.data.sources import with_transform
 
+    batch_size = check_batch_size(batch_size)
+    check_workers(workers)
+    check_finite_weights(model, "evaluate")
     view = with_transform(dataset, build_transform(data_config(model), is_training=False))  # dataset untouched
     model.to(device)
+    first = next((item for item in (view[i] for i in range(min(len(view), 64))) if item is not None), None)
+    if first is not None:
+        check_outputs_finite(model, first[0][None], "evaluate")
     loader = make_loader(view, batch_size, shuffle=False, workers=workers)
-    return evaluate_loader(model, loader, device=device, progress=progress)
+    result = evaluate_loader(model, loader, device=device, progress=progress, require_finite=True)
+    result.n_skipped += unsafe_member_count(dataset)  # tar members with unsafe names count as unreadable
+    return result

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitshrink._atomic import atomic_path
+from vitshrink._atomic import NO_ROOM, atomic_path
 from vitshrink.errors import UserError
 from vitshrink.runtime import eval_mode, model_device, ort_session, resolve_input_size
 
@@ -118,6 +118,8 @@ def write_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequenc
             _export_dynamo(wrapper, example, path, opset)
             return "dynamo"
         except Exception as exc:  # the dynamo exporter raises many types (export, onnxscript, lowering)
+            if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+                raise  # the file could not be written (full disk, size limit): the fallback would fail too
             log.warning("dynamo ONNX export failed (%s: %s); falling back to the TorchScript exporter",
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             _export_torchscript(wrapper, example, path, opset)
@@ -137,6 +139,8 @@ def check_parity(model: nn.Module, path: str | os.PathLike, sample: torch.Tensor
     session = ort_session(path, providers=["CPUExecutionProvider"])
     with eval_mode(model), torch.no_grad():
         expected = _Logits(model)(sample.to(model_device(model))).float().cpu().numpy()
+    if not np.isfinite(expected).all():
+        raise ExportParityError(f"{path}: the model outputs NaN or infinite logits on real images; not exported")
     images = sample.detach().float().cpu().numpy()
     got_full = session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
     got_one = session.run([OUTPUT_NAME], {INPUT_NAME: images[:1]})[0]
@@ -167,10 +171,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, sample: torch.Tens
     class on every image, at batch N and at batch 1. On failure ``ExportParityError`` is raised and
     no file is left at ``path``. The model itself is not modified (training flags are restored).
     """
-    path = Path(path)
+    from vitshrink.validate import (check_finite_weights, check_float, check_int, check_output_file,
+                                    check_outputs_finite)
+
+    path = check_output_file(path, "--output")
+    check_int(opset, "opset", low=7, high=30, optional=True)
+    check_float(atol, "atol")  # finite; a negative atol is a way to force the parity failure (tests)
+    check_finite_weights(model, f"{path}: cannot export")
     if sample is not None and (sample.ndim != 4 or sample.shape[0] < 2):
         raise UserError(f"export sample must be an image batch (N, C, H, W) with N >= 2, got shape {tuple(sample.shape)}")
     size = tuple(sample.shape[1:]) if sample is not None else None
+    if sample is not None:
+        check_outputs_finite(model, sample, f"{path}: cannot export")
     with atomic_path(path) as tmp:
         exporter = write_onnx(model, tmp, input_size=size, opset=opset)
         if not check:

@@ -24,6 +24,7 @@ import vitshrink
 from vitshrink._atomic import atomic_write_text
 from vitshrink.config import Settings, resolve_settings
 from vitshrink.data import LabelledData, make_loader, resolve_data
+from vitshrink.data.folders import readable_images
 from vitshrink.data.sources import eval_transform, train_transform, with_transform
 from vitshrink.distill.teachers import Teachers
 from vitshrink.errors import UserError
@@ -31,6 +32,8 @@ from vitshrink.io import architecture_record, data_config, model_from_record, re
 from vitshrink.recipes.base import Recipe, RecipeContext, get_recipe
 from vitshrink.train import (Checkpointing, Dist, Evaluation, Schedule, TrainEnv, TrainResult, init_distributed,
                              load_checkpoint, select_device, train)
+from vitshrink.train.checkpoint import check_resume, data_fingerprint, weights_fingerprint
+from vitshrink.validate import check_run_options
 
 BUNDLED_TEACHER = Path(vitshrink.__file__).parent / "assets" / "teacher_vit_cifar10.safetensors"
 
@@ -58,6 +61,7 @@ class Run:
     progress: Any = None
     log: Callable[[str], None] = print
     logit_caches: dict[str, str] = field(default_factory=dict)  # role -> cache folder (vitshrink cache-logits)
+    identity: dict[str, Any] | None = None  # recorded in last.pt; --resume must match it
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -97,9 +101,15 @@ def load_teachers(recipe: Recipe, teacher: nn.Module | None, cfg: dict[str, Any]
             models[role] = teacher if teacher is not None else load_bundled_teacher()
             continue
         spec = cfg.get(option)
+        if not spec and (stand_in := recipe.stand_in_teacher(role, models)) is not None:
+            models[role] = stand_in
+            continue
         if not spec:
             raise UserError(f"--{option.replace('_', '-')}: recipe {recipe.name} needs a SPEC for its {role} teacher")
-        models[role] = load_model(str(spec))
+        try:
+            models[role] = load_model(str(spec))
+        except UserError as exc:  # name the flag: the same file may be given to several roles
+            raise UserError(f"--{option.replace('_', '-')} {spec}: {exc}") from None
     return models
 
 
@@ -117,6 +127,21 @@ def load_data(data: str | os.PathLike | LabelledData | None, val_data: str | os.
         raise UserError(f"teacher has {t_classes} classes but --data {data or 'bundled'} has "
                         f"{labelled.num_classes}; distil on the data the teacher was trained for")
     return labelled
+
+
+def load_training_data(run: Run, data: Any, val_data: Any, *, teacher: nn.Module, val_split: float,
+                       show_progress: bool) -> LabelledData:
+    """The data stage: labelled images (``data``; bundled CIFAR-10 when None) or, with the ``data_free``
+    setting, images synthesised from ``teacher`` into ``OUT/synthetic`` (``vitshrink.data.data_free``)."""
+    if not run.cfg.get("data_free"):
+        return load_data(data, val_data, teacher=teacher, val_split=val_split, seed=run.seed)
+    from vitshrink.data.data_free import synthetic_training_data
+
+    if run.ddp.world_size > 1:
+        raise UserError("--data-free: synthesise first (vitshrink synthesize TEACHER --out DIR), then distil "
+                        "with --data DIR on several processes")
+    return synthetic_training_data(teacher, run.out_dir, run.cfg, data=data, val_data=val_data, device=run.device,
+                                   seed=run.seed, progress=show_progress)
 
 
 def freeze(model: nn.Module, device: torch.device) -> nn.Module:
@@ -165,7 +190,9 @@ def build_student(run: Run, ctx: RecipeContext, student: nn.Module | str | None,
 
 
 def validation_loader(run: Run, labelled: LabelledData, model: nn.Module):
-    """This rank's shard of the validation split, in ``model``'s evaluation transform."""
+    """This rank's shard of the validation split, in ``model``'s evaluation transform (None: no split)."""
+    if labelled.val is None:
+        return None
     val = with_transform(labelled.val, eval_transform(model))
     shard = Subset(val, range(run.ddp.rank, len(val), run.ddp.world_size))
     return make_loader(shard, run.cfg["eval_batch_size"], workers=run.cfg["workers"])
@@ -197,7 +224,8 @@ def train_student(run: Run, ctx: RecipeContext, model: nn.Module, labelled: Labe
         save_model(model, run.out_dir / "student.safetensors", class_names=labelled.class_names,
                    provenance={"recipe": run.recipe.name, "teacher": args["teacher"], "epoch": epoch, "top1": top1})
 
-    checkpointing = Checkpointing(run.out_dir, int(cfg["checkpoint_steps"] or 0), arch_json, save_best, resume_state)
+    checkpointing = Checkpointing(run.out_dir, int(cfg["checkpoint_steps"] or 0), arch_json, save_best, resume_state,
+                                  identity=run.identity)
     if run.ddp.main:
         atomic_write_text(run.out_dir / "args.yaml", yaml.safe_dump(args, sort_keys=False))
         run.log(f"{run.recipe.name}: teacher {args['teacher']} -> student {json.loads(arch_json)['model']} "
@@ -255,15 +283,20 @@ def export_student(run: Run, final: nn.Module, labelled: LabelledData):
     """``student.onnx``, parity-checked on real validation images."""
     from vitshrink.export import export_onnx
 
-    val = with_transform(labelled.val, eval_transform(final))
-    sample = torch.stack([val[i][0] for i in range(min(8, len(val))) if val[i] is not None])
-    run.log("exporting student.onnx (parity check on real images) and measuring teacher and student ...")
+    # Without a validation split (data-free, no --val-data) the parity check uses training images.
+    split = labelled.val if labelled.val is not None else labelled.train
+    sample = readable_images(split, eval_transform(final), 8)  # past unreadable first images
+    what = "synthesised" if labelled.synthetic else "real"
+    run.log(f"exporting student.onnx (parity check on {what} images) and measuring teacher and student ...")
     return export_onnx(final, run.out_dir / "student.onnx", sample=sample)
 
 
-def top1_on(run: Run, model: nn.Module, labelled: LabelledData) -> float:
+def top1_on(run: Run, model: nn.Module, labelled: LabelledData) -> float | None:
+    """Top-1 on the validation split; None when there is none (nothing labelled to measure on)."""
     from vitshrink.evaluation import evaluate_loader
 
+    if labelled.val is None:
+        return None
     val = with_transform(labelled.val, eval_transform(model))
     loader = make_loader(val, run.cfg["eval_batch_size"], workers=run.cfg["workers"])
     result = evaluate_loader(model, loader, device=run.device, amp=run.amp, progress=run.progress,
@@ -303,9 +336,26 @@ def write_run_report(run: Run, labelled: LabelledData, trained: TrainResult, onn
         distill_seconds=trained.seconds, onnx=onnx.as_dict(),
         teacher=model_entry(measured["teacher_top1"], measured["teacher_bench"], sizes),
         student=model_entry(measured["student_top1"], measured["student_bench"], sizes),
-        warnings=run.recipe.report_notes(run.out_dir))
+        warnings=run.recipe.report_notes(run.out_dir), notes=data_notes(labelled))
+    if labelled.synthetic is not None:
+        report["data_free"] = {"real_training_images": 0, "accuracy_measured": labelled.val is not None,
+                               **labelled.synthetic}
     write_report(report, run.out_dir)
     return report
+
+
+def data_notes(labelled: LabelledData) -> list[str]:
+    """What the report must say about the data: a data-free run saw no real training image; without a
+    validation split no accuracy was measured."""
+    notes = []
+    if labelled.synthetic is not None:
+        notes.append(f"Data-free: this run saw no real training image; it trained on {labelled.synthetic['images']} "
+                     f"images synthesised from the teacher ({labelled.synthetic['prior']} prior) in "
+                     f"{labelled.synthetic['folder']}.")
+    if labelled.val is None:
+        notes.append("No accuracy was measured: there is no labelled validation set (pass --val-data DIR); the "
+                     "student kept is the last epoch's.")
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------- distill
@@ -333,6 +383,8 @@ def distill(
     val_split: float = 0.1,
     options: dict[str, Any] | None = None,
     logit_cache: dict[str, str] | None = None,
+    data_free: bool | None = None,
+    synth_num: int | None = None,
 ) -> DistillResult:
     """Distil ``teacher`` into a smaller student with ``recipe``; write the run folder; return the result.
 
@@ -341,12 +393,17 @@ def distill(
     ``recipes/RECIPE.yaml`` < ``config`` < the explicit arguments and ``options`` (any setting, as flags) <
     ``overrides`` (``--set``). ``flops_target`` is uvc's option of that name. ``logit_cache`` maps a teacher
     role (``"teacher"`` for TEACHER) to a ``cache-logits`` folder read instead of running that teacher in training
-    (uvc's search still runs the live teacher; only post-training reads the cache).
+    (uvc's search still runs the live teacher; only post-training reads the cache). ``data_free`` (the setting of
+    that name) trains on ``synth_num`` images synthesised from the teacher into ``out_dir/synthetic`` instead of
+    ``data``; validation then needs ``val_data`` (without it no accuracy is measured).
     """
+    check_run_options(seed=seed, val_split=val_split, flops_target=flops_target, workers=workers, epochs=epochs,
+                      batch_size=batch_size, lr=lr, out_dir=out_dir)
     ddp = init_distributed(device)
     try:
         flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "workers": workers, "amp": amp,
-                 "flops_target": flops_target, **(options or {})}
+                 "flops_target": flops_target, "data_free": data_free,
+                 "synth_num": synth_num, **(options or {})}
         recipe_obj, settings = resolve_run_settings(recipe, config=config, flags=flags, overrides=overrides)
         run = Run(recipe_obj, settings, Path(out_dir), select_device(device, ddp), ddp, seed=seed, compile=compile,
                   logit_caches={role: str(path) for role, path in (logit_cache or {}).items()})
@@ -363,13 +420,21 @@ def run_pipeline(run: Run, teacher: nn.Module | None, *, student: nn.Module | st
                  val_split: float, resume: bool, device_name: str, show_progress: bool) -> DistillResult:
     """Every stage after the settings, in order."""
     teachers = load_teachers(run.recipe, teacher, run.cfg)
+    for role, model in teachers.items():
+        check_run_options(teacher=model, teacher_role=role)  # NaN weights: every number would be noise
     main_teacher = teachers[Teachers.MAIN]
     resume_state = load_checkpoint(run.out_dir / "last.pt") if resume else None
     rank_seed = run.seed + run.ddp.rank
     random.seed(rank_seed)
     np.random.seed(rank_seed)
     torch.manual_seed(rank_seed)
-    labelled = load_data(data, val_data, teacher=main_teacher, val_split=val_split, seed=run.seed)
+    labelled = load_training_data(run, data, val_data, teacher=main_teacher, val_split=val_split,
+                                  show_progress=show_progress and run.ddp.main)
+    run.identity = {"recipe": run.recipe.name, "data": data_fingerprint(labelled, [
+        str(Path(p).resolve()) for p in (data, val_data) if isinstance(p, (str, os.PathLike))]), "seed": run.seed,
+                    "batch_size": run.cfg["batch_size"], "teacher": weights_fingerprint(main_teacher)}
+    if resume_state is not None:
+        check_resume(resume_state, run.identity, run.out_dir / "last.pt")
     # A cached role's teacher stays on the CPU (the student's default shape and the report read it);
     # uvc's search runs the live teacher on the device, so there it moves as usual.
     teachers = {role: freeze(model, torch.device("cpu") if role in run.logit_caches and run.recipe.name != "uvc"

@@ -28,11 +28,12 @@ def model_entry(top1: float | None, bench: dict[str, Any], batch_sizes: tuple[in
 
 def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any], distill_seconds: float,
                  epochs: int, best_epoch: int | None, onnx: dict[str, Any] | None, data: str,
-                 warnings: list[str] | None = None) -> dict[str, Any]:
+                 warnings: list[str] | None = None, notes: list[str] | None = None) -> dict[str, Any]:
     """The report dict: teacher vs student and the ratios between them (speed-up = teacher p50 / student p50).
 
     ``warnings``: what the recipe wants the reader to see (e.g. a pruning search that ended far from its target);
-    report.md lists them under "Warnings".
+    report.md lists them under "Warnings". ``notes``: facts about the run the numbers depend on (a data-free
+    run saw no real training image; no accuracy was measured), shown right under the table.
     """
 
     def ratio(a: float | None, b: float | None) -> float | None:
@@ -55,6 +56,7 @@ def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any
         },
         "onnx": onnx,
         **({"warnings": list(warnings)} if warnings else {}),
+        **({"notes": list(notes)} if notes else {}),
     }
 
 
@@ -83,6 +85,8 @@ def render_markdown(report: dict[str, Any], out_dir: str | Path | None = None) -
     for batch, speedup in ratios["ort_speedup"].items():
         lines.append(f"| ORT latency p50, batch {batch} (ms) | {_fmt(teacher['ort_p50_ms'].get(batch), '.3f')} | "
                      f"{_fmt(student['ort_p50_ms'].get(batch), '.3f')} | speed-up {_fmt(speedup, '.2f')}x |")
+    if report.get("notes"):
+        lines += [""] + [f"**{note}**" for note in report["notes"]]
     lines += ["", "GFLOPs = 2 x GMACs. Latency: onnxruntime, CPU provider unless stated in report.json."]
     if report.get("onnx"):
         onnx = report["onnx"]

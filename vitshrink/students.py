@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, load_model, record_of, set_data_config
+
+if TYPE_CHECKING:
+    from timm.models.deit import VisionTransformerDistilled
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.*)$")
 _FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".th", ".bin")
@@ -164,6 +167,29 @@ def derive_student(teacher: nn.Module, *, depth_ratio: float = 0.5, init: bool =
     return student
 
 
+def deit_tiny_student(teacher: nn.Module) -> tuple[nn.Module, str]:
+    """A DeiT-Tiny-shaped ViT (width 192, 3 heads, depth 12, MLP ratio 4) for a teacher with no ViT layout.
+
+    It takes the teacher's input size, channels and classes; the patch is the largest of 16, 8, 4, 2 that
+    still gives a grid of at least 8x8 (16 at 224 px, 4 at 32 px). Returns the student and a note to print.
+    """
+    channels, height, width = data_config(teacher)["input_size"]
+    side = min(height, width)
+    patch = next((p for p in (16, 8, 4, 2) if side // p >= 8), 1)
+    num_classes = getattr(teacher, "num_classes", None)
+    if not num_classes:
+        raise UserError(f"cannot derive a student from a {type(teacher).__name__} teacher: its number of classes "
+                        "is unknown; pass --student NAME:key=value,...")
+    student = create_model("vit_tiny_patch16_224", img_size=(height, width), patch_size=patch, in_chans=channels,
+                           num_classes=num_classes, embed_dim=192, num_heads=3, depth=12, mlp_ratio=4.0)
+    set_data_config(student, input_size=(channels, height, width))
+    copy_data_config(student, teacher)
+    note = (f"student: the {type(teacher).__name__} teacher has no ViT blocks to copy, so a DeiT-Tiny-shaped ViT "
+            f"was derived (width 192, 3 heads, depth 12, MLP ratio 4, patch {patch} at {height}x{width}, "
+            f"{num_classes} classes), trained from its own init; pass --student NAME:key=value,... to choose")
+    return student, note
+
+
 def resolve_student(spec: str | nn.Module | None, teacher: nn.Module, *, init: bool = True) -> nn.Module:
     """The student for a run: derived (None), a module as given, a file (weights kept), or a timm name."""
     if spec is None:
@@ -203,3 +229,39 @@ def vit_kwargs(model: nn.Module) -> dict[str, Any]:
         "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
         "qkv_bias": block.attn.qkv.bias is not None,
     }
+
+
+# timm's registered distilled ViT; the shape kwargs given override the name's defaults.
+DISTILLED_ARCH = "deit_tiny_distilled_patch16_224"
+
+
+def add_distillation_token(student: nn.Module, recipe: str = "deit") -> "VisionTransformerDistilled":
+    """The distilled twin of a uniform timm ViT, keeping every weight it has.
+
+    The new distillation token, its position embedding and the distillation head start as copies of the
+    class token, its position embedding and the class head: the two tokens stay equal through every block,
+    so both heads start out agreeing. (The duplicated token is attended to twice, so the logits are close
+    to the original model's, not identical.) Shared by the recipes that train a distillation token
+    (``deit``, ``dearkd``); ``recipe`` names the one asking in the error.
+    """
+    import torch
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(student, VisionTransformerDistilled):
+        return student
+    if not isinstance(student, VisionTransformer) or getattr(student, "cls_token", None) is None \
+            or student.num_reg_tokens or student.global_pool != "token":
+        raise UserError(f"--recipe {recipe} needs a timm ViT student with a class token and token pooling, got "
+                        f"{type(student).__name__}")
+    distilled = create_model(DISTILLED_ARCH, **vit_kwargs(student))
+    set_data_config(distilled, input_size=data_config(student)["input_size"])
+    copy_data_config(distilled, student)
+    state = student.state_dict()
+    pos = state["pos_embed"]
+    state["pos_embed"] = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
+    state["dist_token"] = state["cls_token"].clone()
+    state["head_dist.weight"] = state["head.weight"].clone()
+    state["head_dist.bias"] = state["head.bias"].clone()
+    distilled.load_state_dict(state)
+    return distilled

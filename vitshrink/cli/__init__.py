@@ -5,6 +5,7 @@ command group is a module of this package that registers its commands on `app` (
 """
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -37,23 +38,26 @@ DataOpt = Annotated[Optional[Path], typer.Option("--data", help="ImageFolder dir
 
 
 def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    """``--mean``/``--std`` as numbers: finite, and each std > 0 (vitshrink.validate.parse_floats)."""
+    from vitshrink.validate import parse_floats
+
+    return parse_floats(text, flag, positive=flag == "--std")
 
 
 def load_spec(spec: str, arch: Optional[str], num_heads: Optional[int], img_size: Optional[int],
               in_chans: Optional[int], num_classes: Optional[int], mean: Optional[str], std: Optional[str],
               pretrained: bool = False, *, key_map: Optional[list[str]] = None, norm_eps: Optional[float] = None):
     """Load a SPEC with the shared loading options and print any assumption the loader made."""
-    from vitshrink.io import load_model, record_of
+    from vitshrink.validate import check_load_options, check_float
 
+    means, stds = _floats(mean, "--mean"), _floats(std, "--std")
+    check_load_options(num_heads=num_heads, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+                       mean=means, std=stds)
+    check_float(norm_eps, "--norm-eps", low=0.0, high=1.0, low_open=True, optional=True)
+    from vitshrink.io import load_model, record_of  # after the checks: importing torch takes seconds
     model = load_model(spec, arch=arch, num_heads=num_heads, img_size=img_size, in_chans=in_chans,
-                       num_classes=num_classes, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-                       pretrained=pretrained, key_map=key_map, norm_eps=norm_eps)
+                       num_classes=num_classes, mean=means, std=stds, pretrained=pretrained, key_map=key_map,
+                       norm_eps=norm_eps)
     record = record_of(model)
     record.spec = spec
     for note in record.notes:
@@ -80,10 +84,31 @@ def _device(name: str) -> str:
 
 
 def main() -> None:
-    """Entry point: run the app; bad input becomes one stderr line and exit code 2."""
+    """Entry point: run the app; bad input becomes one stderr line and exit code 2, any other failure one
+    line naming the command and the exception and exit code 1 (``--debug`` shows the traceback)."""
+    from typer import _click as click  # typer 0.29 vendors click: its exceptions live here
+    from typer.exceptions import Abort, Exit
+
+    _state["debug"] = False
     try:
-        # Standalone mode: click handles usage errors itself (message + exit 2) and --help.
-        app()
+        # Not standalone: usage errors come back here and are printed on one line like any bad input.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except Exit as exc:  # --help and friends
+        sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # `vitshrink` alone: the help
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        if _state["debug"]:
+            raise
+        hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
+        message = " ".join(exc.format_message().split())
+        err_console.print(f"error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except Abort:
+        err_console.print("error: aborted", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
     except UserError as exc:
         if _state["debug"]:
             if exc.details:
@@ -91,6 +116,43 @@ def main() -> None:
             raise
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(UserError.exit_code)
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            raise
+        err_console.print("error: interrupted", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(130)
+    except OSError as exc:
+        if _state["debug"] or exc.errno not in _USER_ERRNOS:
+            if _state["debug"]:
+                raise
+            _fail_unexpected(exc)
+        # A full disk, a read-only folder, a vanished file: the user must act, as for bad input.
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        err_console.print(f"error: {_command_name()}: {where}{exc.strerror or exc}", markup=False,
+                          highlight=False, soft_wrap=True)
+        sys.exit(UserError.exit_code)
+    except Exception as exc:  # noqa: BLE001  (the last resort: never a raw traceback)
+        if _state["debug"]:
+            raise
+        _fail_unexpected(exc)
+
+
+# OS errors the user must fix (space, permissions, paths): exit 2 like bad input.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.EFBIG}
+
+
+def _fail_unexpected(exc: BaseException) -> None:
+    text = " ".join(str(exc).split())
+    err_console.print(f"error: {_command_name()} failed: {type(exc).__name__}: {text[:500]} "
+                      "(rerun with --debug for the traceback)", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1)
+
+
+def _command_name() -> str:
+    """The subcommand in sys.argv (the first word after the global options), for one-line failure messages."""
+    words = [a for a in sys.argv[1:] if not a.startswith("-")]
+    return f"vitshrink {words[0]}" if words else "vitshrink"
 
 
 # Command modules register their commands on `app` when imported.
@@ -102,3 +164,4 @@ from vitshrink.cli import synthesize as _synthesize_commands  # noqa: E402,F401
 from vitshrink.cli import convert as _convert_commands  # noqa: E402,F401
 from vitshrink.cli import recipes as _recipe_commands  # noqa: E402,F401
 from vitshrink.cli import cache_logits as _cache_logits_commands  # noqa: E402,F401
+from vitshrink.cli import train_teacher as _train_teacher_commands  # noqa: E402,F401

@@ -23,7 +23,10 @@ def compare(
 ) -> None:
     """Top-1, params, GMACs, ORT latency, speed-up and distillation time of several models; the Pareto front."""
     from vitshrink.compare import compare_runs, plot_comparison
+    from vitshrink.validate import check_output_file
 
+    if plot is not None:
+        check_output_file(plot, "--plot")
     comparison = compare_runs(runs, x=x, batch=batch)
     table = Table(title=f"{len(comparison.rows)} models; * = Pareto front on top-1 vs {comparison.x_label}",
                   box=box.SIMPLE_HEAD, pad_edge=False,

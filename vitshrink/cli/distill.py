@@ -93,6 +93,10 @@ def distill(
     logit_cache: Annotated[Optional[list[str]], typer.Option(
         "--logit-cache", help="read the teacher's logits from a cache-logits folder: PATH, or ROLE=PATH per "
                               "teacher role (repeatable)")] = None,
+    data_free: Annotated[Optional[bool], typer.Option(
+        "--data-free", help="train on images synthesised from the teacher into OUT/synthetic (no real image); "
+                            "validate with --val-data")] = None,
+    synth_num: Annotated[Optional[int], typer.Option("--synth-num", help="images to synthesise (--data-free)")] = None,
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
     key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
@@ -103,6 +107,11 @@ def distill(
     """
     import yaml
 
+    from vitshrink.validate import check_run_options
+
+    # Before the teacher loads (seconds); the pipeline checks them again for Python callers.
+    check_run_options(seed=seed, val_split=val_split, workers=workers, epochs=epochs, batch_size=batch_size, lr=lr,
+                      out_dir=out)
     from vitshrink.pipeline import distill as run_distill
     from vitshrink.pipeline import load_bundled_teacher
     from vitshrink.recipes import get_recipe
@@ -131,7 +140,7 @@ def distill(
                          batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
                          config=config, overrides=overrides, workers=workers, compile=compile_model,
                          progress=progress, val_split=val_split, options=options,
-                         logit_cache=parse_logit_caches(logit_cache))
+                         logit_cache=parse_logit_caches(logit_cache), data_free=data_free, synth_num=synth_num)
     if result.report:
         console.print((result.out_dir / "report.md").read_text())
         console.print(f"wrote {result.out_dir}: " + ", ".join(sorted(p.name for p in result.paths.values())))

@@ -23,9 +23,12 @@ def inspect(
 ) -> None:
     """Architecture summary: family, input, patch size, width, depth, heads, MLP, params, GMACs/GFLOPs."""
     from vitshrink.inspection import describe
+    from vitshrink.validate import check_output_file
 
+    if json_out:
+        check_output_file(json_out, "--json")
     model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
-                          key_map=key_map, norm_eps=norm_eps)
+                      key_map=key_map, norm_eps=norm_eps)
     info = describe(model)
     table = Table(title=f"{spec}", show_header=False)
     for key, value in info["summary"].items():
@@ -87,9 +90,11 @@ def export(
     from vitshrink.data import sample_images
     from vitshrink.export import export_onnx
     from vitshrink.io import data_config
+    from vitshrink.validate import check_output_file
 
+    check_output_file(output, "--output")
     model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
-                          key_map=key_map, norm_eps=norm_eps)
+                      key_map=key_map, norm_eps=norm_eps)
     sample = sample_images(data_config(model), data)
     result = export_onnx(model, output, sample=sample)
     console.print(f"wrote {output}: max |logit diff| {result.max_abs_diff:.2e} (limit 1e-4), top-1 agreement "
@@ -112,10 +117,11 @@ def benchmark(
     from vitshrink.measure import benchmark as run_benchmark
     from vitshrink.measure import compare
 
-    try:
-        sizes = tuple(int(v) for v in batch_sizes.split(","))
-    except ValueError:
-        raise UserError(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}") from None
+    from vitshrink.validate import check_output_file, parse_ints
+
+    sizes = parse_ints(batch_sizes, "--batch-sizes", low=1)
+    if json_out:
+        check_output_file(json_out, "--json")
 
     def target(spec: str):
         if spec.endswith(".onnx"):

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vitshrink.data.images import decode_image, safe_member_name
 from vitshrink.errors import UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -35,11 +35,54 @@ def _open_reader(path: Path):
         raise UserError(f"{path}: expected an ImageFolder directory or a .tar in ImageFolder layout")
     try:
         reader = create_reader("", root=str(path))
+    except ValueError as exc:  # timm's tar reader unpacks an empty sample list
+        if "unpack" not in str(exc):
+            raise UserError(f"{path}: cannot read as an image folder ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path}: no images found (expected <class>/<image> layout)") from None
     except Exception as exc:  # timm raises RuntimeError/AssertionError/TarError for bad roots
         raise UserError(f"{path}: cannot read as an image folder ({type(exc).__name__}: {exc})") from None
+    reader.unsafe_members = _drop_unsafe_members(reader)
     if len(reader) == 0:
         raise UserError(f"{path}: no images found (expected <class>/<image> layout)")
     return reader
+
+
+def _drop_unsafe_members(reader) -> int:
+    """Remove tar members whose names leave the archive's tree ('../x/y.jpg', '/abs/y.jpg') or have no class
+    folder, and renumber the classes of the rest; return how many were removed.
+
+    timm names a class by the member's parent folder, so such members would otherwise become classes and
+    shift every label index.
+    """
+    samples = getattr(reader, "samples", None)
+    names = getattr(reader, "class_idx_to_name", None)
+    if samples is None or names is None or not hasattr(reader, "class_name_to_idx") or len(samples) == 0:
+        return 0  # not timm's tar reader: folder readers list real files only
+    import numpy as np
+    from timm.utils.misc import natural_key  # timm's class order
+
+    def safe(sample) -> bool:
+        member, _, child = sample
+        if child is not None:  # a member of a per-class tar inside the tar: the child names the class
+            return safe_member_name(f"{child.name}/{member.name}") and safe_member_name(f"x/{member.name}")
+        return safe_member_name(member.name)
+
+    keep = [i for i, sample in enumerate(samples) if safe(sample)]
+    dropped = len(samples) - len(keep)
+    if dropped == 0:
+        return 0
+    labels = [names[int(reader.targets[i])] for i in keep]
+    new_names = sorted(set(labels), key=natural_key)
+    reader.class_name_to_idx = {name: index for index, name in enumerate(new_names)}
+    reader.class_idx_to_name = dict(enumerate(new_names))
+    reader.samples = samples[keep] if keep else samples[:0]
+    reader.targets = np.array([reader.class_name_to_idx[label] for label in labels], dtype=np.int64)
+    return dropped
+
+
+def unsafe_member_count(split: "ImageSplit") -> int:
+    """Tar members of ``split``'s reader skipped for unsafe names (counted with the unreadable images)."""
+    return int(getattr(split.reader, "unsafe_members", 0) or 0)
 
 
 def _class_names(reader) -> list[str]:
@@ -104,9 +147,10 @@ class ImageSplit(Dataset):
             self._pid = os.getpid()
         try:
             fileobj, target = self.reader[self.indices[index]]
-            img = Image.open(fileobj)
-            img = img.convert(self.img_mode)  # decodes the pixels, so corrupt data fails here
-        except (OSError, ValueError, SyntaxError):
+        except Exception:  # noqa: BLE001  (tarfile/OS errors on a damaged archive: skip the image)
+            return None
+        img, _ = decode_image(fileobj, self.img_mode)  # 16-bit scaled; bombs, corrupt data: None
+        if img is None:
             return None
         if self.transform is not None:
             img = self.transform(img)
@@ -117,13 +161,18 @@ class ImageSplit(Dataset):
 
 @dataclass
 class LabelledData:
-    """Train and validation splits of one labelled data set."""
+    """Train and validation splits of one labelled data set.
+
+    ``val`` is None only for a data-free run without ``--val-data`` (nothing labelled to measure on);
+    ``synthetic`` describes a synthesised training set (folder, images, prior), None for real images.
+    """
 
     train: ImageSplit | None
-    val: ImageSplit
+    val: ImageSplit | None
     class_names: list[str]
     description: str
     note: str | None = None
+    synthetic: dict | None = None
 
     @property
     def num_classes(self) -> int:
@@ -195,6 +244,11 @@ def resolve_data(
         description = str(root)
         note = (f"{root} has no train/val split: held out {len(val_idx)} of {len(train_reader)} images "
                 f"({val_split:.0%}, stratified, seed {seed}) for validation")
+    unsafe = sum(int(getattr(r, "unsafe_members", 0) or 0) for r in {id(train.reader): train.reader,
+                                                                      id(val.reader): val.reader}.values())
+    if unsafe:
+        skipped = f"skipped {unsafe} tar member(s) with unsafe names (absolute, '..' or no class folder)"
+        note = f"{note}; {skipped}" if note else skipped
     names = _class_names(train_reader)
     val_names = _class_names(val.reader)
     if val_names != names:
@@ -231,21 +285,32 @@ def resolve_eval_split(
 def sample_images(model_cfg: dict[str, Any], data: str | os.PathLike | None = None, n: int = 8) -> torch.Tensor:
     """``n`` real images (one per class first) from ``data`` or the bundled set, transformed for a model."""
     split, _ = resolve_eval_split(data, in_chans=int(model_cfg["input_size"][0]))
-    split.transform = build_transform(model_cfg, is_training=False)
-    targets = split.targets
+    return readable_images(split, build_transform(model_cfg, is_training=False), n, what=str(data or BUNDLED_VAL))
+
+
+def readable_images(split: ImageSplit, transform: Callable, n: int = 8, *, what: str | None = None,
+                    max_tries: int = 2048) -> torch.Tensor:
+    """The first ``n`` readable images of ``split`` (one per class first) in ``transform``, at least 2.
+
+    Unreadable images are passed over (up to ``max_tries`` looked at), so a validation set whose first
+    images are broken still yields a sample; fewer than 2 readable images is a UserError.
+    """
+    view = ImageSplit(split.reader, split.indices, transform, split.img_mode, split.target_map)
     first_of_class: dict[int, int] = {}
-    for index, target in enumerate(targets):
+    for index, target in enumerate(view.targets):
         first_of_class.setdefault(target, index)
-    order = list(first_of_class.values()) + [i for i in range(len(split)) if i not in first_of_class.values()]
+    firsts = set(first_of_class.values())
+    order = list(first_of_class.values()) + [i for i in range(len(view)) if i not in firsts]
     images = []
-    for index in order:
-        item = split[index]
+    for index in order[:max_tries]:
+        item = view[index]
         if item is not None:
             images.append(item[0])
         if len(images) == n:
             break
-    if not images:
-        raise UserError(f"{data or BUNDLED_VAL}: no readable images to check the export with")
+    if len(images) < 2:
+        raise UserError(f"{what or 'validation data'}: fewer than 2 readable images among the first "
+                        f"{min(len(order), max_tries)} (need real images to check the ONNX export)")
     return torch.stack(images)
 
 

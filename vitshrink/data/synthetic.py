@@ -36,6 +36,7 @@ from vitshrink.distill.priors import choose_prior, image_l2, intra_divergence_lo
     total_variation_l2
 from vitshrink.errors import UserError
 from vitshrink.io import record_of
+from vitshrink.validate import check_output_dir
 
 SETTINGS_FILE = "synthesis.json"
 MANIFEST = "manifest.csv"
@@ -96,10 +97,21 @@ def class_folder_names(teacher: nn.Module, num_classes: int) -> list[str]:
     sorted order (ImageFolder numbers classes by sorted folder name), else zero-padded indices."""
     record = record_of(teacher)
     names = record.class_names if record is not None else None
-    if names and len(names) == num_classes and list(names) == sorted(names) and len(set(names)) == num_classes:
+    if names and len(names) == num_classes and list(names) == sorted(names) and len(set(names)) == num_classes \
+            and all(_plain_folder_name(n) for n in names):
         return [str(n) for n in names]
     width = max(3, len(str(num_classes - 1)))
     return [f"{i:0{width}d}" for i in range(num_classes)]
+
+
+def _plain_folder_name(name: Any) -> bool:
+    """A recorded class name usable as one folder of OUT (records are files the user can edit: '../x' is not)."""
+    from vitshrink.validate import plain_name
+
+    try:
+        return not str(name).startswith(".") and plain_name(str(name), "class name") == str(name)
+    except UserError:
+        return False
 
 
 def _num_classes(teacher: nn.Module, input_size: Sequence[int], device: torch.device) -> int:
@@ -120,9 +132,14 @@ def _teacher_fingerprint(teacher: nn.Module) -> dict[str, Any]:
 def _prepare_out_dir(out_dir: Path, record: dict[str, Any]) -> None:
     """Create ``out_dir`` or check that it holds the same synthesis (resume); refuse anything else."""
     settings_path = out_dir / SETTINGS_FILE
+    check_output_dir(out_dir)
     if settings_path.exists():
-        old = json.loads(settings_path.read_text())
-        changed = [key for key in record if old.get(key) != record[key]]
+        try:
+            old = json.loads(settings_path.read_text())
+            changed = [key for key in record if old.get(key) != record[key]]
+        except (OSError, ValueError, AttributeError) as exc:
+            raise UserError(f"{settings_path}: not a readable synthesis record ({type(exc).__name__}); delete the "
+                            "folder to start over or choose another --out") from None
         if changed:
             raise UserError(f"{out_dir}: holds a synthesis with other settings ({', '.join(changed)} differ); "
                             "resume with the same settings or choose another --out")
@@ -260,8 +277,13 @@ def synthesize(teacher: nn.Module, num: int, out_dir: str | os.PathLike, *, prio
 
     The teacher is put in eval mode on ``device``; its parameters are frozen while the images are optimised and
     made trainable again afterwards."""
-    if num < 1 or iterations < 1 or batch_size < 1:
-        raise UserError(f"--num, --iterations and --batch-size must be >= 1, got {num}, {iterations}, {batch_size}")
+    from vitshrink.validate import check_batch_size, check_finite_weights, check_int, check_seed
+
+    check_int(num, "--num", low=1, high=10**8)
+    check_int(iterations, "--iterations", low=1, high=10**7)
+    check_batch_size(batch_size)
+    check_seed(seed)
+    check_finite_weights(teacher, "teacher")
     settings = settings or SynthesisSettings()
     out_dir, device = Path(out_dir), _resolve_device(device)
     teacher = teacher.to(device).eval()

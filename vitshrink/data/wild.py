@@ -26,22 +26,21 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitshrink._atomic import atomic_path, atomic_write_text
+from vitshrink._atomic import NO_ROOM, atomic_path, atomic_write_text
+from vitshrink.data.pool import (IMAGE_EXTENSIONS, SCORES_NAME, SELECTED_LIST_NAME, SUMMARY_NAME,  # noqa: F401
+                                 check_out_dir, iter_pool, pool_notes, read_image)
 from vitshrink.distill.attention_probe import ClassTokenAttention, check_probeable, uniform_cosine
 from vitshrink.errors import UserError
+from vitshrink.validate import (check_batch_size, check_finite_weights, check_float, check_int, check_workers, contained,
+                                plain_name)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 CRITERIA = ("combined", "probe", "confidence", "energy")
 MODES = ("copy", "link", "list")
 PROBE_WEIGHT = 0.05  # official --attnlier
 CONFIDENCE_WEIGHT = 0.9  # official --outlier
-SCORES_NAME = "scores.csv"
-SUMMARY_NAME = "selection.json"
-SELECTED_LIST_NAME = "selected.txt"
 
 
 @dataclass
@@ -68,42 +67,6 @@ class SelectionSummary:
 
 
 # ---------------------------------------------------------------------------------------------- pool
-def iter_pool(root: Path, exclude: Path | None = None, counts: Counter | None = None) -> Iterator[str]:
-    """Image paths under ``root`` relative to it (posix), in sorted order, found lazily with ``os.walk``.
-
-    ``exclude`` (the out dir when it lies inside the pool) is not entered; ``counts["other"]`` counts
-    files without an image extension.
-    """
-    exclude_real = os.path.realpath(exclude) if exclude is not None else None
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and os.path.realpath(os.path.join(dirpath, d)) != exclude_real)
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
-            elif counts is not None:
-                counts["other"] += 1
-
-
-def read_image(path: str | os.PathLike, mode: str) -> tuple[Image.Image | None, str]:
-    """Decode an image fully in ``mode`` ('RGB' or 'L'); on failure return (None, reason)."""
-    try:
-        if os.path.getsize(path) == 0:
-            return None, "empty file"
-        with Image.open(path) as img:
-            img.load()  # decodes every pixel, so truncated data fails here
-            return img.convert(mode), ""
-    except UnidentifiedImageError:
-        return None, "not an image"
-    except OSError as exc:
-        return None, "truncated" if "truncated" in str(exc).lower() else "corrupt"
-    except (ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-        return None, "corrupt"
-
-
 class _PoolImages(IterableDataset):
     """Pool images not yet scored, decoded and transformed; each loader worker takes every W-th path."""
 
@@ -164,8 +127,9 @@ def score_batch(teacher: nn.Module, images: torch.Tensor, probe: ClassTokenAtten
 
 
 def criterion_key(row: dict[str, str], criterion: str) -> float:
-    """The value a criterion ranks by for one scores.csv row (smaller is better)."""
-    return float(row[criterion])
+    """The value a criterion ranks by for one scores.csv row (smaller is better; NaN ranks last)."""
+    value = float(row[criterion])
+    return value if value == value else float("inf")
 
 
 # ---------------------------------------------------------------------------------------------- csv
@@ -174,8 +138,9 @@ def _header(blocks: Sequence[int]) -> list[str]:
             "pred", "pred_name", "selected"]
 
 
-def _read_done(scores: Path, header: list[str]) -> tuple[set[str], int]:
-    """Paths already in ``scores`` (rewriting it without a torn last line); a UserError if made differently."""
+def _read_done(scores: Path, header: list[str], pool: Path) -> tuple[set[str], int]:
+    """Paths already in ``scores`` (rewriting it without a torn last line); a UserError if made differently
+    or if a row names a path outside the pool."""
     if not scores.exists():
         return set(), 0
     with scores.open(newline="") as handle:
@@ -187,6 +152,8 @@ def _read_done(scores: Path, header: list[str]) -> tuple[set[str], int]:
             raise UserError(f"{scores}: written with other columns ({','.join(found)}); use the same --blocks "
                             "and teacher, or another --out")
         rows = [row for row in reader if len(row) == len(header)]
+    for row in rows:
+        contained(pool, row[0], str(scores))
     with atomic_path(scores) as tmp, tmp.open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(header)
@@ -235,14 +202,17 @@ def select_wild(
         raise UserError(f"--pool {pool}: not a directory")
     if (num is None) == (fraction is None):
         raise UserError("give exactly one of --num and --fraction")
-    if num is not None and num < 1:
-        raise UserError(f"--num must be at least 1, got {num}")
-    if fraction is not None and not 0.0 < fraction <= 1.0:
-        raise UserError(f"--fraction must be in (0, 1], got {fraction}")
+    check_int(num, "--num", low=1, optional=True)
+    check_float(fraction, "--fraction", low=0.0, high=1.0, low_open=True, optional=True)
+    check_batch_size(batch_size)
+    check_workers(workers)
+    check_finite_weights(teacher, "--teacher")
     if criterion not in CRITERIA:
         raise UserError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     if mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_out_dir(pool, out_dir)
+    _previous_class_dirs(out_dir)  # refuse a tampered selection.json before any work
     needs_probe = criterion in ("combined", "probe")
     try:
         probe_blocks = check_probeable(teacher, blocks)
@@ -259,7 +229,7 @@ def select_wild(
     out_dir.mkdir(parents=True, exist_ok=True)
     scores_path = out_dir / SCORES_NAME
     header = _header(probe_blocks)
-    done, resumed = _read_done(scores_path, header)
+    done, resumed = _read_done(scores_path, header, pool)
 
     counts: Counter = Counter()
     total = sum(1 for p in iter_pool(pool, out_dir, counts) if p not in done)
@@ -287,6 +257,9 @@ def select_wild(
                 if images is not None:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                         s = score_batch(teacher, images.to(device, non_blocking=True), probe_ctx)
+                    if not (torch.isfinite(s.confidence).all() and torch.isfinite(s.energy).all()):
+                        raise UserError(f"--teacher outputs NaN or infinite logits on pool images (e.g. {rels[0]}); "
+                                        "check its weights and normalisation (--mean/--std)")
                     columns = [*(s.probe_blocks[b] for b in probe_blocks)]
                     probe = s.probe
                     columns += [probe if probe is not None else torch.full_like(s.confidence, float("nan")),
@@ -300,6 +273,13 @@ def select_wild(
                 handle.flush()  # a stopped run keeps every finished batch
                 if bar is not None:
                     bar.advance(task, len(rows))
+    except BaseException as exc:
+        if bar is not None:
+            bar.remove_task(task)  # the error line alone, not a half-finished bar above it
+        if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+            raise UserError(f"{scores_path}: cannot write ({exc.strerror}); rerun with the same --out when "
+                            "there is room: the scores written so far are kept") from None
+        raise
     finally:
         if probe_ctx is not None:
             probe_ctx.__exit__(None, None, None)
@@ -307,8 +287,10 @@ def select_wild(
             bar.stop()
         teacher.train(was_training)
 
-    return _finish(pool, out_dir, scores_path, header, criterion, mode, num, fraction, probe_blocks,
-                   resumed, counts["other"], balanced)
+    summary = _finish(pool, out_dir, scores_path, header, criterion, mode, num, fraction, probe_blocks,
+                      resumed, counts["other"], balanced)
+    summary.notes[:0] = pool_notes(counts)
+    return summary
 
 
 def _progress(progress: Any, total: int):
@@ -358,7 +340,7 @@ def _finish(pool: Path, out_dir: Path, scores_path: Path, header: list[str], cri
         with atomic_path(out_dir / SELECTED_LIST_NAME) as tmp, tmp.open("w") as out:
             for row in _iter_rows(scores_path):
                 if row["selected"] == "1":
-                    out.write(f"{(pool / row['path']).resolve()}\n")
+                    out.write(f"{contained(pool, row['path'], str(scores_path)).resolve()}\n")
     summary = SelectionSummary(out_dir, scores_path, criterion, mode, blocks, scored, dict(sorted(skipped.items())),
                                resumed, len(chosen), dict(sorted(histogram.items())), other_files, notes)
     record = summary.as_dict() | {"pool": str(pool.resolve()), "num": num, "fraction": fraction, "balanced": balanced,
@@ -413,17 +395,47 @@ class _Reversed:
         return isinstance(other, _Reversed) and self.value == other.value
 
 
+def _previous_class_dirs(out_dir: Path) -> list[str]:
+    """The class folders an earlier selection in ``out_dir`` made, each checked to be a plain folder of
+    ``out_dir``: selection.json is a file the user can edit, and these folders are deleted."""
+    summary = out_dir / SUMMARY_NAME
+    if not summary.exists():
+        return []
+    try:
+        record = json.loads(summary.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{summary}: not a readable selection record ({type(exc).__name__}); it says which "
+                        "folders a rerun may replace: delete it with those folders, or use another --out") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{summary}: not a selection record (a JSON object); delete it with the folders of "
+                        "the previous selection, or use another --out")
+    names = record.get("class_dirs", [])
+    if not isinstance(names, list):
+        raise UserError(f"{summary}: class_dirs must be a list of folder names; fix or delete the file")
+    what = f"{summary} (class_dirs)"
+    for name in names:
+        plain_name(name, what)
+        if name in _RESERVED or name.startswith("."):
+            raise UserError(f"{what}: {name!r} is not a class folder")
+        path = out_dir / name
+        if path.is_symlink():
+            raise UserError(f"{what}: {path} is a symlink, not a class folder of a previous selection; "
+                            "nothing was deleted")
+        contained(out_dir, name, what)
+    return list(names)
+
+
+_RESERVED = {SCORES_NAME, SUMMARY_NAME, SELECTED_LIST_NAME, ".selection.partial"}
+
+
 def _place(pool: Path, out_dir: Path, scores_path: Path, mode: str) -> list[str]:
     """Copy or link the selected images into OUT/<predicted class>/, replacing a previous selection
     (in list mode the previous selection's folders are only removed)."""
-    previous: list[str] = []
-    if (out_dir / SUMMARY_NAME).exists():
-        try:
-            previous = list(json.loads((out_dir / SUMMARY_NAME).read_text()).get("class_dirs", []))
-        except (OSError, ValueError):
-            previous = []
+    previous = _previous_class_dirs(out_dir)
     staging = out_dir / ".selection.partial"
-    if staging.exists():
+    if staging.is_symlink() or staging.is_file():
+        staging.unlink()
+    elif staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
     class_dirs: set[str] = set()
@@ -431,21 +443,23 @@ def _place(pool: Path, out_dir: Path, scores_path: Path, mode: str) -> list[str]
         if row["selected"] != "1" or mode == "list":
             continue
         class_dir = _safe_dir_name(row["pred_name"])
+        if class_dir in _RESERVED:
+            class_dir = f"_{class_dir}"
         if class_dir not in class_dirs:
-            if class_dir not in previous and (out_dir / class_dir).exists():
+            if class_dir not in previous and ((out_dir / class_dir).exists() or (out_dir / class_dir).is_symlink()):
                 shutil.rmtree(staging)
                 raise UserError(f"{out_dir / class_dir}: already exists and is not from a previous selection; "
                                 "use an empty --out")
             class_dirs.add(class_dir)
             (staging / class_dir).mkdir()
-        source = (pool / row["path"]).resolve()
+        source = contained(pool, row["path"], str(scores_path)).resolve()
         target = staging / class_dir / row["path"].replace("/", "__")  # flattened: names stay unique
         if mode == "link":
             os.symlink(source, target)
         else:
             shutil.copy2(source, target)
     for name in previous:
-        if (out_dir / name).is_dir() and name not in (SCORES_NAME, SUMMARY_NAME):
+        if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():
             shutil.rmtree(out_dir / name)
     for name in sorted(class_dirs):
         os.replace(staging / name, out_dir / name)

@@ -20,17 +20,24 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, batch mean."""
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+          reduction: str = "batchmean") -> torch.Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, summed and divided by the batch size (``batchmean``) or by
+    the number of logits, batch x classes (``numel``: DeiT's official reduction, ``K`` times smaller)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if reduction not in ("batchmean", "numel"):
+        raise ValueError(f"KL reduction must be batchmean or numel, got {reduction!r}")
     log_p_s = F.log_softmax(_wide(student_logits) / temperature, dim=-1)
     log_p_t = F.log_softmax(_wide(teacher_logits) / temperature, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+    kl_sum = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
+    count = student_logits.numel() if reduction == "numel" else student_logits.shape[0]
+    return kl_sum / count * temperature**2
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy to class indices, with optional label smoothing (batch mean)."""
+    """Cross-entropy to class indices [B] or to soft targets [B, K] (probabilities, e.g. from mixup), with
+    optional label smoothing (batch mean)."""
     return F.cross_entropy(_wide(logits), target, label_smoothing=smoothing)
 
 

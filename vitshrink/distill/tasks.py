@@ -93,7 +93,8 @@ class TokenKDTask(DistillTask):
     """
 
     def __init__(self, student: nn.Module, teachers: Teachers | nn.Module, *, distill_type: str, kd_weight: float,
-                 temperature: float, smoothing: float = 0.0, role: str = Teachers.MAIN):
+                 temperature: float, smoothing: float = 0.0, role: str = Teachers.MAIN,
+                 kl_reduction: str = "numel"):
         if distill_type not in ("hard", "soft"):
             raise UserError(f"deit distill_type must be hard or soft, got {distill_type!r}")
         if not hasattr(unwrap_model(student), "set_distilled_training"):
@@ -101,53 +102,65 @@ class TokenKDTask(DistillTask):
         unwrap_model(student).set_distilled_training(True)
         super().__init__(student, as_teachers(teachers, student))
         self.distill_type, self.kd_weight, self.temperature = distill_type, kd_weight, temperature
-        self.smoothing, self.role = smoothing, role
+        self.smoothing, self.role, self.kl_reduction = smoothing, role, kl_reduction
 
     def forward(self, input: torch.Tensor, target: torch.Tensor,
                 extras: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
         cls_logits, dist_logits = self.trainable_module(input)
         teacher_logits = self.teachers[self.role].logits(input, extras)
         task_loss = losses.cross_entropy(cls_logits, target, self.smoothing)
-        distill_loss = token_distillation_loss(dist_logits, teacher_logits, self.distill_type, self.temperature)
+        distill_loss = token_distillation_loss(dist_logits, teacher_logits, self.distill_type, self.temperature,
+                                                self.kl_reduction)
         loss = (1.0 - self.kd_weight) * task_loss + self.kd_weight * distill_loss
         return {"loss": loss, "output": (cls_logits.detach() + dist_logits.detach()) / 2,
                 "task_loss": task_loss.detach(), "kd_loss": distill_loss.detach()}
 
 
 def token_distillation_loss(token_logits: torch.Tensor, teacher_logits: torch.Tensor, distill_type: str,
-                            temperature: float) -> torch.Tensor:
-    """DeiT's distillation term: CE to the teacher's argmax (``hard``) or ``T^2 KL`` (``soft``)."""
+                            temperature: float, kl_reduction: str = "numel") -> torch.Tensor:
+    """DeiT's distillation term: CE to the teacher's argmax (``hard``) or ``T^2 KL`` (``soft``; the official
+    code divides the summed KL by the number of logits, ``kl_reduction="numel"``)."""
     if distill_type == "hard":
         return losses.cross_entropy(token_logits, teacher_logits.argmax(dim=-1))
-    return losses.kd_kl(token_logits, teacher_logits, temperature)
+    return losses.kd_kl(token_logits, teacher_logits, temperature, kl_reduction)
 
 
 class MultiTokenKDTask(DistillTask):
     """One distillation term per (student head, teacher role) pair, e.g. co-advise's CNN and INN tokens.
 
     The student's forward returns a tuple of logits: ``heads[0]`` is the class head (CE to the labels, weight
-    ``1 - sum(weights)``), and ``pairs`` maps each further head index to the teacher role it learns from with
-    its weight. The reported ``output`` is the mean of all heads.
+    ``task_weight``; ``None`` means ``1 - sum(weights)``), and ``pairs`` lists ``(head index, teacher role,
+    weight)``: ``weight * D(heads[index], teacher)`` with ``D`` as in DeiT (``hard``: CE to the teacher's
+    argmax; ``soft``: ``T^2 KL``, batch mean). Head 0 may also be paired (soft targets for the class head).
+    ``target`` may be class indices or probabilities [B, K] (mixup / cutmix). A pair of weight 0 is skipped
+    (its teacher is not run). The reported ``output`` is the mean of all heads.
     """
 
     def __init__(self, student: nn.Module, teachers: Teachers, *, pairs: Sequence[tuple[int, str, float]],
-                 distill_type: str = "hard", temperature: float = 1.0, smoothing: float = 0.0):
+                 distill_type: str = "hard", temperature: float = 1.0, smoothing: float = 0.0,
+                 task_weight: float | None = None):
         super().__init__(student, teachers)
+        if distill_type not in ("hard", "soft"):
+            raise UserError(f"multi-token KD distill_type must be hard or soft, got {distill_type!r}")
         for _, role, _ in pairs:
             if role not in teachers:
                 raise UserError(f"multi-token KD: no teacher for role {role!r} (have: {', '.join(teachers)})")
         self.pairs, self.distill_type = list(pairs), distill_type
         self.temperature, self.smoothing = temperature, smoothing
+        self.task_weight = 1.0 - sum(w for _, _, w in self.pairs) if task_weight is None else float(task_weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor,
                 extras: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
         heads = self.trainable_module(input)
         task_loss = losses.cross_entropy(heads[0], target, self.smoothing)
-        loss = (1.0 - sum(w for _, _, w in self.pairs)) * task_loss
+        loss = self.task_weight * task_loss
         result: dict[str, torch.Tensor] = {"task_loss": task_loss.detach()}
         for head, role, weight in self.pairs:
+            if weight == 0:
+                continue
+            # Co-advise's KL is KLDivLoss(reduction="batchmean") (official main.py), not DeiT's sum / numel.
             term = token_distillation_loss(heads[head], self.teachers[role].logits(input, extras),
-                                           self.distill_type, self.temperature)
+                                           self.distill_type, self.temperature, kl_reduction="batchmean")
             loss = loss + weight * term
             result[f"kd_loss_{role}"] = term.detach()
         output = torch.stack([h.detach() for h in heads]).mean(0)

@@ -33,6 +33,9 @@ def _torch_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+MAX_BENCH_BATCH = 4096
+
+
 def benchmark(
     model_or_onnx_path: nn.Module | str | os.PathLike,
     *,
@@ -57,11 +60,15 @@ def benchmark(
     unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown or not runtimes:
         raise UserError(f"--runtime: unknown runtime(s) {unknown or list(runtimes)}; choose from {list(RUNTIMES)}")
-    sizes = [int(b) for b in batch_sizes]
-    if not sizes or min(sizes) < 1:
-        raise UserError(f"--batch-sizes must be positive integers, got {list(batch_sizes)}")
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads must be >= 1, got {threads}")
+    from vitshrink.validate import check_float, check_int
+
+    sizes = [check_int(b, "--batch-sizes", low=1, high=MAX_BENCH_BATCH) for b in batch_sizes]
+    if not sizes:
+        raise UserError("--batch-sizes must name at least one batch size")
+    check_int(threads, "--threads", low=1, high=1024, optional=True)
+    check_float(min_time_s, "--min-time", low=0.0, high=3600.0)
+    check_int(warmup, "warmup", low=0, high=10_000)
+    check_int(iters, "iters", low=1, high=1_000_000, optional=True)
     import onnxruntime as ort
 
     is_onnx = not isinstance(model_or_onnx_path, nn.Module)
@@ -100,8 +107,11 @@ def benchmark(
 def _count_onnx(path: Path, input_size: Sequence[int] | None, name: str | None,
                 result: dict[str, Any]) -> tuple[int, ...]:
     """Fill params/MACs of an ONNX file into ``result``; return its input size."""
+    from vitshrink.validate import check_onnx_classifier
+
     if not path.is_file():
-        raise UserError(f"{path}: ONNX file not found")
+        raise UserError(f"{path}: {'is a directory, not an ONNX file' if path.exists() else 'ONNX file not found'}")
+    check_onnx_classifier(path, input_size)
     result["source"] = str(path)
     result["name"] = name or path.stem
     result["params"] = count_onnx_params(path)
@@ -121,7 +131,10 @@ def _count_onnx(path: Path, input_size: Sequence[int] | None, name: str | None,
 def _count_torch(model: nn.Module, input_size: Sequence[int] | None, name: str | None,
                  result: dict[str, Any]) -> tuple[int, ...]:
     """Fill params/MACs of a torch model into ``result``; return its input size."""
+    from vitshrink.validate import check_torch_classifier
+
     size = resolve_input_size(model, input_size)
+    check_torch_classifier(model, size, name or "model")
     result["source"] = "torch model"
     from vitshrink.io import record_of
 

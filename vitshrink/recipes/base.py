@@ -20,6 +20,8 @@ The pipeline (``vitshrink.pipeline``) calls, in order::
   (``""``: the user's TEACHER). Default ``{"teacher": ""}``. The pipeline loads each with
   ``vitshrink.io.load_model`` into ``ctx.teachers`` (role -> frozen model) and, for ``task``, into a
   ``vitshrink.distill.teachers.Teachers`` of live teachers fed the student's batches.
+  ``stand_in_teacher(role, loaded)`` may supply a role whose option is unset (dearkd: the main TEACHER
+  serves as the CNN teacher when it is a CNN); the default ``None`` makes the missing SPEC an error.
 * ``build_student(teacher, student, ctx) -> nn.Module``: ``teacher`` is the main teacher model, ``student`` what
   the user asked for (``None``, a module, a file or a ``NAME:k=v`` spec); the default derives the half-depth
   student or resolves the spec (``vitshrink.students``). The module returned must be built by
@@ -93,6 +95,10 @@ class Recipe:
 
     def prepare(self, teacher: nn.Module, student: nn.Module, ctx: RecipeContext) -> nn.Module:
         return student
+
+    def stand_in_teacher(self, role: str, loaded: dict[str, nn.Module]) -> nn.Module | None:
+        """A teacher for ``role`` when its option holds no SPEC (``loaded``: the roles loaded so far); default none."""
+        return None
 
     def source(self, student: nn.Module, ctx: RecipeContext):
         from vitshrink.data.sources import labelled_source

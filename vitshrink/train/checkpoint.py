@@ -8,6 +8,7 @@ restores all of it, so an interrupted run ends with the same weights as an unint
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import random
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class Checkpointing:
     arch_json: str
     save_best: Callable[[int, float], None]
     resume_state: dict[str, Any] | None = None
+    identity: dict[str, Any] | None = None  # what --resume must match (recipe, data, seed, batch, teacher)
 
     @property
     def path(self) -> Path:
@@ -70,15 +72,83 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
 
 
+# Each field of last.pt and the type it must have (checked on load: the file can be damaged or edited).
+_FIELDS = {"arch": str, "epoch": int, "batch": int, "global_step": int, "trainable": dict, "optimizer": dict,
+           "scheduler": dict, "rng": list, "best_top1": (int, float), "summary": list, "accum": list,
+           "elapsed": (int, float)}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``last.pt``: tensors and plain containers only (loads with ``weights_only=True``)."""
+    """``last.pt``: tensors and plain containers only (loads with ``weights_only=True``); a damaged or edited
+    file is a one-line ``UserError``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--resume: {path} not found (nothing to resume)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (truncated zip, unpickling refused, bad magic: all "damaged")
+        text = " ".join(str(exc).split())[:160]
+        raise UserError(f"{path}: damaged checkpoint, cannot resume ({type(exc).__name__}: {text}); run again "
+                        "without --resume or use another --out") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a vitshrink training checkpoint")
+    for key, kind in _FIELDS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{path}: damaged checkpoint (field {key!r} is {type(value).__name__})")
+    for key in ("epoch", "batch", "global_step"):
+        if state[key] < 0:
+            raise UserError(f"{path}: damaged checkpoint (field {key!r} is {state[key]})")
+    if not state["rng"] or len(state["accum"]) != 3 or not all(isinstance(v, torch.Tensor)
+                                                              for v in state["trainable"].values()):
+        raise UserError(f"{path}: damaged checkpoint (rng, accum or trainable weights malformed)")
     return state
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def data_fingerprint(labelled, roots: list[str] | None = None) -> str:
+    """A hash of the data paths (resolved) and of every training and validation image name with its label:
+    another --data, other files in it or a different hold-out give another fingerprint."""
+    digest = hashlib.sha256()
+    for root in roots or []:
+        digest.update(f"{root}\n".encode())
+    for split in (labelled.train, labelled.val):
+        if split is None:
+            digest.update(b"none")
+            continue
+        names = split.filename if hasattr(split, "filename") else (lambda i: str(i))
+        targets = split.targets if hasattr(split, "targets") else [None] * len(split)
+        for index, target in enumerate(targets):
+            digest.update(f"{names(index)}\t{target}\n".encode())
+        digest.update(b"--")
+    digest.update("\n".join(labelled.class_names).encode())
+    return digest.hexdigest()[:16]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of a model's weights (CPU bytes, so any device gives the same value)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def check_resume(state: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
+    """``--resume`` must continue the same run: recipe, data, seed, batch size and teacher as ``last.pt``."""
+    saved = state.get("run")
+    if not isinstance(saved, dict):
+        return  # written before runs were recorded: nothing to compare
+    differs = []
+    for key, value in identity.items():
+        if key in saved and saved[key] != value:
+            shown = "other images or labels" if key == "data" else "other weights" if key == "teacher" \
+                else f"{saved[key]!r} in last.pt, {value!r} now"
+            differs.append(f"{key} ({shown})")
+    if differs:
+        raise UserError(f"--resume {path}: this run differs from the one that wrote it: {'; '.join(differs)}; "
+                        "resume with the same settings or use another --out")
 
 
 def write_summary(path: Path, rows: list[dict[str, Any]]) -> None:

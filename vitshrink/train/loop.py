@@ -59,7 +59,8 @@ class Schedule:
 
 @dataclass
 class Evaluation:
-    """The model evaluated after each epoch (the raw student) and its validation loader (this rank's shard)."""
+    """The model evaluated after each epoch (the raw student) and its validation loader (this rank's shard);
+    ``loader`` None: no validation set, every epoch's student is kept (the last one wins)."""
 
     model: nn.Module
     loader: Any
@@ -95,6 +96,7 @@ class _Position:
     rows: list = field(default_factory=list)
     accum: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum (over samples), samples, correct
     elapsed: float = 0.0
+    last_batch: tuple | None = None  # (images, targets, extras) of the latest step: the weights' sanity check
 
 
 def train_step(task, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer, *,
@@ -172,6 +174,7 @@ def train(task, source, schedule: Schedule, checkpointing: Checkpointing, *, eva
     started = time.perf_counter()
 
     def checkpoint(epoch: int, batch: int) -> None:
+        check_weights_good(task, at, checkpointing)  # a checkpoint is only ever written with good weights
         rng = env.ddp.gather(rng_state())
         if env.ddp.main:
             save_checkpoint(checkpointing.path, {
@@ -179,7 +182,7 @@ def train(task, source, schedule: Schedule, checkpointing: Checkpointing, *, eva
                 "trainable": unwrap_model(trainable).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng, "best_top1": at.best_top1,
                 "best_epoch": at.best_epoch, "summary": at.rows, "accum": at.accum,
-                "elapsed": at.elapsed + (time.perf_counter() - started)})
+                "elapsed": at.elapsed + (time.perf_counter() - started), "run": checkpointing.identity or {}})
 
     while at.epoch < schedule.epochs:
         _train_epoch(task, source, schedule, steps_per_epoch, optimizer, scheduler, at, env, checkpointing,
@@ -206,10 +209,13 @@ def _train_epoch(task, source, schedule: Schedule, steps_per_epoch: int, optimiz
         out, loss_value = train_step(task, images, targets, optimizer, clip_grad=schedule.clip_grad,
                                      amp=schedule.amp, ddp=env.ddp, extras=extras)
         if not math.isfinite(loss_value):
-            kept = f"last good checkpoint kept: {checkpointing.path}" if checkpointing.path.exists() \
-                else "no checkpoint was written yet"
+            if at.global_step == 0:  # before any update: the learning rate cannot be the cause
+                raise UserError(f"loss is {loss_value} at the first step, before any update: the inputs, the "
+                                "teacher's outputs or the student's initial weights are not finite (check "
+                                "--mean/--std, the teacher and --student); a lower --lr will not help")
             raise UserError(f"loss became {loss_value} at epoch {at.epoch + 1}, step {at.global_step + 1}; "
-                            f"stopped ({kept}); try a lower --lr or --clip-grad")
+                            f"stopped ({_kept(checkpointing)}); try a lower --lr or --clip-grad")
+        at.last_batch = (images, targets, extras)
         n = images.shape[0]
         correct = 0.0
         if env.uses_labels and out.get("output") is not None:
@@ -230,15 +236,64 @@ def _train_epoch(task, source, schedule: Schedule, steps_per_epoch: int, optimiz
             checkpoint(at.epoch, at.batch)
     if bar_task is not None:
         bar.remove_task(bar_task)
+    check_weights_good(task, at, checkpointing)  # before the epoch's evaluation may save student.safetensors
+
+
+def _kept(checkpointing: Checkpointing) -> str:
+    return f"last good checkpoint kept: {checkpointing.path}" if checkpointing.path.exists() \
+        else "no checkpoint was written yet"
+
+
+def check_weights_good(task, at: _Position, checkpointing: Checkpointing) -> None:
+    """The NaN guard for weights: after the latest step, every trainable weight is finite and the loss of the
+    latest batch recomputed with them is finite; else stop, keeping the last good checkpoint. A finite loss
+    before the step does not prove the step left usable weights (an update to 1e30 is finite, and every later
+    step then fails). The recomputation changes nothing: no grad, the RNG forked, buffers (BatchNorm running
+    statistics) restored, so training goes on exactly as without it."""
+    from vitshrink.validate import first_nonfinite
+
+    if at.last_batch is None:
+        return
+    where = f"at epoch {at.epoch + 1}, step {at.global_step}"
+    bad = first_nonfinite(task.get_trainable_module().named_parameters())
+    if bad is not None:
+        raise UserError(f"weights became NaN/inf {where} ({bad}); stopped ({_kept(checkpointing)}); "
+                        "try a lower --lr or --clip-grad")
+    images, targets, extras = at.last_batch
+    buffers = {name: b.detach().clone() for name, b in task.named_buffers()}
+    devices = [images.device.index or 0] if images.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            out = task(images, targets, extras) if getattr(task, "wants_extras", False) else task(images, targets)
+            loss = float(out["loss"])
+    finally:
+        with torch.no_grad():
+            for name, buffer in task.named_buffers():
+                if name in buffers:
+                    buffer.copy_(buffers[name])
+    if not math.isfinite(loss):
+        raise UserError(f"loss became {loss} {where} with the updated weights; stopped before saving them "
+                        f"({_kept(checkpointing)}); try a lower --lr or --clip-grad")
 
 
 def _end_epoch(at: _Position, evaluation: Evaluation, schedule: Schedule, optimizer, env: TrainEnv,
                checkpointing: Checkpointing, started: float) -> None:
     loss_sum, seen, _ = env.ddp.all_sum(at.accum, env.device)
+    row = {"epoch": at.epoch, "train_loss": loss_sum / max(seen, 1), "eval_loss": None, "eval_top1": None,
+           "eval_top5": None, "lr": optimizer.param_groups[0]["lr"],
+           "time": round(at.elapsed + time.perf_counter() - started, 3)}
+    if evaluation.loader is None:
+        # No labelled validation images (a data-free run without --val-data): the last epoch is kept.
+        at.rows.append(row)
+        at.best_epoch = at.epoch + 1
+        if env.ddp.main:
+            checkpointing.save_best(at.epoch + 1, None)
+            env.log(f"epoch {at.epoch + 1}/{schedule.epochs}: train loss {row['train_loss']:.4f} "
+                    "(no validation set: not evaluated)")
+            write_summary(checkpointing.out_dir / "summary.csv", at.rows)
+        return
     result = evaluate_split(evaluation.model, evaluation.loader, env, amp=schedule.amp)
-    row = {"epoch": at.epoch, "train_loss": loss_sum / max(seen, 1), "eval_loss": result["loss"],
-           "eval_top1": result["top1"] * 100, "eval_top5": result["top5"] * 100,
-           "lr": optimizer.param_groups[0]["lr"], "time": round(at.elapsed + time.perf_counter() - started, 3)}
+    row.update(eval_loss=result["loss"], eval_top1=result["top1"] * 100, eval_top5=result["top5"] * 100)
     at.rows.append(row)
     if result["top1"] > at.best_top1:
         at.best_top1, at.best_epoch = result["top1"], at.epoch + 1

@@ -1,0 +1,582 @@
+"""Hostile input, one test per class of defect (issue 13): each crafts its bad input and checks that the CLI
+answers with exit 2 and one line (or the correct result), no traceback, and touches nothing outside --out."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitshrink.cli import main
+from vitshrink.io import create_model, save_model
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``vitshrink ARGS`` in-process; return (exit code, stdout, stderr)."""
+    old_argv = sys.argv
+    sys.argv = ["vitshrink", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old_argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one error line, got: {err!r}"
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file (and link) under ``root`` with a hash of its content: proof that nothing changed."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                found[rel] = "link:" + os.readlink(path)
+            elif path.is_file():
+                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                found[rel] = "dir"
+    return found
+
+
+def tiny_vit(num_classes: int = 3, img_size: int = 16, in_chans: int = 3):
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", img_size=img_size, patch_size=8, embed_dim=16, depth=2,
+                         num_heads=2, mlp_ratio=2.0, num_classes=num_classes, in_chans=in_chans)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def vit_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    save_model(tiny_vit(), path, class_names=["cat", "dog", "fish"])
+    return path
+
+
+def write_images(folder: Path, n: int, size: int = 16, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture()
+def pool(tmp_path) -> Path:
+    root = tmp_path / "pool"
+    write_images(root / "a", 4)
+    write_images(root / "b", 4, seed=1)
+    return root
+
+
+def select(capsys, vit_file: Path, pool: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    return run_cli(capsys, "select-wild", "--teacher", str(vit_file), "--pool", str(pool), "--out", str(out),
+                   "--num", "4", "--criterion", "confidence", "-j", "0", "--device", "cpu", *extra)
+
+
+# --- paths read back from files never leave their folder ----------------------------------------------
+@pytest.mark.parametrize("class_dirs", [["../victim"], ["/abs/victim"], [".."], ["."], "victim", [7]])
+def test_select_wild_never_deletes_outside_out(capsys, vit_file, pool, tmp_path, class_dirs):
+    out = tmp_path / "out"
+    code, _, err = select(capsys, vit_file, pool, out)
+    assert code == 0, err
+    victim = tmp_path / "victim"  # a folder beside --out
+    write_images(victim, 2)
+    (victim / "notes.txt").write_text("precious")
+    before = tree_digest(tmp_path / "victim"), tree_digest(pool)
+    summary = json.loads((out / "selection.json").read_text())
+    summary["class_dirs"] = class_dirs
+    (out / "selection.json").write_text(json.dumps(summary))
+    code, _, err = select(capsys, vit_file, pool, out)
+    assert_one_line_error(code, err, "selection.json")
+    assert (tree_digest(tmp_path / "victim"), tree_digest(pool)) == before
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_select_wild_refuses_an_unreadable_selection_record(capsys, vit_file, pool, tmp_path, text):
+    out = tmp_path / "out"
+    assert select(capsys, vit_file, pool, out)[0] == 0
+    (out / "selection.json").write_text(text)
+    before = tree_digest(tmp_path)
+    code, _, err = select(capsys, vit_file, pool, out)
+    assert_one_line_error(code, err, "selection.json")
+    assert tree_digest(tmp_path) == before  # refused before any work: the class folders are kept
+
+
+def test_select_wild_scores_csv_paths_stay_in_the_pool(capsys, vit_file, pool, tmp_path):
+    out = tmp_path / "out"
+    assert select(capsys, vit_file, pool, out)[0] == 0
+    secret = tmp_path / "secret.png"
+    write_images(tmp_path / "s", 1)[0].rename(secret)
+    scores = (out / "scores.csv").read_text().splitlines()
+    first = scores[1].split(",")
+    first[0] = "../secret.png"
+    (out / "scores.csv").write_text("\n".join([scores[0], ",".join(first), *scores[2:]]) + "\n")
+    code, _, err = select(capsys, vit_file, pool, out)
+    assert_one_line_error(code, err, "scores.csv", "../secret.png")
+    assert not any("secret" in p.name for p in out.rglob("*"))
+
+
+def test_select_wild_symlinks_each_real_image_once_and_never_out_of_the_pool(capsys, vit_file, pool, tmp_path):
+    outside = tmp_path / "outside"
+    write_images(outside, 3, seed=5)
+    (pool / "a" / "loop").symlink_to(pool)  # a loop back to the pool root
+    (pool / "b" / "again.png").symlink_to(pool / "a" / "img000.png")  # a second name of one file
+    (pool / "escape").symlink_to(outside)  # a folder outside the pool
+    (pool / "b" / "escape.png").symlink_to(outside / "img000.png")
+    out = tmp_path / "out"
+    code, _, err = select(capsys, vit_file, pool, out, "--mode", "list")
+    assert code == 0, err
+    rows = (out / "scores.csv").read_text().splitlines()[1:]
+    assert len(rows) == 8  # the 8 real images, each once
+    assert not any("escape" in row or "loop" in row or "again" in row for row in rows)
+    assert "outside the pool" in err and "duplicate" in err
+
+
+def test_select_wild_refuses_out_equal_to_or_above_the_pool(capsys, vit_file, pool, tmp_path):
+    before = tree_digest(tmp_path)
+    for out in (pool, tmp_path, pool / "a" / ".."):
+        code, _, err = select(capsys, vit_file, pool, out)
+        assert_one_line_error(code, err, "--out", "--pool")
+    assert tree_digest(tmp_path) == before
+
+
+def test_select_wild_never_scores_its_own_output(capsys, vit_file, pool, tmp_path):
+    inside = pool / "selected"
+    assert select(capsys, vit_file, pool, inside)[0] == 0
+    # A second selection, to another folder inside the pool: the first selection's copies are not scored.
+    code, _, err = select(capsys, vit_file, pool, pool / "second")
+    assert code == 0, err
+    rows = (pool / "second" / "scores.csv").read_text().splitlines()[1:]
+    assert len(rows) == 8 and not any(row.startswith("selected/") for row in rows)
+
+
+# --- tar and image reading ----------------------------------------------------------------------------
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def bomb_png() -> bytes:
+    """A PNG header claiming 30000 x 30000 pixels (900 M, over PIL's bomb limit) with no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def two_class_vit(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "two.safetensors"
+    save_model(tiny_vit(num_classes=2), path, class_names=["cat", "dog"])
+    return path
+
+
+def test_unsafe_tar_member_names_are_skipped_and_counted(capsys, two_class_vit, tmp_path):
+    from vitshrink.data import resolve_data
+
+    rng = np.random.default_rng(0)
+    tar_path = tmp_path / "evil.tar"
+    unsafe = ["../../x/y.png", "/abs/y.png", "root.png", "aaa/../../z.png"]
+    with tarfile.open(tar_path, "w") as tar:
+        for name in ["cat/a.png", "cat/b.png", "dog/c.png", "dog/d.png", *unsafe]:
+            add_member(tar, name, png_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+    data = resolve_data(tar_path, val_split=0.5)
+    assert data.class_names == ["cat", "dog"]  # no class from an unsafe name, labels not shifted
+    assert sorted(data.train.targets + data.val.targets) == [0, 0, 1, 1]
+    assert "4 tar member(s) with unsafe names" in data.note
+    code, out, err = run_cli(capsys, "evaluate", str(two_class_vit), "--data", str(tar_path), "-j", "0")
+    assert code == 0, err
+    assert "4 images, 4 unreadable skipped" in " ".join(out.split())
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from vitshrink.data.folders import ImageSplit, _open_reader
+
+    values = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+    (tmp_path / "data" / "grey").mkdir(parents=True)
+    Image.fromarray(values).save(tmp_path / "data" / "grey" / "wide.png")
+    assert Image.open(tmp_path / "data" / "grey" / "wide.png").mode.startswith("I")
+    img, target = ImageSplit(_open_reader(tmp_path / "data"), img_mode="L")[0]
+    assert np.array_equal(np.asarray(img), np.arange(256, dtype=np.uint8).reshape(16, 16))  # v / 257 exactly
+    rgb, _ = ImageSplit(_open_reader(tmp_path / "data"), img_mode="RGB")[0]
+    assert np.asarray(rgb)[15, 15].tolist() == [255, 255, 255] and np.asarray(rgb)[0, 0].tolist() == [0, 0, 0]
+
+
+def test_decompression_bombs_are_skipped_and_counted(capsys, two_class_vit, vit_file, tmp_path):
+    data = tmp_path / "data"
+    write_images(data / "cat", 3)
+    write_images(data / "dog", 3, seed=1)
+    (data / "cat" / "bomb.png").write_bytes(bomb_png())
+    code, out, err = run_cli(capsys, "evaluate", str(two_class_vit), "--data", str(data), "-j", "0")
+    assert code == 0, err
+    assert "6 images, 1 unreadable skipped" in " ".join(out.split())
+    pool = tmp_path / "pool"
+    write_images(pool, 3)
+    (pool / "bomb.png").write_bytes(bomb_png())
+    code, out, err = select(capsys, vit_file, pool, tmp_path / "out", "--mode", "list")
+    assert code == 0, err
+    assert "too large (decompression bomb)" in " ".join(out.split())
+    with tarfile.open(tmp_path / "bomb.tar", "w") as tar:
+        for name, path in [("cat/a.png", data / "cat" / "img000.png"), ("dog/b.png", data / "dog" / "img000.png")]:
+            add_member(tar, name, path.read_bytes())
+        add_member(tar, "dog/bomb.png", bomb_png())
+    code, out, err = run_cli(capsys, "evaluate", str(two_class_vit), "--data", str(tmp_path / "bomb.tar"), "-j", "0")
+    assert code == 0, err
+    assert "2 images, 1 unreadable skipped" in " ".join(out.split())
+
+
+# --- numeric options: range and finiteness, one line, before any work --------------------------------
+BAD_NUMBERS = [
+    (["inspect", "{vit}", "--num-heads", "0"], "--num-heads"),
+    (["inspect", "{vit}", "--num-heads", "-3"], "--num-heads"),
+    (["inspect", "{vit}", "--num-heads", "abc"], "--num-heads"),  # click's usage error, on one line too
+    (["distill", "{vit}", "--lr", "fast"], "--lr"),
+    (["inspect", "{vit}", "--img-size", "0"], "--img-size"),
+    (["inspect", "{vit}", "--img-size", "100000000"], "--img-size"),
+    (["inspect", "{vit}", "--in-chans", "0"], "--in-chans"),
+    (["inspect", "{vit}", "--num-classes", "-1"], "--num-classes"),
+    (["evaluate", "{vit}", "--mean", "nan"], "--mean"),
+    (["evaluate", "{vit}", "--mean", "0.5,x"], "--mean"),
+    (["evaluate", "{vit}", "--std", "0"], "--std"),
+    (["evaluate", "{vit}", "--std", "-1,1,1"], "--std"),
+    (["evaluate", "{vit}", "--std", "inf"], "--std"),
+    (["evaluate", "{vit}", "-b", "0"], "--batch-size"),
+    (["evaluate", "{vit}", "-j", "-1"], "--workers"),
+    (["benchmark", "{vit}", "--batch-sizes", "0"], "--batch-sizes"),
+    (["benchmark", "{vit}", "--batch-sizes", "1,x"], "--batch-sizes"),
+    (["benchmark", "{vit}", "--threads", "0"], "--threads"),
+    (["benchmark", "{vit}", "--min-time", "nan"], "--min-time"),
+    (["benchmark", "{vit}", "--min-time", "-1"], "--min-time"),
+    (["select-wild", "--teacher", "{vit}", "--pool", "{pool}", "--num", "0"], "--num"),
+    (["select-wild", "--teacher", "{vit}", "--pool", "{pool}", "--fraction", "nan"], "--fraction"),
+    (["select-wild", "--teacher", "{vit}", "--pool", "{pool}", "--num", "2", "-b", "0"], "--batch-size"),
+    (["select-wild", "--teacher", "{vit}", "--pool", "{pool}", "--num", "2", "-j", "-2"], "--workers"),
+    (["distill", "{vit}", "--lr", "nan"], "--lr"),
+    (["distill", "{vit}", "--lr", "0"], "--lr"),
+    (["distill", "{vit}", "--seed", "-1"], "--seed"),
+    (["distill", "{vit}", "--epochs", "0"], "--epochs"),
+    (["distill", "{vit}", "-b", "0"], "--batch-size"),
+    (["distill", "{vit}", "-j", "-1"], "--workers"),
+    (["distill", "{vit}", "--val-split", "1"], "--val-split"),
+    (["distill", "{vit}", "--flops-target", "0"], "--flops-target"),
+    (["distill", "{vit}", "--clip-grad", "-1"], "--clip-grad"),
+    (["distill", "{vit}", "--smoothing", "1.5"], "--smoothing"),
+    (["distill", "{vit}", "--smoothing", "nan"], "--smoothing"),
+    (["distill", "{vit}", "--steps-per-epoch", "-3"], "--steps-per-epoch"),
+    (["distill", "{vit}", "--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["distill", "{vit}", "--weight-decay", "inf"], "--weight-decay"),
+    (["distill", "{vit}", "--set", "lr=abc"], "lr"),
+    (["distill", "{vit}", "--set", "eval_batch_size=0"], "eval_batch_size"),
+    (["distill", "{vit}", "--set", "aug_scale=[0.9,0.1]"], "aug_scale"),
+    (["distill", "{vit}", "--set", "warmup_lr=.nan"], "warmup_lr"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_NUMBERS, ids=[" ".join(a[2:] if a[1] == "{vit}" else a[5:])
+                                                          for a, _ in BAD_NUMBERS])
+def test_out_of_range_numbers_are_one_line_errors(capsys, vit_file, pool, tmp_path, args, flag):
+    args = [a.format(vit=vit_file, pool=pool) for a in args]
+    if args[0] == "distill":
+        args += ["--out", str(tmp_path / "run")]
+    if args[0] == "select-wild":
+        args += ["--out", str(tmp_path / "sel")]
+    before = tree_digest(tmp_path)
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, flag)
+    after = tree_digest(tmp_path)
+    assert {k: v for k, v in after.items() if k not in ("run", "sel")} == before  # at most an empty --out
+
+
+# --- non-finite weights and outputs -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nan_vit_file(tmp_path_factory) -> Path:
+    model = tiny_vit()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+    path = tmp_path_factory.mktemp("models") / "nan.safetensors"
+    save_model(model, path, class_names=["cat", "dog", "fish"])
+    return path
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "benchmark", "distill", "select-wild"])
+def test_nan_weights_are_refused(capsys, nan_vit_file, pool, tmp_path, command):
+    args = {"evaluate": ["evaluate", str(nan_vit_file), "--data", str(pool)],
+            "export": ["export", str(nan_vit_file), "--data", str(pool), "-o", str(tmp_path / "m.onnx")],
+            "benchmark": ["benchmark", str(nan_vit_file), "--min-time", "0"],
+            "distill": ["distill", str(nan_vit_file), "--data", str(pool), "--out", str(tmp_path / "run")],
+            "select-wild": ["select-wild", "--teacher", str(nan_vit_file), "--pool", str(pool), "--num", "2",
+                            "--out", str(tmp_path / "sel")]}[command]
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "blocks.1.mlp.fc1.weight", "NaN")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "select-wild"])
+def test_nan_outputs_are_refused(capsys, vit_file, pool, tmp_path, command):
+    # Finite weights, but a std so small that normalised pixels overflow to inf: the logits are NaN.
+    broken = ["--std", "1e-39"]
+    args = {"evaluate": ["evaluate", str(vit_file), "--data", str(pool), "-j", "0", *broken],
+            "export": ["export", str(vit_file), "--data", str(pool), "-o", str(tmp_path / "m.onnx"), *broken],
+            "select-wild": ["select-wild", "--teacher", str(vit_file), "--pool", str(pool), "--num", "2", "-j", "0",
+                            "--out", str(tmp_path / "sel"), *broken]}[command]
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, "NaN")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# --- output locations ---------------------------------------------------------------------------------
+def test_output_that_is_a_file_or_under_a_file_is_one_line(capsys, vit_file, pool, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    cases = [
+        (["distill", str(vit_file), "--data", str(pool), "--out", str(a_file)], "--out", a_file),
+        (["distill", str(vit_file), "--data", str(pool), "--out", str(a_file / "sub")], "--out", a_file),
+        (["select-wild", "--teacher", str(vit_file), "--pool", str(pool), "--num", "2", "--out", str(a_file)], "--out",
+         a_file),
+        (["export", str(vit_file), "-o", str(a_file / "m.onnx")], "--output", a_file),
+        (["export", str(vit_file), "-o", str(tmp_path)], "--output", tmp_path),
+        (["inspect", str(vit_file), "--json", str(a_file / "x.json")], "--json", a_file),
+        (["benchmark", str(vit_file), "--json", str(tmp_path)], "--json", tmp_path),
+    ]
+    before = tree_digest(tmp_path)
+    for args, flag, named in cases:
+        code, out, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, flag, str(named))
+        assert out == ""  # refused before any work or output
+    assert tree_digest(tmp_path) == before
+
+
+def test_a_full_output_location_is_one_line_and_leaves_no_file(capsys, vit_file, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, like a full disk) while writing the ONNX file: exit 2, no partial file."""
+    import resource
+    import signal
+
+    target = tmp_path / "out" / "m.onnx"
+    (tmp_path / "out").mkdir()
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, old_limit[1]))
+    try:
+        code, _, err = run_cli(capsys, "export", str(vit_file), "-o", str(target))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert_one_line_error(code, err, str(target), "File too large")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# --- benchmark on files that are not ONNX image classifiers ------------------------------------------
+def test_benchmark_refuses_files_that_are_not_onnx_image_models(capsys, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07definitely not protobuf" * 10)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+
+    def identity_model(path: Path, elem_type: int, shape: list) -> Path:
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", elem_type, shape)],
+                                  [helper.make_tensor_value_info("y", elem_type, shape)])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    table = identity_model(tmp_path / "table.onnx", TensorProto.FLOAT, [1, 10])  # a rank-2 input
+    tokens = identity_model(tmp_path / "tokens.onnx", TensorProto.INT64, [1, 3, 16, 16])  # not float
+    for path, needle in [(garbage, "not a valid ONNX model"), (empty, "ONNX"), (table, "image tensor"),
+                         (tokens, "image tensor"), (tmp_path / "missing.onnx", "not found")]:
+        code, _, err = run_cli(capsys, "benchmark", str(path), "--min-time", "0")
+        assert_one_line_error(code, err, path.name, needle)
+
+
+# --- the last resort: an unexpected failure is one line naming the command, exit 1 --------------------
+def test_unexpected_exception_is_one_line_with_debug_for_the_traceback(capsys, vit_file, monkeypatch):
+    import vitshrink.inspection
+
+    def broken(model):  # a bug inside the library, after the input was accepted
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(vitshrink.inspection, "describe", broken)
+    code, _, err = run_cli(capsys, "inspect", str(vit_file))
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith("error: vitshrink inspect failed: ZeroDivisionError: division by zero second line")
+    assert "--debug" in lines[0]
+    with pytest.raises(ZeroDivisionError):  # --debug: the real exception and its traceback
+        run_cli(capsys, "--debug", "inspect", str(vit_file))
+
+
+# --- every output file has ordinary permissions -------------------------------------------------------
+def test_saved_models_get_the_same_permissions_as_other_outputs(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    save_model(tiny_vit(), tmp_path / "student.safetensors")
+    assert (tmp_path / "student.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- a validation set whose first images are unreadable ----------------------------------------------
+def test_export_sample_skips_unreadable_first_images(capsys, two_class_vit, tmp_path):
+    data = tmp_path / "data"
+    for cls, seed in (("cat", 0), ("dog", 1)):
+        write_images(data / cls, 3, seed=seed)
+        for i in range(10):  # sorted before the good ones: every first image of every class is broken
+            (data / cls / f"aa{i}.png").write_bytes(b"not a png")
+    code, out, err = run_cli(capsys, "export", str(two_class_vit), "--data", str(data), "-o", str(tmp_path / "m.onnx"))
+    assert code == 0, err
+    assert "on 6 real images" in " ".join(out.split())
+    (tmp_path / "m.onnx").unlink()
+    for path in (data / "dog").glob("img*.png"):
+        path.unlink()
+    for path in list((data / "cat").glob("img*.png"))[1:]:
+        path.unlink()
+    code, _, err = run_cli(capsys, "export", str(two_class_vit), "--data", str(data), "-o", str(tmp_path / "m.onnx"))
+    assert_one_line_error(code, err, "fewer than 2 readable images")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# --- numbers read back from files (compare's report.json and benchmark files) -------------------------
+def _report(**student) -> dict:
+    model = {"top1": 0.9, "params": 1000, "gmacs": 0.01, "ort_p50_ms": {"1": 1.0}}
+    return {"recipe": "vanilla", "distill_seconds": 1.0, "teacher": model, "student": {**model, **student},
+            "ratios": {"ort_speedup": {"1": 1.5}}}
+
+
+@pytest.mark.parametrize("student,needle", [({"top1": float("nan")}, "top1"), ({"top1": "abc"}, "top1"),
+                                            ({"params": -1}, "params"), ({"ort_p50_ms": {"0": 1.0}}, "batch size"),
+                                            ({"gmacs": float("inf")}, "gmacs")])
+def test_compare_checks_every_number_it_reads(capsys, tmp_path, student, needle):
+    for name, report in (("good", _report()), ("bad", _report(**student))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+    code, _, err = run_cli(capsys, "compare", str(tmp_path / "good"), str(tmp_path / "bad"))
+    assert_one_line_error(code, err, str(tmp_path / "bad" / "report.json"), needle)
+    code, out, err = run_cli(capsys, "compare", str(tmp_path / "good"), str(tmp_path / "good"))
+    assert code == 0, err
+
+
+# --- synthesize: class names come from a record the user can edit -------------------------------------
+def test_synthesize_never_writes_outside_out_for_crafted_class_names(capsys, tmp_path):
+    model_path = tmp_path / "evil_names.safetensors"
+    save_model(tiny_vit(num_classes=2), model_path, class_names=["../victim", "zz"])  # sorted, unique: trusted before
+    (tmp_path / "victim").mkdir()
+    code, _, err = run_cli(capsys, "synthesize", str(model_path), "--num", "2", "--out", str(tmp_path / "out"),
+                           "--iterations", "2", "-b", "2", "--device", "cpu")
+    assert code == 0, err
+    assert list((tmp_path / "victim").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir() and not p.name.startswith(".")) == \
+        ["000", "001"]  # index folders instead of the unsafe names
+    (tmp_path / "out" / "synthesis.json").write_text("{damaged")
+    code, _, err = run_cli(capsys, "synthesize", str(model_path), "--num", "2", "--out", str(tmp_path / "out"),
+                           "--iterations", "2", "-b", "2", "--device", "cpu")
+    assert_one_line_error(code, err, "synthesis.json")
+
+
+# --- distill: --resume must continue the same run; the NaN guard keeps only good weights --------------
+def _distill(capsys, teacher: Path, data: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    return run_cli(capsys, "distill", str(teacher), "--data", str(data), "--out", str(out), "--epochs", "1",
+                   "-b", "8", "-j", "0", "--device", "cpu", "--no-progress", "--checkpoint-steps", "1", *extra)
+
+
+def assert_error_line(code: int, err: str, *needles: str) -> None:
+    """Exit 2, no traceback, exactly one error line (a run may log what it was doing before it stopped)."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("labelled")
+    write_images(root / "cat", 12, seed=2)
+    write_images(root / "dog", 12, seed=3)
+    return root
+
+
+def test_resume_refuses_another_run_and_a_damaged_checkpoint(capsys, two_class_vit, labelled_folder, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = _distill(capsys, two_class_vit, labelled_folder, out)
+    assert code == 0, err
+    other_data = tmp_path / "other"
+    write_images(other_data / "cat", 12, seed=5)
+    write_images(other_data / "dog", 12, seed=6)
+    last = (out / "last.pt").read_bytes()
+    for extra, needle in ((["--seed", "1"], "seed (0 in last.pt, 1 now)"), (["-b", "4"], "batch_size"),
+                          (["--recipe", "ce"], "recipe ('vanilla' in last.pt, 'ce' now)")):
+        code, _, err = _distill(capsys, two_class_vit, labelled_folder, out, "--resume", *extra)
+        assert_error_line(code, err, "--resume", needle)
+    code, _, err = _distill(capsys, two_class_vit, other_data, out, "--resume")
+    assert_error_line(code, err, "data (other images or labels)")
+    for damaged in (last[: len(last) // 2], b"", b"PK\x03\x04garbage"):
+        (out / "last.pt").write_bytes(damaged)
+        code, _, err = _distill(capsys, two_class_vit, labelled_folder, out, "--resume")
+        assert_error_line(code, err, "last.pt", "damaged")
+    assert (out / "last.pt").read_bytes() == damaged  # refused before anything was written
+
+
+def test_nan_guard_never_checkpoints_diverged_weights(two_class_vit, labelled_folder, tmp_path):
+    from vitshrink.errors import UserError
+    from vitshrink.io import load_model, model_from_record
+    from vitshrink.pipeline import distill
+    from vitshrink.train import load_checkpoint
+
+    # The first step runs at warmup_lr (good weights); the next at ~1e30 / 3: weights around 1e30, finite,
+    # which the old guard (loss only) checkpointed as "good" and a resume then NaN'd at once.
+    with pytest.raises(UserError, match="last good checkpoint kept") as caught:
+        distill(load_model(two_class_vit), "vanilla", data=labelled_folder, out_dir=tmp_path, epochs=1, batch_size=8,
+                lr=1e30, workers=0, progress=False, device="cpu",
+                overrides={"warmup_epochs": 1, "warmup_lr": 1e-6, "clip_grad": None, "checkpoint_steps": 1})
+    assert "\n" not in str(caught.value)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["global_step"] == 1
+    student = model_from_record(json.loads(state["arch"]))
+    student.load_state_dict(state["trainable"])
+    with torch.no_grad():
+        logits = student.eval()(torch.randn(4, 3, 16, 16))
+    assert torch.isfinite(logits).all() and logits.abs().max() < 1e4
+
+
+def test_a_nan_loss_at_the_first_step_does_not_blame_the_learning_rate(capsys, two_class_vit, labelled_folder,
+                                                                      tmp_path):
+    code, _, err = _distill(capsys, two_class_vit, labelled_folder, tmp_path / "run", "--std", "1e-39")
+    assert_error_line(code, err, "first step", "a lower --lr will not help")
