@@ -60,6 +60,7 @@ class Run:
     compile: bool = False
     progress: Any = None
     log: Callable[[str], None] = print
+    logit_caches: dict[str, str] = field(default_factory=dict)  # role -> cache folder (vitshrink cache-logits)
     identity: dict[str, Any] | None = None  # recorded in last.pt; --resume must match it
 
     @property
@@ -212,7 +213,7 @@ def train_student(run: Run, ctx: RecipeContext, model: nn.Module, labelled: Labe
     """Task, source, schedule and checkpointing for ``model``; then ``vitshrink.train.train``."""
     cfg = run.cfg
     arch_json = json.dumps(architecture_record(model, class_names=labelled.class_names))
-    teachers = Teachers.live(ctx.teachers, data_config(model))
+    teachers = cached_teachers(run, ctx, model, labelled, args)
     task = run.recipe.task(teachers, model, cfg).to(run.device)
     source = run.recipe.source(model, ctx)
     schedule = Schedule.from_settings(cfg, amp=run.amp, compile=run.compile)
@@ -233,6 +234,41 @@ def train_student(run: Run, ctx: RecipeContext, model: nn.Module, labelled: Labe
                 f"{run.ddp.world_size}, {run.device}{' bf16' if run.amp else ''}")
     env = TrainEnv(run.device, run.ddp, run.progress, run.log, uses_labels=run.recipe.uses_labels)
     return train(task, source, schedule, checkpointing, evaluation=evaluation, env=env)
+
+
+FEATURE_RECIPES = ("probe", "dearkd")  # their teacher signal is features, which a logit cache does not hold
+
+
+def check_logit_caches(run: Run) -> None:
+    """Refuse ``--logit-cache`` for a recipe that reads teacher features, or for a role the recipe lacks."""
+    if not run.logit_caches:
+        return
+    if getattr(run.recipe, "needs_teacher_features", run.recipe.name in FEATURE_RECIPES):
+        raise UserError(f"--logit-cache: recipe {run.recipe.name} distils teacher features, which a logit cache "
+                        f"does not hold; run it without --logit-cache")
+    unknown = sorted(set(run.logit_caches) - set(run.recipe.teacher_roles))
+    if unknown:
+        raise UserError(f"--logit-cache {unknown[0]}=...: recipe {run.recipe.name} has no teacher role {unknown[0]!r} "
+                        f"(roles: {', '.join(run.recipe.teacher_roles)})")
+
+
+def cached_teachers(run: Run, ctx: RecipeContext, model: nn.Module, labelled: LabelledData,
+                    args: dict[str, Any]) -> Teachers:
+    """Live teachers, except the roles read from a logit cache (checked against this run's fingerprint; the
+    fingerprint goes into ``args``)."""
+    from vitshrink.data.logit_cache import CachedTeacher, check_fingerprint, read_meta, run_fingerprint
+
+    live = Teachers.live({r: m for r, m in ctx.teachers.items() if r not in run.logit_caches}, data_config(model))
+    teachers = dict(live.items())
+    for role, path in run.logit_caches.items():
+        spec = (record_of(ctx.teachers[role]).spec if record_of(ctx.teachers[role]) else None) or BUNDLED_TEACHER
+        expected = run_fingerprint(spec, labelled.train, data_config(model), run.cfg, seed=run.seed,
+                                   topk=read_meta(path)["topk"])
+        meta = check_fingerprint(path, expected, epochs=int(run.cfg["epochs"]))
+        teachers[role] = CachedTeacher(path)
+        args.setdefault("logit_cache", {})[role] = {"path": str(path), "fingerprint": meta["fingerprint"],
+                                                    "epochs": meta["epochs_done"]}
+    return Teachers(teachers)
 
 
 def finalize_student(run: Run, model: nn.Module) -> nn.Module:
@@ -346,6 +382,7 @@ def distill(
     flops_target: float | None = None,
     val_split: float = 0.1,
     options: dict[str, Any] | None = None,
+    logit_cache: dict[str, str] | None = None,
     data_free: bool | None = None,
     synth_num: int | None = None,
 ) -> DistillResult:
@@ -354,7 +391,9 @@ def distill(
     ``teacher=None`` uses the bundled ViT teacher. ``data`` is a path (ImageFolder dir or tar) or a
     ``LabelledData``; None means the bundled CIFAR-10 subset. Settings: ``recipes/base.yaml`` <
     ``recipes/RECIPE.yaml`` < ``config`` < the explicit arguments and ``options`` (any setting, as flags) <
-    ``overrides`` (``--set``). ``flops_target`` is uvc's option of that name. ``data_free`` (the setting of
+    ``overrides`` (``--set``). ``flops_target`` is uvc's option of that name. ``logit_cache`` maps a teacher
+    role (``"teacher"`` for TEACHER) to a ``cache-logits`` folder read instead of running that teacher in training
+    (uvc's search still runs the live teacher; only post-training reads the cache). ``data_free`` (the setting of
     that name) trains on ``synth_num`` images synthesised from the teacher into ``out_dir/synthetic`` instead of
     ``data``; validation then needs ``val_data`` (without it no accuracy is measured).
     """
@@ -366,7 +405,9 @@ def distill(
                  "flops_target": flops_target, "data_free": data_free,
                  "synth_num": synth_num, **(options or {})}
         recipe_obj, settings = resolve_run_settings(recipe, config=config, flags=flags, overrides=overrides)
-        run = Run(recipe_obj, settings, Path(out_dir), select_device(device, ddp), ddp, seed=seed, compile=compile)
+        run = Run(recipe_obj, settings, Path(out_dir), select_device(device, ddp), ddp, seed=seed, compile=compile,
+                  logit_caches={role: str(path) for role, path in (logit_cache or {}).items()})
+        check_logit_caches(run)
         run.amp = (bool(run.cfg["amp"]) if run.cfg["amp"] is not None else run.device.type == "cuda") \
             and run.device.type == "cuda"  # bf16 autocast on CPU is slower than fp32 there
         return run_pipeline(run, teacher, student=student, data=data, val_data=val_data, val_split=val_split,
@@ -394,7 +435,11 @@ def run_pipeline(run: Run, teacher: nn.Module | None, *, student: nn.Module | st
                     "batch_size": run.cfg["batch_size"], "teacher": weights_fingerprint(main_teacher)}
     if resume_state is not None:
         check_resume(resume_state, run.identity, run.out_dir / "last.pt")
-    teachers = {role: freeze(model, run.device) for role, model in teachers.items()}
+    # A cached role's teacher stays on the CPU (the student's default shape and the report read it);
+    # uvc's search runs the live teacher on the device, so there it moves as usual.
+    teachers = {role: freeze(model, torch.device("cpu") if role in run.logit_caches and run.recipe.name != "uvc"
+                             else run.device)
+                for role, model in teachers.items()}
     main_teacher = teachers[Teachers.MAIN]
     with _progress(show_progress and run.ddp.main) as bar:
         run.progress = bar

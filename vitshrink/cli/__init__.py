@@ -163,4 +163,5 @@ from vitshrink.cli import compare as _compare_commands  # noqa: E402,F401
 from vitshrink.cli import synthesize as _synthesize_commands  # noqa: E402,F401
 from vitshrink.cli import convert as _convert_commands  # noqa: E402,F401
 from vitshrink.cli import recipes as _recipe_commands  # noqa: E402,F401
+from vitshrink.cli import cache_logits as _cache_logits_commands  # noqa: E402,F401
 from vitshrink.cli import train_teacher as _train_teacher_commands  # noqa: E402,F401

@@ -55,6 +55,18 @@ def parse_setting_flags(args: list[str], recipe: str) -> tuple[dict[str, Any], l
     return options, positionals
 
 
+def parse_logit_caches(items: Optional[list[str]]) -> dict[str, str]:
+    """``--logit-cache PATH`` (the main teacher) or ``ROLE=PATH``, repeatable -> role -> path."""
+    caches: dict[str, str] = {}
+    for item in items or []:
+        role, sep, path = item.partition("=")
+        role, path = (role.strip(), path) if sep else ("teacher", item)
+        if role in caches:
+            raise UserError(f"--logit-cache: two caches for the {role} teacher")
+        caches[role] = path
+    return caches
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def distill(
     ctx: typer.Context,
@@ -78,6 +90,9 @@ def distill(
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile student and teacher")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="any setting: KEY=VALUE (repeatable)")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    logit_cache: Annotated[Optional[list[str]], typer.Option(
+        "--logit-cache", help="read the teacher's logits from a cache-logits folder: PATH, or ROLE=PATH per "
+                              "teacher role (repeatable)")] = None,
     data_free: Annotated[Optional[bool], typer.Option(
         "--data-free", help="train on images synthesised from the teacher into OUT/synthetic (no real image); "
                             "validate with --val-data")] = None,
@@ -125,7 +140,7 @@ def distill(
                          batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
                          config=config, overrides=overrides, workers=workers, compile=compile_model,
                          progress=progress, val_split=val_split, options=options,
-                         data_free=data_free, synth_num=synth_num)
+                         logit_cache=parse_logit_caches(logit_cache), data_free=data_free, synth_num=synth_num)
     if result.report:
         console.print((result.out_dir / "report.md").read_text())
         console.print(f"wrote {result.out_dir}: " + ", ".join(sorted(p.name for p in result.paths.values())))

@@ -1,0 +1,139 @@
+"""Logit cache (TinyViT-style): replay identity, KD-loss equality with K = classes, fingerprint refusal, resume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distill_support import tiny_teacher_path  # noqa: F401  (session fixture)
+from vitshrink.data.logit_cache import CachedTeacher, cache_logits, check_fingerprint, rebuild_logits, run_fingerprint
+from vitshrink.data.sources import SeededAugmentation, train_transform, with_transform
+from vitshrink.distill import losses
+from vitshrink.distill.teachers import LiveTeacher
+from vitshrink.errors import UserError
+from vitshrink.io import data_config, load_model
+from vitshrink.pipeline import resolve_run_settings
+
+N = 40
+
+
+@pytest.fixture()
+def setup(tiny_teacher_path):
+    from vitshrink.data import resolve_data
+    from torch.utils.data import Subset
+
+    teacher = load_model(str(tiny_teacher_path))
+    data = resolve_data()
+    split = data.train
+    split = type(split)(split.reader, split.indices[:N], None, target_map=split.target_map) \
+        if hasattr(split, "target_map") else Subset(split, range(N))
+    _, settings = resolve_run_settings("vanilla", overrides={"batch_size": 16})
+    return teacher, split, dict(settings.values)
+
+
+def _fill(teacher, path, split, cfg, out, *, epochs, topk):
+    return cache_logits(teacher, path, split, out, cfg=cfg, epochs=epochs, topk=topk, seed=0, num_classes=10)
+
+
+def test_cache_kd_loss_equals_live_and_view_is_replayed(setup, tiny_teacher_path, tmp_path):
+    teacher, split, cfg = setup
+    meta = _fill(teacher, tiny_teacher_path, split, cfg, tmp_path / "c", epochs=2, topk=10)
+    assert meta["epochs_done"] == 2
+    cached = CachedTeacher(tmp_path / "c")
+    live = LiveTeacher(teacher, data_config(teacher))
+    view = SeededAugmentation(with_transform(split, train_transform(teacher, cfg)), seed=0)
+    items = [view[(1, i)] for i in range(0, N, 3)]
+    images = torch.stack([item[0] for item in items])
+    extras = {"key": torch.tensor([item[2] for item in items])}
+    # Bit-identical replay: the same key gives the same view twice, and the live teacher on it gives the cached top-1.
+    again = torch.stack([view[(1, i)][0] for i in range(0, N, 3)])
+    assert torch.equal(images, again)
+    t_live, t_cached = live.logits(images), cached.logits(images, extras)
+    assert torch.equal(t_live.argmax(1), t_cached.argmax(1))
+    student = torch.randn(len(items), 10)
+    target = torch.tensor([item[1] for item in items])
+    for temperature in (1.0, 4.0):
+        a = losses.kd_loss(student, t_live, target, kd_weight=0.5, temperature=temperature)["loss"]
+        b = losses.kd_loss(student, t_cached, target, kd_weight=0.5, temperature=temperature)["loss"]
+        assert abs(float(a) - float(b)) <= 1e-3
+
+
+def test_topk_spreads_leftover_mass_uniformly():
+    logits = torch.randn(5, 10)
+    top = logits.topk(3, dim=1)
+    rebuilt = rebuild_logits(top.values, top.indices, torch.logsumexp(logits, 1), 10)
+    p, q = logits.softmax(1), rebuilt.softmax(1)
+    assert torch.allclose(q.gather(1, top.indices), p.gather(1, top.indices), atol=1e-6)
+    rest = q.scatter(1, top.indices, 0.0)
+    expected = (1 - p.gather(1, top.indices).sum(1, keepdim=True)) / 7
+    assert torch.allclose(rest[rest > 0].view(5, 7), expected.expand(5, 7), atol=1e-6)
+
+
+def test_mismatched_fingerprint_refused(setup, tiny_teacher_path, tmp_path):
+    teacher, split, cfg = setup
+    _fill(teacher, tiny_teacher_path, split, cfg, tmp_path / "c", epochs=1, topk=5)
+    same = run_fingerprint(tiny_teacher_path, split, data_config(teacher), cfg, seed=0, topk=5)
+    check_fingerprint(tmp_path / "c", same, epochs=1)
+    other_seed = run_fingerprint(tiny_teacher_path, split, data_config(teacher), cfg, seed=1, topk=5)
+    with pytest.raises(UserError, match="another seed"):
+        check_fingerprint(tmp_path / "c", other_seed, epochs=1)
+    other_aug = run_fingerprint(tiny_teacher_path, split, data_config(teacher), {**cfg, "aug_hflip": 0.0},
+                                seed=0, topk=5)
+    with pytest.raises(UserError, match="another augmentation"):
+        check_fingerprint(tmp_path / "c", other_aug, epochs=1)
+    with pytest.raises(UserError, match="holds 1 epochs, this run trains 3"):
+        check_fingerprint(tmp_path / "c", same, epochs=3)
+
+
+def test_interrupted_cache_resumes(setup, tiny_teacher_path, tmp_path):
+    teacher, split, cfg = setup
+    full = _fill(teacher, tiny_teacher_path, split, cfg, tmp_path / "full", epochs=2, topk=4)
+    calls = []
+
+    def stop_in_epoch_1(epoch, done, rate):
+        calls.append(epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache_logits(teacher, tiny_teacher_path, split, tmp_path / "part", cfg=cfg, epochs=2, topk=4, seed=0,
+                     num_classes=10, progress=stop_in_epoch_1)
+    resumed_epochs = []
+    meta = cache_logits(teacher, tiny_teacher_path, split, tmp_path / "part", cfg=cfg, epochs=2, topk=4, seed=0,
+                        num_classes=10, progress=lambda e, d, r: resumed_epochs.append(e))
+    assert meta["epochs_done"] == 2 and set(resumed_epochs) == {1}
+    assert full["epochs_done"] == 2
+    for name in ("values.f16", "indices.i2", "lse.f32"):
+        assert np.array_equal(np.fromfile(tmp_path / "full" / name, dtype=np.uint8),
+                              np.fromfile(tmp_path / "part" / name, dtype=np.uint8))
+
+
+def test_distill_reads_cache_and_refuses_mismatch(tiny_teacher_path, tmp_path):
+    """End to end through the CLI: a vanilla run on the cache records it in args.yaml; another seed is refused
+    (exit 2, one line); probe refuses the cache."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from distill_support import REPO
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "vitshrink", *map(str, args)], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+
+    data = REPO / "vitshrink" / "assets" / "cifar10_test_1k.tar"
+    made = cli("cache-logits", tiny_teacher_path, "--data", data, "--epochs", 1, "--topk", 10, "--out", tmp_path / "c",
+               "-b", 64, "--device", "cpu")
+    assert made.returncode == 0, made.stderr
+    common = ["--data", data, "--epochs", 1, "-b", 64, "--device", "cpu", "--no-progress", "-j", 0,
+              "--logit-cache", tmp_path / "c"]
+    run = cli("distill", tiny_teacher_path, "--out", tmp_path / "run", *common)
+    assert run.returncode == 0, run.stderr
+    args = yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())
+    assert args["logit_cache"]["teacher"]["fingerprint"]["topk"] == 10
+    other = cli("distill", tiny_teacher_path, "--out", tmp_path / "run2", "--seed", 1, *common)
+    # --seed also changes the hold-out split, so the data differs too
+    assert other.returncode == 2 and "seed than this run" in other.stderr and "Traceback" not in other.stderr
+    probe = cli("distill", tiny_teacher_path, "--recipe", "probe", "--out", tmp_path / "run3", *common)
+    assert probe.returncode == 2 and "features" in probe.stderr
