@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,33 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vitshrink.cli import main
+from cli_support import assert_one_line_error, run_cli
 from vitshrink.io import create_model, save_model
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``vitshrink ARGS`` in-process; return (exit code, stdout, stderr)."""
-    old_argv = sys.argv
-    sys.argv = ["vitshrink", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old_argv
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one error line, got: {err!r}"
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -1,37 +1,21 @@
 """The command line on real data: every spine command, and one-line errors with exit code 2."""
 from __future__ import annotations
 
-import io
 import json
-import pickle
 import re
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from vitshrink.cli import main
+from cli_support import assert_one_line_error, run_cli
 from vitshrink.data import BUNDLED_VAL
 from vitshrink.io import create_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``vitshrink ARGS`` in-process; return (exit code, stdout, stderr)."""
-    old_argv = sys.argv
-    sys.argv = ["vitshrink", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old_argv
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +28,6 @@ def tiny_vit_file(tmp_path_factory) -> Path:
     return path
 
 
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one error line, got: {err!r}"
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_readme_starts_with_the_two_setup_commands_and_ci_runs_them():

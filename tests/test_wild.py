@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import random
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitshrink.distill.attention_probe import ClassTokenAttention, blocks_at_fractions, uniform_cosine
-from vitshrink.cli import main
+from cli_support import run_cli
 from vitshrink.data.folders import _open_reader, build_transform
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, load_model, record_of, save_model, set_data_config
@@ -210,17 +209,6 @@ def test_probe_hook_matches_explicit_attention(teacher_file, pool):
     assert blocks_at_fractions(12, (1 / 3, 2 / 3, 1.0)) == [3, 7, 11]
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    old_argv, sys.argv = sys.argv, ["vitshrink", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0
-    finally:
-        sys.argv = old_argv
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_list_mode_and_errors(teacher_file, pool, tmp_path, capsys):

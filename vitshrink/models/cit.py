@@ -36,6 +36,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from vitshrink.models.checkpoints import rename_prefixes
 from vitshrink.models.involution import involution_stem
 
 __all__ = ["DualStemEmbed", "CrossInductiveViT", "checkpoint_filter_fn", "init_cit_from_vit", "cit_from_vit_teacher",
@@ -207,14 +208,7 @@ _OFFICIAL_PREFIXES = (("conv_embed.", "patch_embed.conv."), ("inv_embed.", "patc
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Rename an official Co-advise CiT checkpoint (``conv_embed.*``, ``inv_embed.*``) to this layout."""
     state_dict = state_dict.get("model", state_dict)
-    out = {}
-    for key, value in state_dict.items():
-        for old, new in _OFFICIAL_PREFIXES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        out[key] = value
-    return out
+    return rename_prefixes(state_dict, _OFFICIAL_PREFIXES)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -42,6 +42,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from vitshrink.models.checkpoints import rename_prefixes
+
 __all__ = ["Involution", "ConvBnAct", "RedNetBottleneck", "RedNet", "involution_weighted_sum", "involution_stem",
            "checkpoint_filter_fn",
            "rednet26", "rednet38", "rednet50", "rednet101", "rednet152", "rednet_cifar26"]
@@ -252,14 +254,7 @@ _FOREIGN_PREFIXES = (("backbone.", ""), ("head.fc.", "fc."), ("model.", ""), ("c
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Rename an official RedNet checkpoint (mmcls ``backbone./head.fc.`` or Co-advise ``model./classifier.``)."""
     state_dict = state_dict.get("state_dict", state_dict.get("model", state_dict))
-    out = {}
-    for key, value in state_dict.items():
-        for old, new in _FOREIGN_PREFIXES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        out[key] = value
-    return out
+    return rename_prefixes(state_dict, _FOREIGN_PREFIXES)
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
