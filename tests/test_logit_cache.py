@@ -137,3 +137,41 @@ def test_distill_reads_cache_and_refuses_mismatch(tiny_teacher_path, tmp_path):
     assert other.returncode == 2 and "seed than this run" in other.stderr and "Traceback" not in other.stderr
     probe = cli("distill", tiny_teacher_path, "--recipe", "probe", "--out", tmp_path / "run3", *common)
     assert probe.returncode == 2 and "features" in probe.stderr
+
+
+def test_fingerprint_mismatch_names_what_differs(setup, tiny_teacher_path, tmp_path):
+    """One run setting changed at a time; the refusal names it (seed, augmentation and epochs: above)."""
+    from vitshrink.io import save_model
+
+    teacher, split, cfg = setup
+    _fill(teacher, tiny_teacher_path, split, cfg, tmp_path / "c", epochs=1, topk=5)
+    dcfg = data_config(teacher)
+    other_teacher = tmp_path / "other.safetensors"
+    torch.manual_seed(1)
+    save_model(load_model(str(tiny_teacher_path)).apply(
+        lambda m: m.reset_parameters() if isinstance(m, torch.nn.Linear) else None), other_teacher)
+    fewer = type(split)(split.reader, split.indices[:N - 1], None, target_map=split.target_map)
+    cases = {"teacher": run_fingerprint(other_teacher, split, dcfg, cfg, seed=0, topk=5),
+             "data": run_fingerprint(tiny_teacher_path, fewer, dcfg, cfg, seed=0, topk=5),
+             "input_size": run_fingerprint(tiny_teacher_path, split, {**dcfg, "input_size": (3, 48, 48)}, cfg,
+                                           seed=0, topk=5)}
+    for name, expected in cases.items():
+        with pytest.raises(UserError, match=f"made for another {name} than this run"):
+            check_fingerprint(tmp_path / "c", expected, epochs=1)
+    # K is not part of the match: a run reads whatever K the cache holds.
+    check_fingerprint(tmp_path / "c", run_fingerprint(tiny_teacher_path, split, dcfg, cfg, seed=0, topk=3), epochs=1)
+
+
+def test_cached_teacher_refuses_images_without_keys_and_mixing_settings(setup, tiny_teacher_path, tmp_path):
+    from vitshrink.data.logit_cache import check_replayable
+
+    teacher, split, cfg = setup
+    _fill(teacher, tiny_teacher_path, split, cfg, tmp_path / "c", epochs=1, topk=5)
+    with pytest.raises(UserError, match="images other than the cached training views"):
+        CachedTeacher(tmp_path / "c").logits(torch.zeros(2, 3, 32, 32))
+    check_replayable("vanilla", {**cfg, "mixup": 0.0, "cutmix": 0.0})
+    check_replayable("vanilla", {**cfg, "mixup": 0.8, "mixup_prob": 0.0})  # mixing never applied
+    with pytest.raises(UserError, match="cutmix is on"):
+        check_replayable("deit", {**cfg, "mixup": 0.0, "cutmix": 1.0})
+    with pytest.raises(UserError, match="posttrain_objective official"):
+        check_replayable("uvc", {**cfg, "posttrain_objective": "official"})

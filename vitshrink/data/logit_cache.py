@@ -96,6 +96,41 @@ def check_fingerprint(path: str | Path, expected: Mapping[str, Any], *, epochs: 
     return meta
 
 
+def cache_record(path: str | Path) -> dict:
+    """What ``args.yaml`` and the report say about a cache a run read: its folder, fingerprint and epochs."""
+    meta = read_meta(path)
+    return {"path": str(path), "fingerprint": meta["fingerprint"], "epochs": meta["epochs_done"]}
+
+
+def cache_notes(caches: Mapping[str, str | Path]) -> list[str]:
+    """report.md's line per cached role: the teacher did not run during training."""
+    notes = []
+    for role, path in caches.items():
+        fp = read_meta(path)["fingerprint"]
+        notes.append(f"Teacher logits ({role}) were read from the logit cache {path} (top-{fp['topk']}, seed "
+                     f"{fp['seed']}, teacher sha256 {fp['teacher'][:12]}); that teacher did not run during training.")
+    return notes
+
+
+# Settings under which the teacher sees something other than the stored view: mixup / cutmix batches (TinyViT
+# replays its mixup from a stored seed; our cache stores unmixed views only) and uvc's official post-training
+# objective (it mixes the batch inside the loss).
+MIXING_KEYS = ("mixup", "mixup_alpha", "cutmix", "cutmix_alpha", "cutmix_minmax")  # timm Mixup's argument names
+
+
+def check_replayable(recipe: str, cfg: Mapping[str, Any]) -> None:
+    """Refuse ``--logit-cache`` for a run whose teacher would not see the cached views."""
+    mixing = [key for key in MIXING_KEYS if cfg.get(key) not in (None, 0, 0.0, False)]
+    if cfg.get("mixup_prob") in (0, 0.0):
+        mixing = []
+    if mixing:
+        raise UserError(f"--logit-cache: {mixing[0]} is on, so the teacher would see mixed images that the cache "
+                        f"does not hold; set {mixing[0]} to 0 or run without --logit-cache")
+    if recipe == "uvc" and cfg.get("posttrain_objective") == "official":
+        raise UserError("--logit-cache: uvc's posttrain_objective official runs the teacher on mixup/cutmix "
+                        "images, which the cache does not hold; use posttrain_objective kd or no cache")
+
+
 def _arrays(path: Path, meta: dict, mode: str) -> tuple[np.memmap, np.memmap, np.memmap]:
     shape = (meta["epochs"], meta["images"], meta["topk"])
     index_dtype = np.int16 if meta["num_classes"] < 2**15 else np.int32
@@ -199,7 +234,9 @@ class CachedTeacher(nn.Module):
 
     def logits(self, images: torch.Tensor, extras: Mapping[str, Any] | None = None) -> torch.Tensor:
         if extras is None or "key" not in extras:
-            raise ValueError("a cached teacher needs extras['key'] (epoch, index) of each image")
+            # e.g. uvc's official post-training feeds the teacher mixed images, which the cache never saw
+            raise UserError(f"--logit-cache {self.path}: this recipe runs its teacher on images other than the "
+                            f"cached training views; run it without --logit-cache")
         key = extras["key"].cpu().numpy()
         epoch, rows = key[:, 0], key[:, 1]
         if epoch.max(initial=0) >= self.meta["epochs_done"]:
