@@ -61,7 +61,9 @@ def test_cache_kd_loss_equals_live_and_view_is_replayed(setup, tiny_teacher_path
 def test_topk_spreads_leftover_mass_uniformly():
     logits = torch.randn(5, 10)
     top = logits.topk(3, dim=1)
-    rebuilt = rebuild_logits(top.values, top.indices, torch.logsumexp(logits, 1), 10)
+    lse = torch.logsumexp(logits, 1)
+    rebuilt = rebuild_logits(top.values - lse[:, None], top.indices, lse, 10)
+    assert torch.allclose(rebuilt.gather(1, top.indices), top.values, atol=1e-5)  # the teacher's own top logits
     p, q = logits.softmax(1), rebuilt.softmax(1)
     assert torch.allclose(q.gather(1, top.indices), p.gather(1, top.indices), atol=1e-6)
     rest = q.scatter(1, top.indices, 0.0)

@@ -76,12 +76,20 @@ def spies(monkeypatch):
     return calls
 
 
+def read_only(spies, *caches: str) -> bool:
+    """Training read each of ``caches`` at every step (the loop also re-runs the last batch to check the
+    weights) and never ran a live teacher."""
+    return all(spies["cached"].count(name) >= STEPS for name in caches) and set(spies["cached"]) == set(caches) \
+        and spies["live"] == []
+
+
 def make_cache(capsys, teacher, data_dir, out: Path, *, topk: int = 10) -> Path:
     if not (out / "meta.json").exists():
         code, _, err = run_cli(capsys, "cache-logits", teacher, "--data", data_dir, "--epochs", 1, "--topk", topk,
                                "--out", out, "-b", 64, "--device", "cpu")
         assert code == 0, err
     return out
+
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +105,14 @@ def _records(out: Path) -> tuple[dict, dict, str]:
 def test_deit_hard_from_cache_equals_live_and_records_the_cache(capsys, spies, tiny_teacher_path, data_dir, cache_dir,
                                                                tmp_path):
     cache = make_cache(capsys, tiny_teacher_path, data_dir, cache_dir / "tiny")
+    spies["live"].clear()  # building the cache ran the live teacher
     common = ["distill", tiny_teacher_path, "--recipe", "deit", "--distill-type", "hard", "--data", data_dir, *FAST]
     code, _, err = run_cli(capsys, *common, "--out", tmp_path / "cached", "--logit-cache", cache)
     assert code == 0, err
-    assert spies["cached"] == ["tiny"] * STEPS and spies["live"] == []  # the teacher did not run in training
+    assert read_only(spies, "tiny")  # the teacher did not run in training
     code, _, err = run_cli(capsys, *common, "--out", tmp_path / "live")
     assert code == 0, err
-    assert len(spies["live"]) == STEPS
+    assert len(spies["live"]) >= STEPS and len(spies["cached"]) == 0
     # Hard targets: the cached top-1 (fp16 logits) is the live argmax, the replayed views are the live views, so
     # the two students are bit-identical.
     cached, live = load_file(tmp_path / "cached" / "student.safetensors"), load_file(tmp_path / "live" / "student.safetensors")
@@ -118,10 +127,11 @@ def test_deit_hard_from_cache_equals_live_and_records_the_cache(capsys, spies, t
 
 def test_deit_soft_reads_the_cache(capsys, spies, tiny_teacher_path, data_dir, cache_dir, tmp_path):
     cache = make_cache(capsys, tiny_teacher_path, data_dir, cache_dir / "tiny")
+    spies["live"].clear()
     code, _, err = run_cli(capsys, "distill", tiny_teacher_path, "--recipe", "deit", "--distill-type", "soft",
                            "--data", data_dir, *FAST, "--out", tmp_path / "soft", "--logit-cache", cache)
     assert code == 0, err
-    assert spies["cached"] == ["tiny"] * STEPS and spies["live"] == []
+    assert read_only(spies, "tiny")
     args, report, _ = _records(tmp_path / "soft")
     assert args["config"]["distill_type"] == "soft" and report["logit_cache"]["teacher"]["path"] == str(cache)
 
@@ -131,12 +141,13 @@ def test_uvc_search_runs_live_posttraining_reads_the_cache(capsys, spies, tiny_t
     """uvc's search distils from its own unpruned copy of the teacher (it never reads ``Teachers``); only the
     post-training KD, the recipe's training task, reads the cache."""
     cache = make_cache(capsys, tiny_teacher_path, data_dir, cache_dir / "tiny")
+    spies["live"].clear()
     common = ["distill", tiny_teacher_path, "--recipe", "uvc", "--flops-target", "0.5", "--search-steps", 3,
               "--set", "search_batch_size=32", "--data", data_dir, *FAST]
     code, _, err = run_cli(capsys, *common, "--out", tmp_path / "uvc", "--logit-cache", cache)
     assert code == 0, err
     assert (tmp_path / "uvc" / "uvc_plan.json").exists()
-    assert spies["cached"] == ["tiny"] * STEPS and spies["live"] == []
+    assert read_only(spies, "tiny")
     assert _records(tmp_path / "uvc")[0]["logit_cache"]["teacher"]["epochs"] == 1
     # The official post-training objective runs the teacher on mixup images: refused before any work.
     code, _, err = run_cli(capsys, *common, "--posttrain-objective", "official", "--out", tmp_path / "official",
@@ -164,12 +175,13 @@ def test_coadvise_one_cache_per_teacher_role(capsys, spies, coadvise_teachers, d
     conv, inv = coadvise_teachers / "conv.safetensors", coadvise_teachers / "inv.safetensors"
     conv_cache = make_cache(capsys, conv, data_dir, cache_dir / "conv", topk=5)
     inv_cache = make_cache(capsys, inv, data_dir, cache_dir / "inv", topk=5)
+    spies["live"].clear()
     common = ["distill", "--recipe", "coadvise", "--student", TINY_CIT, "--conv-teacher", conv, "--inv-teacher", inv,
               "--data", data_dir, *FAST]
     code, _, err = run_cli(capsys, *common, "--out", tmp_path / "co", "--logit-cache", f"conv={conv_cache}",
                            "--logit-cache", f"inv={inv_cache}")
     assert code == 0, err
-    assert sorted(spies["cached"]) == sorted(["conv", "inv"] * STEPS) and spies["live"] == []
+    assert read_only(spies, "conv", "inv")
     args, report, markdown = _records(tmp_path / "co")
     assert set(args["logit_cache"]) == set(report["logit_cache"]) == {"conv", "inv"}
     assert args["logit_cache"]["inv"]["fingerprint"]["topk"] == 5

@@ -6,9 +6,11 @@ trains. Here a view is already a pure function of ``(seed, epoch, index)`` (:cla
 cache is indexed by ``extras["key"]`` = ``(epoch, index)``.
 
 Layout of a cache folder: ``meta.json`` (fingerprint, shape, epochs done) and two memory-mapped arrays of shape
-``[epochs, images, K]``: ``values.f16`` (top-K teacher logits, fp16) and ``indices.i16``/``indices.i32`` (class
-indices), plus ``lse.f32`` ``[epochs, images]`` (the log-sum-exp of the full logits, so the probability mass
-outside the top-K is known). :class:`CachedTeacher` rebuilds full logits whose softmax puts the stored mass on
+``[epochs, images, K]``: ``values.f16`` (the top-K teacher log-probabilities, i.e. logit minus log-sum-exp,
+fp16) and ``indices.i16``/``indices.i32`` (class indices), plus ``lse.f32`` ``[epochs, images]`` (the log-sum-exp
+of the full logits, so the teacher's own logits come back, not just their softmax). Log-probabilities rather
+than raw logits: fp16 then rounds the large probabilities (log p near 0) finely, as TinyViT's fp16
+probabilities do, instead of by up to 2^-7 of a logit of 10-20. :class:`CachedTeacher` rebuilds full logits whose softmax puts the stored mass on
 the top-K classes and spreads the remaining mass uniformly over the others (TinyViT's rule); with K = number of
 classes the logits are the teacher's own, up to fp16 rounding.
 """
@@ -28,7 +30,7 @@ from vitshrink._atomic import atomic_write_text
 from vitshrink.errors import UserError
 
 META = "meta.json"
-VERSION = 1
+VERSION = 2  # 2: values are log-probabilities (1 stored raw logits)
 
 
 def file_hash(path: str | Path) -> str:
@@ -80,7 +82,11 @@ def read_meta(path: str | Path) -> dict:
     meta_path = Path(path) / META
     if not meta_path.is_file():
         raise UserError(f"--logit-cache {path}: not a logit cache (no {META}; make one with `vitshrink cache-logits`)")
-    return json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text())
+    if meta.get("version") != VERSION:
+        raise UserError(f"--logit-cache {path}: made by another vitshrink version (cache format "
+                        f"{meta.get('version')}, this one reads {VERSION}); rebuild it with `vitshrink cache-logits`")
+    return meta
 
 
 def check_fingerprint(path: str | Path, expected: Mapping[str, Any], *, epochs: int) -> dict:
@@ -188,11 +194,11 @@ def fill_cache(path: str | Path, teacher: Callable[[torch.Tensor], torch.Tensor]
             with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                                                  enabled=autocast_dtype is not None):
                 logits = teacher(batch.to(device, non_blocking=True)).float()
-            top = logits.topk(topk, dim=1)
+            top, norm = logits.topk(topk, dim=1), torch.logsumexp(logits, dim=1)
             rows = extras["key"][:, 1].numpy()
-            values[epoch, rows] = top.values.cpu().numpy().astype(np.float16)
+            values[epoch, rows] = (top.values - norm[:, None]).cpu().numpy().astype(np.float16)
             indices[epoch, rows] = top.indices.cpu().numpy().astype(indices.dtype)
-            lse[epoch, rows] = torch.logsumexp(logits, dim=1).cpu().numpy()
+            lse[epoch, rows] = norm.cpu().numpy()
             done += len(rows)
             if progress is not None:
                 progress(epoch, done, done / max(time.perf_counter() - start, 1e-9))
@@ -207,16 +213,17 @@ def fill_cache(path: str | Path, teacher: Callable[[torch.Tensor], torch.Tensor]
 
 
 def rebuild_logits(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Full logits from the top-K: softmax gives the stored classes their own probability and spreads the mass
-    left over uniformly over the other ``num_classes - K`` classes (TinyViT)."""
-    values, lse = values.float(), lse.float()
-    topk = values.shape[1]
-    out = torch.empty(values.shape[0], num_classes, dtype=torch.float32, device=values.device)
+    """Full logits from the top-K log-probabilities ``values``: softmax gives the stored classes their own
+    probability and spreads the mass left over uniformly over the other ``num_classes - K`` classes (TinyViT);
+    adding ``lse`` puts them back on the teacher's logit scale."""
+    log_p, lse = values.float(), lse.float()
+    topk = log_p.shape[1]
+    out = torch.empty(log_p.shape[0], num_classes, dtype=torch.float32, device=log_p.device)
     if topk < num_classes:
-        kept = torch.exp(values - lse[:, None]).sum(1).clamp(max=1.0 - 1e-6)
+        kept = torch.exp(log_p).sum(1).clamp(max=1.0 - 1e-6)
         rest = ((1.0 - kept) / (num_classes - topk)).clamp_min(1e-12)
-        out[:] = (torch.log(rest) + lse)[:, None]
-    return out.scatter_(1, indices.long(), values)
+        out[:] = torch.log(rest)[:, None]
+    return out.scatter_(1, indices.long(), log_p) + lse[:, None]
 
 
 class CachedTeacher(nn.Module):
