@@ -110,12 +110,13 @@ def test_deit_hard_from_cache_equals_live_and_records_the_cache(capsys, spies, t
     code, _, err = run_cli(capsys, *common, "--out", tmp_path / "cached", "--logit-cache", cache)
     assert code == 0, err
     assert read_only(spies, "tiny")  # the teacher did not run in training
+    spies["cached"].clear()
     code, _, err = run_cli(capsys, *common, "--out", tmp_path / "live")
     assert code == 0, err
     assert len(spies["live"]) >= STEPS and len(spies["cached"]) == 0
-    # Hard targets: the cached top-1 (fp16 logits) is the live argmax, the replayed views are the live views, so
+    # Hard targets: the cached top-1 (fp16 log-probabilities) is the live argmax, the replayed views are the live views, so
     # the two students are bit-identical.
-    cached, live = load_file(tmp_path / "cached" / "student.safetensors"), load_file(tmp_path / "live" / "student.safetensors")
+    cached, live = (load_file(tmp_path / name / "student.safetensors") for name in ("cached", "live"))
     assert cached.keys() == live.keys() and all(torch.equal(cached[k], live[k]) for k in cached)
     args, report, markdown = _records(tmp_path / "cached")
     meta = json.loads((cache / "meta.json").read_text())

@@ -265,8 +265,7 @@ def cached_teachers(run: Run, ctx: RecipeContext, model: nn.Module, labelled: La
     live = Teachers.live({r: m for r, m in ctx.teachers.items() if r not in run.logit_caches}, data_config(model))
     teachers = dict(live.items())
     for role, path in run.logit_caches.items():
-        spec = (record_of(ctx.teachers[role]).spec if record_of(ctx.teachers[role]) else None) or BUNDLED_TEACHER
-        expected = run_fingerprint(spec, labelled.train, data_config(model), run.cfg, seed=run.seed,
+        expected = run_fingerprint(ctx.teachers[role], labelled.train, data_config(model), run.cfg, seed=run.seed,
                                    topk=read_meta(path)["topk"])
         check_fingerprint(path, expected, epochs=int(run.cfg["epochs"]))
         teachers[role] = CachedTeacher(path)

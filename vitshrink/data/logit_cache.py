@@ -33,23 +33,19 @@ META = "meta.json"
 VERSION = 2  # 2: values are log-probabilities (1 stored raw logits)
 
 
-def file_hash(path: str | Path) -> str:
-    """sha256 of a file (the teacher's weights), streamed."""
+def teacher_hash(teacher: nn.Module) -> str:
+    """sha256 of the teacher's weights (names and CPU bytes) and of the preprocessing it expects: the same
+    teacher gives the same hash whatever file format or flags it was loaded from."""
+    from vitshrink.io import data_config
+
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for name, tensor in teacher.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    config = data_config(teacher)
+    digest.update(json.dumps({k: list(config[k]) if isinstance(config[k], tuple) else config[k]
+                              for k in ("input_size", "mean", "std", "interpolation") if k in config}).encode())
     return digest.hexdigest()
-
-
-def teacher_hash(spec: str | Path) -> str:
-    """sha256 of the teacher's file (every file of a folder, in name order); of the name for a timm name."""
-    path = Path(spec)
-    if path.is_file():
-        return file_hash(path)
-    if path.is_dir():
-        return hashlib.sha256("".join(file_hash(p) for p in sorted(path.rglob("*")) if p.is_file()).encode()).hexdigest()
-    return hashlib.sha256(str(spec).encode()).hexdigest()
 
 
 def listing_hash(split: Any) -> str:
@@ -281,16 +277,17 @@ def replay_loader(split: Any, transform: Callable, *, seed: int, batch_size: int
     return _Source()
 
 
-def run_fingerprint(teacher_file: str | Path, split: Any, model_data_config: Mapping[str, Any],
+def run_fingerprint(teacher: nn.Module, split: Any, model_data_config: Mapping[str, Any],
                     cfg: Mapping[str, Any], *, seed: int, topk: int) -> dict:
-    """The fingerprint of a run that trains on ``split`` with views for ``model_data_config`` and ``cfg``."""
-    return fingerprint(teacher_hash=teacher_hash(teacher_file), data_listing=listing_hash(split),
+    """The fingerprint of a run that distils ``teacher`` on ``split`` with views for ``model_data_config``
+    and ``cfg``."""
+    return fingerprint(teacher_hash=teacher_hash(teacher), data_listing=listing_hash(split),
                        augmentation=augmentation_settings(cfg), seed=seed,
                        input_size=tuple(model_data_config["input_size"]), mean=tuple(model_data_config["mean"]),
                        std=tuple(model_data_config["std"]), topk=topk)
 
 
-def cache_logits(teacher: nn.Module, teacher_file: str | Path, split: Any, out: str | Path, *, cfg: Mapping[str, Any],
+def cache_logits(teacher: nn.Module, split: Any, out: str | Path, *, cfg: Mapping[str, Any],
                  epochs: int, topk: int, seed: int, num_classes: int, device: str = "cpu",
                  progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Fill (or resume) the cache at ``out`` with ``teacher``'s top-``topk`` logits for ``epochs`` epochs of
@@ -313,7 +310,7 @@ def cache_logits(teacher: nn.Module, teacher_file: str | Path, split: Any, out: 
             dist.init_process_group("nccl" if device == "cuda" else "gloo")
         barrier = dist.barrier
     dcfg = data_config(teacher)
-    fp = run_fingerprint(teacher_file, split, dcfg, cfg, seed=seed, topk=topk)
+    fp = run_fingerprint(teacher, split, dcfg, cfg, seed=seed, topk=topk)
     teacher = teacher.to(device)
     live = LiveTeacher(teacher, dcfg)
     source = replay_loader(split, train_transform(teacher, dict(cfg)), seed=seed, batch_size=int(cfg["batch_size"]),
