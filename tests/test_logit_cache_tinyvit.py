@@ -14,7 +14,6 @@ log-sum-exp (fp32) and rebuild logits whose softmax is that same dense target. M
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
 from vitshrink.data.logit_cache import rebuild_logits
