@@ -32,7 +32,7 @@ def setup(tiny_teacher_path):
 
 
 def _fill(teacher, path, split, cfg, out, *, epochs, topk):
-    return cache_logits(teacher, path, split, out, cfg=cfg, epochs=epochs, topk=topk, seed=0, num_classes=10)
+    return cache_logits(teacher, split, out, cfg=cfg, epochs=epochs, topk=topk, seed=0, num_classes=10)
 
 
 def test_cache_kd_loss_equals_live_and_view_is_replayed(setup, tiny_teacher_path, tmp_path):
@@ -61,7 +61,9 @@ def test_cache_kd_loss_equals_live_and_view_is_replayed(setup, tiny_teacher_path
 def test_topk_spreads_leftover_mass_uniformly():
     logits = torch.randn(5, 10)
     top = logits.topk(3, dim=1)
-    rebuilt = rebuild_logits(top.values, top.indices, torch.logsumexp(logits, 1), 10)
+    lse = torch.logsumexp(logits, 1)
+    rebuilt = rebuild_logits(top.values - lse[:, None], top.indices, lse, 10)
+    assert torch.allclose(rebuilt.gather(1, top.indices), top.values, atol=1e-5)  # the teacher's own top logits
     p, q = logits.softmax(1), rebuilt.softmax(1)
     assert torch.allclose(q.gather(1, top.indices), p.gather(1, top.indices), atol=1e-6)
     rest = q.scatter(1, top.indices, 0.0)
@@ -72,12 +74,12 @@ def test_topk_spreads_leftover_mass_uniformly():
 def test_mismatched_fingerprint_refused(setup, tiny_teacher_path, tmp_path):
     teacher, split, cfg = setup
     _fill(teacher, tiny_teacher_path, split, cfg, tmp_path / "c", epochs=1, topk=5)
-    same = run_fingerprint(tiny_teacher_path, split, data_config(teacher), cfg, seed=0, topk=5)
+    same = run_fingerprint(teacher, split, data_config(teacher), cfg, seed=0, topk=5)
     check_fingerprint(tmp_path / "c", same, epochs=1)
-    other_seed = run_fingerprint(tiny_teacher_path, split, data_config(teacher), cfg, seed=1, topk=5)
+    other_seed = run_fingerprint(teacher, split, data_config(teacher), cfg, seed=1, topk=5)
     with pytest.raises(UserError, match="another seed"):
         check_fingerprint(tmp_path / "c", other_seed, epochs=1)
-    other_aug = run_fingerprint(tiny_teacher_path, split, data_config(teacher), {**cfg, "aug_hflip": 0.0},
+    other_aug = run_fingerprint(teacher, split, data_config(teacher), {**cfg, "aug_hflip": 0.0},
                                 seed=0, topk=5)
     with pytest.raises(UserError, match="another augmentation"):
         check_fingerprint(tmp_path / "c", other_aug, epochs=1)
@@ -96,10 +98,10 @@ def test_interrupted_cache_resumes(setup, tiny_teacher_path, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cache_logits(teacher, tiny_teacher_path, split, tmp_path / "part", cfg=cfg, epochs=2, topk=4, seed=0,
+        cache_logits(teacher, split, tmp_path / "part", cfg=cfg, epochs=2, topk=4, seed=0,
                      num_classes=10, progress=stop_in_epoch_1)
     resumed_epochs = []
-    meta = cache_logits(teacher, tiny_teacher_path, split, tmp_path / "part", cfg=cfg, epochs=2, topk=4, seed=0,
+    meta = cache_logits(teacher, split, tmp_path / "part", cfg=cfg, epochs=2, topk=4, seed=0,
                         num_classes=10, progress=lambda e, d, r: resumed_epochs.append(e))
     assert meta["epochs_done"] == 2 and set(resumed_epochs) == {1}
     assert full["epochs_done"] == 2
@@ -109,8 +111,8 @@ def test_interrupted_cache_resumes(setup, tiny_teacher_path, tmp_path):
 
 
 def test_distill_reads_cache_and_refuses_mismatch(tiny_teacher_path, tmp_path):
-    """End to end through the CLI: a vanilla run on the cache records it in args.yaml; another seed is refused
-    (exit 2, one line); probe refuses the cache."""
+    """End to end through the CLI in a subprocess: a vanilla run on the cache records it in args.yaml; another
+    seed is refused (exit 2, one line)."""
     import subprocess
     import sys
 
@@ -135,5 +137,39 @@ def test_distill_reads_cache_and_refuses_mismatch(tiny_teacher_path, tmp_path):
     other = cli("distill", tiny_teacher_path, "--out", tmp_path / "run2", "--seed", 1, *common)
     # --seed also changes the hold-out split, so the data differs too
     assert other.returncode == 2 and "seed than this run" in other.stderr and "Traceback" not in other.stderr
-    probe = cli("distill", tiny_teacher_path, "--recipe", "probe", "--out", tmp_path / "run3", *common)
-    assert probe.returncode == 2 and "features" in probe.stderr
+    # probe / dearkd refusing the cache: tests/test_logit_cache_cli.py (in-process, seconds)
+
+
+def test_fingerprint_mismatch_names_what_differs(setup, tiny_teacher_path, tmp_path):
+    """One run setting changed at a time; the refusal names it (seed, augmentation and epochs: above)."""
+    teacher, split, cfg = setup
+    _fill(teacher, tiny_teacher_path, split, cfg, tmp_path / "c", epochs=1, topk=5)
+    dcfg = data_config(teacher)
+    torch.manual_seed(1)
+    other_teacher = load_model(str(tiny_teacher_path)).apply(
+        lambda m: m.reset_parameters() if isinstance(m, torch.nn.Linear) else None)
+    fewer = type(split)(split.reader, split.indices[:N - 1], None, target_map=split.target_map)
+    cases = {"teacher": run_fingerprint(other_teacher, split, dcfg, cfg, seed=0, topk=5),
+             "data": run_fingerprint(teacher, fewer, dcfg, cfg, seed=0, topk=5),
+             "input_size": run_fingerprint(teacher, split, {**dcfg, "input_size": (3, 48, 48)}, cfg,
+                                           seed=0, topk=5)}
+    for name, expected in cases.items():
+        with pytest.raises(UserError, match=f"made for another {name} than this run"):
+            check_fingerprint(tmp_path / "c", expected, epochs=1)
+    # K is not part of the match: a run reads whatever K the cache holds.
+    check_fingerprint(tmp_path / "c", run_fingerprint(teacher, split, dcfg, cfg, seed=0, topk=3), epochs=1)
+
+
+def test_cached_teacher_refuses_images_without_keys_and_mixing_settings(setup, tiny_teacher_path, tmp_path):
+    from vitshrink.data.logit_cache import check_replayable
+
+    teacher, split, cfg = setup
+    _fill(teacher, tiny_teacher_path, split, cfg, tmp_path / "c", epochs=1, topk=5)
+    with pytest.raises(UserError, match="images other than the cached training views"):
+        CachedTeacher(tmp_path / "c").logits(torch.zeros(2, 3, 32, 32))
+    check_replayable("vanilla", {**cfg, "mixup": 0.0, "cutmix": 0.0})
+    check_replayable("vanilla", {**cfg, "mixup": 0.8, "mixup_prob": 0.0})  # mixing never applied
+    with pytest.raises(UserError, match="cutmix is on"):
+        check_replayable("deit", {**cfg, "mixup": 0.0, "cutmix": 1.0})
+    with pytest.raises(UserError, match="posttrain_objective official"):
+        check_replayable("uvc", {**cfg, "posttrain_objective": "official"})

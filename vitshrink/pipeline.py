@@ -247,6 +247,9 @@ def check_logit_caches(run: Run) -> None:
     if getattr(run.recipe, "needs_teacher_features", run.recipe.name in FEATURE_RECIPES):
         raise UserError(f"--logit-cache: recipe {run.recipe.name} distils teacher features, which a logit cache "
                         f"does not hold; run it without --logit-cache")
+    from vitshrink.data.logit_cache import check_replayable
+
+    check_replayable(run.recipe.name, run.cfg)
     unknown = sorted(set(run.logit_caches) - set(run.recipe.teacher_roles))
     if unknown:
         raise UserError(f"--logit-cache {unknown[0]}=...: recipe {run.recipe.name} has no teacher role {unknown[0]!r} "
@@ -257,18 +260,16 @@ def cached_teachers(run: Run, ctx: RecipeContext, model: nn.Module, labelled: La
                     args: dict[str, Any]) -> Teachers:
     """Live teachers, except the roles read from a logit cache (checked against this run's fingerprint; the
     fingerprint goes into ``args``)."""
-    from vitshrink.data.logit_cache import CachedTeacher, check_fingerprint, read_meta, run_fingerprint
+    from vitshrink.data.logit_cache import CachedTeacher, cache_record, check_fingerprint, read_meta, run_fingerprint
 
     live = Teachers.live({r: m for r, m in ctx.teachers.items() if r not in run.logit_caches}, data_config(model))
     teachers = dict(live.items())
     for role, path in run.logit_caches.items():
-        spec = (record_of(ctx.teachers[role]).spec if record_of(ctx.teachers[role]) else None) or BUNDLED_TEACHER
-        expected = run_fingerprint(spec, labelled.train, data_config(model), run.cfg, seed=run.seed,
+        expected = run_fingerprint(ctx.teachers[role], labelled.train, data_config(model), run.cfg, seed=run.seed,
                                    topk=read_meta(path)["topk"])
-        meta = check_fingerprint(path, expected, epochs=int(run.cfg["epochs"]))
+        check_fingerprint(path, expected, epochs=int(run.cfg["epochs"]))
         teachers[role] = CachedTeacher(path)
-        args.setdefault("logit_cache", {})[role] = {"path": str(path), "fingerprint": meta["fingerprint"],
-                                                    "epochs": meta["epochs_done"]}
+        args.setdefault("logit_cache", {})[role] = cache_record(path)
     return Teachers(teachers)
 
 

@@ -65,6 +65,7 @@ def measure_models(run: Run, teacher: nn.Module, final: nn.Module, labelled: Lab
 def write_run_report(run: Run, labelled: LabelledData, trained: TrainResult, onnx, measured: dict[str, Any]
                      ) -> dict[str, Any]:
     """report.json and report.md from the measured numbers."""
+    from vitshrink.data.logit_cache import cache_notes, cache_record
     from vitshrink.report import build_report, model_entry, write_report
 
     sizes = measured["sizes"]
@@ -73,7 +74,9 @@ def write_run_report(run: Run, labelled: LabelledData, trained: TrainResult, onn
         distill_seconds=trained.seconds, onnx=onnx.as_dict(),
         teacher=model_entry(measured["teacher_top1"], measured["teacher_bench"], sizes),
         student=model_entry(measured["student_top1"], measured["student_bench"], sizes),
-        warnings=run.recipe.report_notes(run.out_dir), notes=data_notes(labelled))
+        warnings=run.recipe.report_notes(run.out_dir), notes=data_notes(labelled) + cache_notes(run.logit_caches))
+    if run.logit_caches:
+        report["logit_cache"] = {role: cache_record(path) for role, path in run.logit_caches.items()}
     if labelled.synthetic is not None:
         report["data_free"] = {"real_training_images": 0, "accuracy_measured": labelled.val is not None,
                                **labelled.synthetic}

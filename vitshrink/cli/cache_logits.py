@@ -48,7 +48,7 @@ def cache_logits_command(
         def progress(epoch: int, done: int, rate: float) -> None:
             bar.update(task, completed=epoch * n_images + done, epoch=epoch + 1, rate=rate)
 
-        meta = cache_logits(model, teacher, labelled.train, out, cfg=dict(settings.values), epochs=epochs, topk=topk,
+        meta = cache_logits(model, labelled.train, out, cfg=dict(settings.values), epochs=epochs, topk=topk,
                             seed=seed, num_classes=labelled.num_classes, device=_device(device), progress=progress)
     per = bytes_per_image_epoch(meta["topk"], meta["num_classes"])
     console.print(f"wrote {out}: {meta['epochs_done']} epochs x {meta['images']} images, top-{meta['topk']}, "

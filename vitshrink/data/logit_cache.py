@@ -6,9 +6,11 @@ trains. Here a view is already a pure function of ``(seed, epoch, index)`` (:cla
 cache is indexed by ``extras["key"]`` = ``(epoch, index)``.
 
 Layout of a cache folder: ``meta.json`` (fingerprint, shape, epochs done) and two memory-mapped arrays of shape
-``[epochs, images, K]``: ``values.f16`` (top-K teacher logits, fp16) and ``indices.i16``/``indices.i32`` (class
-indices), plus ``lse.f32`` ``[epochs, images]`` (the log-sum-exp of the full logits, so the probability mass
-outside the top-K is known). :class:`CachedTeacher` rebuilds full logits whose softmax puts the stored mass on
+``[epochs, images, K]``: ``values.f16`` (the top-K teacher log-probabilities, i.e. logit minus log-sum-exp,
+fp16) and ``indices.i16``/``indices.i32`` (class indices), plus ``lse.f32`` ``[epochs, images]`` (the log-sum-exp
+of the full logits, so the teacher's own logits come back, not just their softmax). Log-probabilities rather
+than raw logits: fp16 then rounds the large probabilities (log p near 0) finely, as TinyViT's fp16
+probabilities do, instead of by up to 2^-7 of a logit of 10-20. :class:`CachedTeacher` rebuilds full logits whose softmax puts the stored mass on
 the top-K classes and spreads the remaining mass uniformly over the others (TinyViT's rule); with K = number of
 classes the logits are the teacher's own, up to fp16 rounding.
 """
@@ -28,26 +30,22 @@ from vitshrink._atomic import atomic_write_text
 from vitshrink.errors import UserError
 
 META = "meta.json"
-VERSION = 1
+VERSION = 2  # 2: values are log-probabilities (1 stored raw logits)
 
 
-def file_hash(path: str | Path) -> str:
-    """sha256 of a file (the teacher's weights), streamed."""
+def teacher_hash(teacher: nn.Module) -> str:
+    """sha256 of the teacher's weights (names and CPU bytes) and of the preprocessing it expects: the same
+    teacher gives the same hash whatever file format or flags it was loaded from."""
+    from vitshrink.io import data_config
+
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for name, tensor in teacher.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    config = data_config(teacher)
+    digest.update(json.dumps({k: list(config[k]) if isinstance(config[k], tuple) else config[k]
+                              for k in ("input_size", "mean", "std", "interpolation") if k in config}).encode())
     return digest.hexdigest()
-
-
-def teacher_hash(spec: str | Path) -> str:
-    """sha256 of the teacher's file (every file of a folder, in name order); of the name for a timm name."""
-    path = Path(spec)
-    if path.is_file():
-        return file_hash(path)
-    if path.is_dir():
-        return hashlib.sha256("".join(file_hash(p) for p in sorted(path.rglob("*")) if p.is_file()).encode()).hexdigest()
-    return hashlib.sha256(str(spec).encode()).hexdigest()
 
 
 def listing_hash(split: Any) -> str:
@@ -80,7 +78,11 @@ def read_meta(path: str | Path) -> dict:
     meta_path = Path(path) / META
     if not meta_path.is_file():
         raise UserError(f"--logit-cache {path}: not a logit cache (no {META}; make one with `vitshrink cache-logits`)")
-    return json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text())
+    if meta.get("version") != VERSION:
+        raise UserError(f"--logit-cache {path}: made by another vitshrink version (cache format "
+                        f"{meta.get('version')}, this one reads {VERSION}); rebuild it with `vitshrink cache-logits`")
+    return meta
 
 
 def check_fingerprint(path: str | Path, expected: Mapping[str, Any], *, epochs: int) -> dict:
@@ -94,6 +96,41 @@ def check_fingerprint(path: str | Path, expected: Mapping[str, Any], *, epochs: 
     if meta["epochs_done"] < epochs:
         raise UserError(f"--logit-cache {path}: holds {meta['epochs_done']} epochs, this run trains {epochs}")
     return meta
+
+
+def cache_record(path: str | Path) -> dict:
+    """What ``args.yaml`` and the report say about a cache a run read: its folder, fingerprint and epochs."""
+    meta = read_meta(path)
+    return {"path": str(path), "fingerprint": meta["fingerprint"], "epochs": meta["epochs_done"]}
+
+
+def cache_notes(caches: Mapping[str, str | Path]) -> list[str]:
+    """report.md's line per cached role: the teacher did not run during training."""
+    notes = []
+    for role, path in caches.items():
+        fp = read_meta(path)["fingerprint"]
+        notes.append(f"Teacher logits ({role}) were read from the logit cache {path} (top-{fp['topk']}, seed "
+                     f"{fp['seed']}, teacher sha256 {fp['teacher'][:12]}); that teacher did not run during training.")
+    return notes
+
+
+# Settings under which the teacher sees something other than the stored view: mixup / cutmix batches (TinyViT
+# replays its mixup from a stored seed; our cache stores unmixed views only) and uvc's official post-training
+# objective (it mixes the batch inside the loss).
+MIXING_KEYS = ("mixup", "mixup_alpha", "cutmix", "cutmix_alpha", "cutmix_minmax")  # timm Mixup's argument names
+
+
+def check_replayable(recipe: str, cfg: Mapping[str, Any]) -> None:
+    """Refuse ``--logit-cache`` for a run whose teacher would not see the cached views."""
+    mixing = [key for key in MIXING_KEYS if cfg.get(key) not in (None, 0, 0.0, False)]
+    if cfg.get("mixup_prob") in (0, 0.0):
+        mixing = []
+    if mixing:
+        raise UserError(f"--logit-cache: {mixing[0]} is on, so the teacher would see mixed images that the cache "
+                        f"does not hold; set {mixing[0]} to 0 or run without --logit-cache")
+    if recipe == "uvc" and cfg.get("posttrain_objective") == "official":
+        raise UserError("--logit-cache: uvc's posttrain_objective official runs the teacher on mixup/cutmix "
+                        "images, which the cache does not hold; use posttrain_objective kd or no cache")
 
 
 def _arrays(path: Path, meta: dict, mode: str) -> tuple[np.memmap, np.memmap, np.memmap]:
@@ -153,11 +190,11 @@ def fill_cache(path: str | Path, teacher: Callable[[torch.Tensor], torch.Tensor]
             with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
                                                  enabled=autocast_dtype is not None):
                 logits = teacher(batch.to(device, non_blocking=True)).float()
-            top = logits.topk(topk, dim=1)
+            top, norm = logits.topk(topk, dim=1), torch.logsumexp(logits, dim=1)
             rows = extras["key"][:, 1].numpy()
-            values[epoch, rows] = top.values.cpu().numpy().astype(np.float16)
+            values[epoch, rows] = (top.values - norm[:, None]).cpu().numpy().astype(np.float16)
             indices[epoch, rows] = top.indices.cpu().numpy().astype(indices.dtype)
-            lse[epoch, rows] = torch.logsumexp(logits, dim=1).cpu().numpy()
+            lse[epoch, rows] = norm.cpu().numpy()
             done += len(rows)
             if progress is not None:
                 progress(epoch, done, done / max(time.perf_counter() - start, 1e-9))
@@ -172,16 +209,17 @@ def fill_cache(path: str | Path, teacher: Callable[[torch.Tensor], torch.Tensor]
 
 
 def rebuild_logits(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Full logits from the top-K: softmax gives the stored classes their own probability and spreads the mass
-    left over uniformly over the other ``num_classes - K`` classes (TinyViT)."""
-    values, lse = values.float(), lse.float()
-    topk = values.shape[1]
-    out = torch.empty(values.shape[0], num_classes, dtype=torch.float32, device=values.device)
+    """Full logits from the top-K log-probabilities ``values``: softmax gives the stored classes their own
+    probability and spreads the mass left over uniformly over the other ``num_classes - K`` classes (TinyViT);
+    adding ``lse`` puts them back on the teacher's logit scale."""
+    log_p, lse = values.float(), lse.float()
+    topk = log_p.shape[1]
+    out = torch.empty(log_p.shape[0], num_classes, dtype=torch.float32, device=log_p.device)
     if topk < num_classes:
-        kept = torch.exp(values - lse[:, None]).sum(1).clamp(max=1.0 - 1e-6)
+        kept = torch.exp(log_p).sum(1).clamp(max=1.0 - 1e-6)
         rest = ((1.0 - kept) / (num_classes - topk)).clamp_min(1e-12)
-        out[:] = (torch.log(rest) + lse)[:, None]
-    return out.scatter_(1, indices.long(), values)
+        out[:] = torch.log(rest)[:, None]
+    return out.scatter_(1, indices.long(), log_p) + lse[:, None]
 
 
 class CachedTeacher(nn.Module):
@@ -199,7 +237,9 @@ class CachedTeacher(nn.Module):
 
     def logits(self, images: torch.Tensor, extras: Mapping[str, Any] | None = None) -> torch.Tensor:
         if extras is None or "key" not in extras:
-            raise ValueError("a cached teacher needs extras['key'] (epoch, index) of each image")
+            # e.g. uvc's official post-training feeds the teacher mixed images, which the cache never saw
+            raise UserError(f"--logit-cache {self.path}: this recipe runs its teacher on images other than the "
+                            f"cached training views; run it without --logit-cache")
         key = extras["key"].cpu().numpy()
         epoch, rows = key[:, 0], key[:, 1]
         if epoch.max(initial=0) >= self.meta["epochs_done"]:
@@ -237,16 +277,17 @@ def replay_loader(split: Any, transform: Callable, *, seed: int, batch_size: int
     return _Source()
 
 
-def run_fingerprint(teacher_file: str | Path, split: Any, model_data_config: Mapping[str, Any],
+def run_fingerprint(teacher: nn.Module, split: Any, model_data_config: Mapping[str, Any],
                     cfg: Mapping[str, Any], *, seed: int, topk: int) -> dict:
-    """The fingerprint of a run that trains on ``split`` with views for ``model_data_config`` and ``cfg``."""
-    return fingerprint(teacher_hash=teacher_hash(teacher_file), data_listing=listing_hash(split),
+    """The fingerprint of a run that distils ``teacher`` on ``split`` with views for ``model_data_config``
+    and ``cfg``."""
+    return fingerprint(teacher_hash=teacher_hash(teacher), data_listing=listing_hash(split),
                        augmentation=augmentation_settings(cfg), seed=seed,
                        input_size=tuple(model_data_config["input_size"]), mean=tuple(model_data_config["mean"]),
                        std=tuple(model_data_config["std"]), topk=topk)
 
 
-def cache_logits(teacher: nn.Module, teacher_file: str | Path, split: Any, out: str | Path, *, cfg: Mapping[str, Any],
+def cache_logits(teacher: nn.Module, split: Any, out: str | Path, *, cfg: Mapping[str, Any],
                  epochs: int, topk: int, seed: int, num_classes: int, device: str = "cpu",
                  progress: Callable[[int, int, float], None] | None = None) -> dict:
     """Fill (or resume) the cache at ``out`` with ``teacher``'s top-``topk`` logits for ``epochs`` epochs of
@@ -269,7 +310,7 @@ def cache_logits(teacher: nn.Module, teacher_file: str | Path, split: Any, out: 
             dist.init_process_group("nccl" if device == "cuda" else "gloo")
         barrier = dist.barrier
     dcfg = data_config(teacher)
-    fp = run_fingerprint(teacher_file, split, dcfg, cfg, seed=seed, topk=topk)
+    fp = run_fingerprint(teacher, split, dcfg, cfg, seed=seed, topk=topk)
     teacher = teacher.to(device)
     live = LiveTeacher(teacher, dcfg)
     source = replay_loader(split, train_transform(teacher, dict(cfg)), seed=seed, batch_size=int(cfg["batch_size"]),
