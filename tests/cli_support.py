@@ -9,7 +9,7 @@ from vitshrink.cli import main
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """Run ``vitshrink ARGS`` in-process; return (exit code, stdout, stderr)."""
     old_argv = sys.argv
-    sys.argv = ["vitshrink", *args]
+    sys.argv = ["vitshrink", *map(str, args)]
     code = 0
     try:
         main()

@@ -7,7 +7,6 @@ training steps read: with a cache the cached role's teacher never runs in traini
 from __future__ import annotations
 
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from cli_support import run_cli
 from distill_support import REPO, tiny_teacher_path  # noqa: F401  (session fixture)
-from vitshrink.cli import main
 from vitshrink.data import BUNDLED_VAL
 from vitshrink.data.logit_cache import CachedTeacher
 from vitshrink.distill.teachers import LiveTeacher
@@ -29,18 +28,6 @@ RESNET20 = REPO.parent / "shared" / "data" / "checkpoints" / "cifar10_resnet20_a
 TINY_CIT = "vitshrink_cit:img_size=32,patch_size=4,embed_dim=32,depth=2,num_heads=2,stem_chs=32"
 
 
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """``vitshrink ARGS`` in-process; (exit code, stdout, stderr)."""
-    old_argv, sys.argv = sys.argv, ["vitshrink", *map(str, args)]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = old_argv
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
