@@ -68,7 +68,7 @@ def _task(heads, conv, inv, main=None, **cfg_over):
 
 
 def test_loss_equals_official_formula_with_index_and_soft_targets():
-    from timm.loss import SoftTargetCrossEntropy
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     g = torch.Generator().manual_seed(0)
     heads = [torch.randn(6, 10, generator=g) * 3 for _ in range(3)]
@@ -76,16 +76,18 @@ def test_loss_equals_official_formula_with_index_and_soft_targets():
     labels = torch.randint(0, 10, (6,), generator=g)
     task = _task(heads, conv, inv)
     ours = task(torch.zeros(6, 3, 32, 32), labels)["loss"]
-    ref = official_coadvise_loss(*heads, conv, inv, labels, nn.CrossEntropyLoss())
+    # Official criterion without mixup: LabelSmoothingCrossEntropy(config.MODEL.LABEL_SMOOTHING = 0.1).
+    ref = official_coadvise_loss(*heads, conv, inv, labels, LabelSmoothingCrossEntropy(0.1))
     assert (ours - ref).abs().item() < 1e-5  # max abs diff measured: ~5e-7
-    # Mixup / cutmix targets: probabilities [B, K], the official SoftTargetCrossEntropy.
+    # Mixup / cutmix targets: probabilities [B, K]. Official: Mixup smooths them (label_smoothing 0.1) and the
+    # criterion is SoftTargetCrossEntropy; ours: the task's CE smooths the unsmoothed mixed targets.
     soft = torch.softmax(torch.randn(6, 10, generator=g), -1)
     ours_soft = task(torch.zeros(6, 3, 32, 32), soft)["loss"]
-    ref_soft = official_coadvise_loss(*heads, conv, inv, soft, SoftTargetCrossEntropy())
+    ref_soft = official_coadvise_loss(*heads, conv, inv, soft * 0.9 + 0.1 / 10, SoftTargetCrossEntropy())
     assert (ours_soft - ref_soft).abs().item() < 1e-5
     # By hand: CE + the two batch-mean KLs.
     kl = lambda s, t: (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1).mean()
-    hand = F.cross_entropy(heads[0], labels) + kl(heads[1], conv) + kl(heads[2], inv)
+    hand = F.cross_entropy(heads[0], labels, label_smoothing=0.1) + kl(heads[1], conv) + kl(heads[2], inv)
     assert torch.allclose(ours, hand, atol=1e-5)
 
 
@@ -99,7 +101,8 @@ def test_cls_teacher_option_adds_soft_targets_to_the_class_head():
     both = _task(heads, conv, inv, main, cls_teacher_weight=0.5)(torch.zeros(4, 3, 32, 32), labels)["loss"]
     assert torch.allclose(both, base + 0.5 * kl_main, atol=1e-5)
     only = _task(heads, conv, inv, main, cls_teacher_weight=1.0, task_weight=0.0)(torch.zeros(4, 3, 32, 32), labels)
-    assert torch.allclose(only["loss"], base - F.cross_entropy(heads[0], labels) + kl_main, atol=1e-5)
+    assert torch.allclose(only["loss"], base - F.cross_entropy(heads[0], labels, label_smoothing=0.1) + kl_main,
+                          atol=1e-5)
 
 
 @pytest.fixture(scope="module")

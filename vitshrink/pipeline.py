@@ -32,6 +32,7 @@ from vitshrink.recipes.base import Recipe, RecipeContext, get_recipe
 from vitshrink.train import (Checkpointing, Dist, Evaluation, Schedule, TrainEnv, TrainResult, init_distributed,
                              load_checkpoint, select_device, train)
 from vitshrink.train.checkpoint import check_resume, data_fingerprint, weights_fingerprint
+from vitshrink.train.mixup import check_mixup_allowed, mixup_from_settings
 from vitshrink.validate import check_run_options
 # The stages after training (export, measure, report) live in run_outputs; re-exported for callers.
 from vitshrink.run_outputs import data_notes, export_student, measure_models, top1_on, write_run_report  # noqa: E402,F401
@@ -216,6 +217,10 @@ def train_student(run: Run, ctx: RecipeContext, model: nn.Module, labelled: Labe
     arch_json = json.dumps(architecture_record(model, class_names=labelled.class_names))
     teachers = cached_teachers(run, ctx, model, labelled, args)
     task = run.recipe.task(teachers, model, cfg).to(run.device)
+    mixing = mixup_from_settings(cfg, num_classes=labelled.num_classes, seed=run.seed)
+    if mixing is not None:
+        check_mixup_allowed(task, cfg, recipe=run.recipe.name, uses_labels=run.recipe.uses_labels,
+                            logit_caches=run.logit_caches)
     source = run.recipe.source(model, ctx)
     schedule = Schedule.from_settings(cfg, amp=run.amp, compile=run.compile)
     steps_per_epoch = schedule.steps_per_epoch(source)
@@ -233,8 +238,10 @@ def train_student(run: Run, ctx: RecipeContext, model: nn.Module, labelled: Labe
                 f"({sum(p.numel() for p in model.parameters()):,} params), {labelled.description}, "
                 f"{cfg['epochs']} epochs x {steps_per_epoch} steps, batch {cfg['batch_size']} x "
                 f"{run.ddp.world_size}, {run.device}{' bf16' if run.amp else ''}")
+        if mixing is not None:
+            run.log(f"{mixing.describe()}: the teacher sees the mixed images; no train accuracy is shown")
     env = TrainEnv(run.device, run.ddp, run.progress, run.log, uses_labels=run.recipe.uses_labels)
-    return train(task, source, schedule, checkpointing, evaluation=evaluation, env=env)
+    return train(task, source, schedule, checkpointing, evaluation=evaluation, env=env, mixing=mixing)
 
 
 FEATURE_RECIPES = ("probe", "dearkd")  # their teacher signal is features, which a logit cache does not hold

@@ -139,6 +139,10 @@ _SETTING_RANGES: dict[str, tuple[float | None, float | None, bool, str]] = {
     "aug_hflip": (0.0, 1.0, False, "float"),
     "aug_re_prob": (0.0, 1.0, False, "float"),
     "aug_color_jitter": (0.0, 10.0, False, "float"),
+    "mixup": (0.0, 100.0, False, "float"),  # Beta(alpha, alpha); 0 = off
+    "cutmix": (0.0, 100.0, False, "float"),
+    "mixup_prob": (0.0, 1.0, False, "float"),
+    "mixup_switch_prob": (0.0, 1.0, False, "float"),
 }
 # Settings whose null value means "off" or "default".
 _NULLABLE = {"clip_grad", "steps_per_epoch", "workers", "kd_weight", "flops_target", "amp", "aug_auto_augment"}
@@ -193,6 +197,9 @@ def check_settings(cfg: dict[str, Any], sources: Mapping[str, str] | None = None
         low = check_float(scale[0], flag, low=0.0, high=1.0, low_open=True)
         if check_float(scale[1], flag, low=0.0, high=1.0) < low:
             raise UserError(message)
+    if "mixup_mode" in cfg and cfg["mixup_mode"] not in ("batch", "pair", "elem"):
+        raise UserError(f"{_setting_flag('mixup_mode', sources.get('mixup_mode'))} must be batch, pair or elem "
+                        f"(timm Mixup modes), got {cfg['mixup_mode']!r}")
 
 
 def check_run_options(*, seed: Any = 0, val_split: Any = 0.1, flops_target: Any = None, workers: Any = None,

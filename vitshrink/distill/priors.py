@@ -44,27 +44,25 @@ def batchnorm_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
             if isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_mean is not None]
 
 
-class BNStatisticsPrior:
-    """Hooks every BatchNorm2d of ``model``; after a forward pass, ``loss()`` is the sum of the per-layer
-    ``bn_statistics_loss`` terms, the first layer's weighted by ``first_multiplier`` (DeepInversion's
-    ``first_bn_multiplier``). Use as a context manager: hooks are removed on exit."""
+class HookedPrior:
+    """Per-layer terms that forward hooks on ``layers`` record during one forward pass; ``loss()`` combines them
+    (``_total``). A subclass says how a layer is hooked (``_register``). Use as a context manager: the hooks are
+    removed on exit."""
 
-    def __init__(self, model: nn.Module, *, first_multiplier: float = 1.0):
-        self.layers = batchnorm_layers(model)
-        if not self.layers:
-            raise UserError(f"the teacher has no BatchNorm2d layer with running statistics: prior 'bn' needs one; "
-                            f"priors: {PRIOR_HELP}")
-        self.first_multiplier = first_multiplier
+    def __init__(self, layers: Sequence[nn.Module]):
+        self.layers = list(layers)
         self._terms: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
-    def _hook(self, index: int):
-        def hook(module: nn.BatchNorm2d, inputs, output) -> None:
-            self._terms[index] = bn_statistics_loss(inputs[0], module.running_mean, module.running_var)
-        return hook
+    def _register(self, index: int, layer: nn.Module):
+        """Install the hook that stores layer ``index``'s term in ``self._terms[index]``; return its handle."""
+        raise NotImplementedError
 
-    def __enter__(self) -> "BNStatisticsPrior":
-        self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+    def _total(self, terms: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._handles = [self._register(i, layer) for i, layer in enumerate(self.layers)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -74,10 +72,32 @@ class BNStatisticsPrior:
 
     def loss(self) -> torch.Tensor:
         if len(self._terms) != len(self.layers):
-            raise RuntimeError("BNStatisticsPrior.loss() before a forward pass through every hooked layer")
-        terms = [self._terms[i] * (self.first_multiplier if i == 0 else 1.0) for i in range(len(self.layers))]
+            raise RuntimeError(f"{type(self).__name__}.loss() before a forward pass through every hooked layer")
+        terms = [self._terms[i] for i in range(len(self.layers))]
         self._terms = {}
-        return torch.stack(terms).sum()
+        return self._total(terms)
+
+
+class BNStatisticsPrior(HookedPrior):
+    """Hooks every BatchNorm2d of ``model``; after a forward pass, ``loss()`` is the sum of the per-layer
+    ``bn_statistics_loss`` terms, the first layer's weighted by ``first_multiplier`` (DeepInversion's
+    ``first_bn_multiplier``)."""
+
+    def __init__(self, model: nn.Module, *, first_multiplier: float = 1.0):
+        layers = batchnorm_layers(model)
+        if not layers:
+            raise UserError(f"the teacher has no BatchNorm2d layer with running statistics: prior 'bn' needs one; "
+                            f"priors: {PRIOR_HELP}")
+        super().__init__(layers)
+        self.first_multiplier = first_multiplier
+
+    def _register(self, index: int, layer: nn.Module):
+        def hook(module: nn.BatchNorm2d, inputs, output) -> None:
+            self._terms[index] = bn_statistics_loss(inputs[0], module.running_mean, module.running_var)
+        return layer.register_forward_hook(hook)
+
+    def _total(self, terms: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([t * (self.first_multiplier if i == 0 else 1.0) for i, t in enumerate(terms)]).sum()
 
 
 # --- Image priors -------------------------------------------------------------------------------------------
@@ -149,7 +169,7 @@ def vit_attention_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-class PatchSimilarityPrior:
+class PatchSimilarityPrior(HookedPrior):
     """Hooks each MHSA of a ViT; after a forward pass, ``loss()`` is ``-sum_layers patch_similarity_entropy``.
 
     The tapped feature is the official one: the per-head ``softmax(qk^T) v`` averaged over heads (PSAQ-ViT hooks
@@ -158,40 +178,27 @@ class PatchSimilarityPrior:
     """
 
     def __init__(self, model: nn.Module, *, bandwidth: float = 0.01, steps: int = 10):
-        self.layers = vit_attention_layers(model)
-        if not self.layers:
+        layers = vit_attention_layers(model)
+        if not layers:
             raise UserError("the teacher has no ViT attention blocks (blocks.N.attn): prior 'patch-sim' needs them; "
                             f"priors: {PRIOR_HELP}")
+        super().__init__(layers)
         self.prefix = _num_prefix_tokens(model)
         self.bandwidth, self.steps = bandwidth, steps
-        self._terms: dict[int, torch.Tensor] = {}
-        self._handles: list = []
 
-    def _hook(self, index: int, heads: int):
+    def _register(self, index: int, layer: nn.Module):
+        heads = int(layer.num_heads)
+
         def hook(module: nn.Module, inputs) -> None:
             x = inputs[0]
             batch, tokens, width = x.shape
             per_head_mean = x.reshape(batch, tokens, heads, width // heads).mean(dim=2)
             self._terms[index] = patch_similarity_entropy(per_head_mean[:, self.prefix:], bandwidth=self.bandwidth,
                                                           steps=self.steps)
-        return hook
+        return layer.proj.register_forward_pre_hook(hook)
 
-    def __enter__(self) -> "PatchSimilarityPrior":
-        self._handles = [attn.proj.register_forward_pre_hook(self._hook(i, int(attn.num_heads)))
-                         for i, attn in enumerate(self.layers)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def loss(self) -> torch.Tensor:
-        if len(self._terms) != len(self.layers):
-            raise RuntimeError("PatchSimilarityPrior.loss() before a forward pass through every hooked layer")
-        total = -torch.stack([self._terms[i] for i in range(len(self.layers))]).sum()
-        self._terms = {}
-        return total
+    def _total(self, terms: list[torch.Tensor]) -> torch.Tensor:
+        return -torch.stack(terms).sum()
 
 
 # --- Boundary-preserving intra-divergence (DearKD; our formulation) -------------------------------------------
@@ -271,7 +278,7 @@ def make_prior(model: nn.Module, prior: str, *, first_bn_multiplier: float = 1.0
     raise UserError(f"unknown prior {prior!r}; priors: {PRIOR_HELP}")
 
 
-__all__: Sequence[str] = ["PRIORS", "BNStatisticsPrior", "PatchSimilarityPrior", "available_priors",
+__all__: Sequence[str] = ["PRIORS", "BNStatisticsPrior", "HookedPrior", "PatchSimilarityPrior", "available_priors",
                           "batchnorm_layers", "bn_statistics_loss", "choose_prior", "differential_entropy",
                           "gaussian_kde", "image_l2", "intra_divergence_loss", "make_prior",
                           "patch_similarity_entropy", "total_variation_l1", "total_variation_l2",

@@ -28,6 +28,9 @@ class DistillTask(TrainingTask):
     """A student trained against ``teachers``; DDP and ``compile`` touch the trainable module only."""
 
     wants_extras = True  # the loop passes each batch's extras as the third argument
+    # Whether ``target`` may be probabilities [B, K] (mixup / cutmix, vitshrink.train.mixup); each task says so
+    # for itself (its label terms go through losses.cross_entropy), so a new task is refused mixup until it does.
+    soft_targets: bool | None = None
 
     def __init__(self, trainable: nn.Module, teachers: Teachers):
         device = next(trainable.parameters()).device
@@ -68,6 +71,8 @@ class LogitKDTask(DistillTask):
     With ``kd_weight == 1`` the labels are never read, so label-free data works.
     """
 
+    soft_targets = True
+
     def __init__(self, student: nn.Module, teachers: Teachers | nn.Module, *, kd_weight: float, temperature: float,
                  smoothing: float = 0.0, role: str = Teachers.MAIN):
         super().__init__(student, as_teachers(teachers, student))
@@ -91,6 +96,8 @@ class TokenKDTask(DistillTask):
     teacher)`` (``hard``) or ``T^2 KL`` (``soft``); label smoothing applies to the label term only (as in the
     official code). The reported ``output`` is the two heads' average, which is what inference predicts.
     """
+
+    soft_targets = True
 
     def __init__(self, student: nn.Module, teachers: Teachers | nn.Module, *, distill_type: str, kd_weight: float,
                  temperature: float, smoothing: float = 0.0, role: str = Teachers.MAIN,
@@ -135,6 +142,8 @@ class MultiTokenKDTask(DistillTask):
     ``target`` may be class indices or probabilities [B, K] (mixup / cutmix). A pair of weight 0 is skipped
     (its teacher is not run). The reported ``output`` is the mean of all heads.
     """
+
+    soft_targets = True
 
     def __init__(self, student: nn.Module, teachers: Teachers, *, pairs: Sequence[tuple[int, str, float]],
                  distill_type: str = "hard", temperature: float = 1.0, smoothing: float = 0.0,
@@ -215,6 +224,8 @@ class FeatureKDTask(DistillTask):
     ``pairs`` lists ``(student point, teacher point)``; ``widths`` the (student, teacher) channel widths of each
     pair (the projection's shape). For DearKD's stage I (CNN teacher's early layers -> student's early blocks).
     """
+
+    soft_targets = True
 
     def __init__(self, student: nn.Module, teachers: Teachers | nn.Module, *, pairs: Sequence[tuple[str, str]],
                  widths: Sequence[tuple[int, int]], feature_weight: float, kd_weight: float, temperature: float,

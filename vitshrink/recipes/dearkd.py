@@ -65,6 +65,8 @@ class DearKDTask(DistillTask):
     ``feature_loss`` (zero in stage II) and ``stage`` (1 or 2).
     """
 
+    soft_targets = True  # both label terms go through losses.cross_entropy
+
     def __init__(self, student: nn.Module, teachers: Teachers, *, student_points: Sequence[str],
                  cnn_points: Sequence[str], widths: Sequence[tuple[int, int]], stage1_epochs: int,
                  distill_type: str, kd_weight: float, temperature: float, feature_weight: float,

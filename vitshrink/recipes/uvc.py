@@ -151,6 +151,9 @@ class OfficialUVCTask(DistillTask):
     """UVC's post-training loss (joint_train.py ``post_training``: the search's criterion): mixup/cutmix batches,
     the teacher on the mixed images, ``uvc_objective.official_loss`` (alpha 0.1, T 1, KL summed / numel)."""
 
+    soft_targets = False  # it mixes its own batches: the shared mixup keys would mix them twice
+    soft_targets_reason = "posttrain_objective official already mixes its batches with UVC's own settings"
+
     def __init__(self, student: nn.Module, teachers: Any):
         super().__init__(student, as_teachers(teachers, student))
         self.loss = OfficialLoss(int(student.num_classes))

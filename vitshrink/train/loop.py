@@ -4,7 +4,8 @@ AdamW + cosine-with-warm-up (timm's factories), gradient clipping, bf16 autocast
 ``torch.compile``, evaluation every epoch, best checkpoint by top-1, resumable state (``vitshrink.train.checkpoint``),
 a rich progress bar, a NaN/inf guard, and DDP of the student alone (``vitshrink.train.distributed``). The task
 is any ``timm.task.TrainingTask`` (``vitshrink.distill.tasks``); the source yields ``(images, targets, extras)``
-(``vitshrink.data.sources``).
+(``vitshrink.data.sources``). With ``mixing`` (``vitshrink.train.mixup``) each batch is mixup/cutmix-ed, drawn from
+its own keys, before the step: the task's student and teachers all see the mixed images.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from vitshrink.errors import UserError
 from vitshrink.evaluation import evaluate_loader
 from vitshrink.train.checkpoint import Checkpointing, save_checkpoint, set_rng_state, rng_state, write_summary
 from vitshrink.train.distributed import Dist
+from vitshrink.train.mixup import SeededMixup
 
 
 @dataclass
@@ -153,9 +155,10 @@ def _restore(state: dict[str, Any], trainable: nn.Module, optimizer, scheduler, 
 
 
 def train(task, source, schedule: Schedule, checkpointing: Checkpointing, *, evaluation: Evaluation,
-          env: TrainEnv) -> TrainResult:
+          env: TrainEnv, mixing: SeededMixup | None = None) -> TrainResult:
     """Train ``task.get_trainable_module()`` on ``source`` for ``schedule``; write ``last.pt``, ``summary.csv``
-    and (through ``checkpointing.save_best``) the best student. Resumes from ``checkpointing.resume_state``."""
+    and (through ``checkpointing.save_best``) the best student. Resumes from ``checkpointing.resume_state``.
+    ``mixing`` mixes every batch before the step (the train accuracy is then not shown: its targets are mixed)."""
     from timm.utils import unwrap_model
 
     trainable = task.get_trainable_module()
@@ -186,7 +189,7 @@ def train(task, source, schedule: Schedule, checkpointing: Checkpointing, *, eva
 
     while at.epoch < schedule.epochs:
         _train_epoch(task, source, schedule, steps_per_epoch, optimizer, scheduler, at, env, checkpointing,
-                     checkpoint)
+                     checkpoint, mixing)
         _end_epoch(at, evaluation, schedule, optimizer, env, checkpointing, started)
         at.epoch, at.batch, at.accum = at.epoch + 1, 0, [0.0, 0.0, 0.0]
         checkpoint(at.epoch, 0)
@@ -195,8 +198,11 @@ def train(task, source, schedule: Schedule, checkpointing: Checkpointing, *, eva
 
 
 def _train_epoch(task, source, schedule: Schedule, steps_per_epoch: int, optimizer, scheduler, at: _Position,
-                 env: TrainEnv, checkpointing: Checkpointing, checkpoint: Callable[[int, int], None]) -> None:
+                 env: TrainEnv, checkpointing: Checkpointing, checkpoint: Callable[[int, int], None],
+                 mixing: SeededMixup | None = None) -> None:
     bar = env.progress
+    # A top-1 against mixed targets means nothing, so with mixup the bar shows the loss alone.
+    show_accuracy = env.uses_labels and mixing is None
     task.train()
     source.set_epoch(at.epoch, at.batch)
     bar_task = bar.add_task(f"epoch {at.epoch + 1}/{schedule.epochs}", total=steps_per_epoch, completed=at.batch,
@@ -206,6 +212,8 @@ def _train_epoch(task, source, schedule: Schedule, steps_per_epoch: int, optimiz
             break
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
+        if mixing is not None:
+            images, targets, extras = mixing(images, targets, extras)
         out, loss_value = train_step(task, images, targets, optimizer, clip_grad=schedule.clip_grad,
                                      amp=schedule.amp, ddp=env.ddp, extras=extras)
         if not math.isfinite(loss_value):
@@ -218,7 +226,7 @@ def _train_epoch(task, source, schedule: Schedule, steps_per_epoch: int, optimiz
         at.last_batch = (images, targets, extras)
         n = images.shape[0]
         correct = 0.0
-        if env.uses_labels and out.get("output") is not None:
+        if show_accuracy and out.get("output") is not None:
             correct = float((out["output"].argmax(-1) == targets).sum())
         at.global_step += 1
         at.batch += 1
@@ -228,7 +236,7 @@ def _train_epoch(task, source, schedule: Schedule, steps_per_epoch: int, optimiz
         at.accum[2] += correct
         if bar_task is not None:
             stats = f"loss {at.accum[0] / at.accum[1]:.4f}"
-            if env.uses_labels:
+            if show_accuracy:
                 stats += f"  acc {at.accum[2] / at.accum[1]:.2%}"
             bar.update(bar_task, advance=1, stats=f"{stats}  lr {optimizer.param_groups[0]['lr']:.2e}")
         if checkpointing.every_steps and at.global_step % checkpointing.every_steps == 0 \
