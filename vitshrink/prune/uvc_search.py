@@ -54,7 +54,7 @@ from vitshrink.errors import UserError
 from vitshrink.prune.decisions import Decisions
 from vitshrink.prune.importance import block_groups, next_norm, norm_scale, removal_sets
 from vitshrink.prune.plan import Plan
-from vitshrink.prune.resource import ResourceModel, check_flops_target
+from vitshrink.prune.resource import ResourceModel, check_flops_target, check_target
 from vitshrink.prune.surgery import check_sliceable, slice_vit
 from vitshrink.prune.uvc_objective import SEARCH_OBJECTIVES, OfficialLoss, kd_search_loss
 
@@ -66,6 +66,8 @@ class UVCConfig:
     """Search settings (defaults and their sources: recipes/uvc.yaml; ``for_objective`` fills the rest)."""
 
     flops_target: float = 0.5
+    latency_target: float | None = None  # ratio of the teacher's predicted latency (search_uvc's ``resource``)
+    dim_multiple: int = 1  # every pruned head dim and MLP width a multiple of this (hardware-friendly widths)
     steps: int = 300
     objective: str = "kd"  # "official" (DeiT soft loss + mixup CE, as VITA-Group/UVC) or "kd" (T^2 KL only)
     lr: float = 1e-4  # weight step (AdamW) during the search
@@ -232,18 +234,15 @@ class _Search:
         self.objective = OfficialLoss(int(teacher.num_classes), alpha=config.alpha, tau=config.tau) \
             if config.objective == "official" else None
         self.scales = [norm_scale(self.blocks)] * self.depth
-        self.attn_unit = float(resource.attn_unit) / resource.total
-        self.mlp_unit = float(resource.mlp_unit) / resource.total
         self.full = torch.tensor([[d.num_heads, d.head_dim, d.mlp_hidden] for d in dims], dtype=torch.float32,
                                  device=device)
-        self.fixed = resource.fixed / resource.total
 
     def ratio(self, frac: torch.Tensor, keep_prob: torch.Tensor) -> torch.Tensor:
         """Differentiable R of the current fractions and keep probabilities (straight-through ceil)."""
         counts = _ste_ceil(frac * self.ub) if self.config.within else torch.zeros_like(frac)
         h, d, m = (self.full - counts).unbind(1)
-        per_block = h * d * self.attn_unit + m * self.mlp_unit
-        return self.fixed + (keep_prob * per_block).sum()
+        per_block = self.resource.block(h, d, m) / self.resource.total
+        return self.resource.fixed / self.resource.total + (keep_prob * per_block).sum()
 
     def step(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> dict[str, float]:
         """One primal-dual step; returns the history record.
@@ -384,7 +383,8 @@ class _Search:
         self.model.eval()
         margin = (self.gates[:, 1] - self.gates[:, 0]).detach().cpu().tolist()
         kept = [m >= 0 for m in margin] if config.skip else [True] * self.depth
-        state = Decisions(self.model, self.resource, self.scales, kept, self.counts().tolist(), margin)
+        state = Decisions(self.model, self.resource, self.scales, kept, self.counts().tolist(), margin,
+                          config.dim_multiple)
         search_resource = state.ratio()
         adjusted = state.adjust(self.target, config.tolerance, within=config.within, skip=config.skip)
         plan = state.plan()
@@ -404,20 +404,23 @@ def sliced_student(teacher: nn.Module, result: SearchResult, *, restore: bool = 
 
 def search_uvc(teacher: nn.Module, train_loader: Iterable | Callable[[], Iterable], config: UVCConfig, *,
                device: str | torch.device = "cpu", log: Callable[[str], None] | None = None,
-               progress=None) -> SearchResult:
+               progress=None, resource: ResourceModel | None = None) -> SearchResult:
     """Run UVC's primal-dual search on a copy of ``teacher``; return the plan (``teacher`` is not modified).
 
     ``train_loader`` yields ``(images, targets, n_skipped)`` batches (``vitshrink.data.make_loader``), or is a
-    callable returning a fresh such iterable per pass. Raises ``UserError`` for a target outside (0, 1) or
-    below what the allowed pruning can reach.
+    callable returning a fresh such iterable per pass. ``resource`` is what the budget counts: the teacher's
+    MACs (default, ``config.flops_target``) or a fitted ``LatencyModel`` (``config.latency_target``). Raises
+    ``UserError`` for a target outside (0, 1) or below what the allowed pruning can reach.
     """
     check_sliceable(teacher)
     if not config.skip and not config.within:
         raise UserError("--no-skip and --skip-only together leave nothing to prune")
     if config.objective not in SEARCH_OBJECTIVES:
         raise UserError(f"search_objective must be one of {sorted(SEARCH_OBJECTIVES)}, got {config.objective!r}")
-    resource = ResourceModel(teacher)
-    target = check_flops_target(config.flops_target, resource, skip=config.skip, within=config.within)
+    resource = resource or ResourceModel(teacher)
+    target = check_target(config.latency_target if resource.kind == "latency" else config.flops_target, resource,
+                          skip=config.skip, within=config.within, dim_multiple=config.dim_multiple,
+                          flag=resource.flag, what=resource.kind if resource.kind == "latency" else "FLOPs")
     device = torch.device(device)
     search = _Search(teacher, config, resource, target, device)
     batches = iter(_cycle(train_loader if callable(train_loader) else (lambda: train_loader)))

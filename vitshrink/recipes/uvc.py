@@ -53,6 +53,7 @@ def uvc_config(cfg: dict[str, Any]) -> UVCConfig:
         y_lr=float(cfg["y_lr"]), kd_weight=float(cfg["search_kd_weight"]), temperature=float(cfg["temperature"]),
         skip=not cfg.get("no_skip", False), within=not cfg.get("skip_only", False),
         head_dims=bool(cfg.get("prune_head_dims", True)), tolerance=float(cfg["flops_tolerance"]),
+        dim_multiple=int(cfg.get("dim_multiple") or 1),
         clip_grad=float(cfg.get("clip_grad") or 1.0),
     )
 
@@ -83,7 +84,7 @@ class UVC(Recipe):
         if method == "magnitude":
             if not config.within:
                 raise UserError("pruning_plan magnitude prunes within blocks; it cannot be combined with --skip-only")
-            plan = magnitude_plan(student, config.flops_target, config.tolerance)
+            plan = magnitude_plan(student, config.flops_target, config.tolerance, dim_multiple=config.dim_multiple)
             sliced, summary = slice_vit(student, plan).to(ctx.device), {"adjusted": False}
         else:
             loader = ctx.train_loader(student, batch_size=int(ctx.cfg["search_batch_size"]))
@@ -99,7 +100,8 @@ class UVC(Recipe):
                 ctx.log(f"warning: {summary['warning']}")
         measured = count_flops(sliced).macs / count_flops(teacher).macs
         self._check_band(measured, config, ctx, summary, method)
-        summary = {"flops_target": config.flops_target, "flops_ratio": measured, "pruning_plan": method, **summary,
+        summary = {"flops_target": config.flops_target, "flops_ratio": measured, "pruning_plan": method,
+                   "dim_multiple": config.dim_multiple, **summary,
                    "plan": plan_to_json(plan), "ablation": {"no_skip": not config.skip,
                                                             "skip_only": not config.within}}
         record = record_of(sliced)
