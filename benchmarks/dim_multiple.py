@@ -1,7 +1,9 @@
 """Does ``--dim-multiple M`` buy latency at equal FLOPs? (issue 14, item 1)
 
-Slices TEACHER to ``--target`` counted FLOPs with the one-shot magnitude plan (``vitshrink.prune.decisions``; no
-training: latency depends on the shapes only) for each M, exports each student as ``distill`` ships it
+Slices TEACHER to ``--target`` counted FLOPs for each M (no training: latency depends on the shapes only) from two
+plans: ``magnitude`` (the one-shot magnitude plan of ``vitshrink.prune.decisions``) and ``search`` (the shape the
+UVC search chose at 0.5 in benchmarks/RESULTS.md: every block kept, heads narrowed from 32 to 14 dims, MLPs about
+halved, passed through the search's final decisions and greedy band adjustment with that M), exports each student as ``distill`` ships it
 (``vitshrink.export.write_onnx``) and times onnxruntime on the CPU with ``vitshrink.measure.ort_latency``. The
 machine may be shared, so the models are timed in interleaved rounds (teacher, M=1, M=8, ..., then again) and
 each figure is the median over rounds of that round's p50.
@@ -26,9 +28,23 @@ from vitshrink._atomic import atomic_write_text
 from vitshrink.export import write_onnx
 from vitshrink.io import load_model
 from vitshrink.measure import count_flops, ort_latency, ort_session
-from vitshrink.prune.decisions import magnitude_plan
+from vitshrink.prune.decisions import Decisions, magnitude_plan
+from vitshrink.prune.importance import norm_scale
+from vitshrink.prune.resource import ResourceModel
 from vitshrink.prune.plan import block_dims
 from vitshrink.prune.surgery import slice_vit
+
+
+def search_shaped_plan(teacher, target: float, multiple: int, head_dim: int = 14, mlp_fraction: float = 0.5):
+    """The search's decisions (every block, all heads, ``head_dim`` dims, ``mlp_fraction`` of the MLP), rounded to
+    the M grid and moved into the band by the same greedy that finishes UVC's search."""
+    resource = ResourceModel(teacher)
+    depth = len(resource.dims)
+    counts = [[0, d.head_dim - head_dim, d.mlp_hidden - int(mlp_fraction * d.mlp_hidden)] for d in resource.dims]
+    state = Decisions(teacher, resource, [norm_scale(list(teacher.blocks))] * depth, [True] * depth, counts,
+                      [1.0] * depth, multiple)
+    state.adjust(target, 0.02, within=True, skip=False)
+    return state.plan()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("teacher")
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--multiples", default="1,8,16")
+    parser.add_argument("--plans", default="search,magnitude")
     parser.add_argument("--batch-sizes", default="1,32")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
@@ -49,17 +66,22 @@ def main(argv: list[str] | None = None) -> int:
     teacher_macs = count_flops(teacher).macs
     models = {"teacher": teacher}
     rows = {"teacher": {"name": "teacher", "flops_ratio": 1.0}}
-    for m in (int(v) for v in args.multiples.split(",")):
-        sliced = slice_vit(teacher, magnitude_plan(teacher, args.target, 0.02, dim_multiple=m))
-        models[f"M={m}"] = sliced
-        rows[f"M={m}"] = {"name": f"M={m}", "dim_multiple": m, "flops_ratio": count_flops(sliced).macs / teacher_macs,
+    for source in args.plans.split(","):
+        for m in (int(v) for v in args.multiples.split(",")):
+            plan = (search_shaped_plan(teacher, args.target, m) if source == "search" else
+                    magnitude_plan(teacher, args.target, 0.02, dim_multiple=m))
+            sliced = slice_vit(teacher, plan)
+            name = f"{source} M={m}"
+            models[name] = sliced
+            rows[name] = {"name": name, "plan": source, "dim_multiple": m,
+                          "flops_ratio": count_flops(sliced).macs / teacher_macs,
                           "widths": [[d.num_heads, d.head_dim, d.mlp_hidden] for d in block_dims(sliced)]}
     batches = [int(b) for b in args.batch_sizes.split(",")]
     samples = {name: {b: [] for b in batches} for name in models}
     with tempfile.TemporaryDirectory(prefix="vitshrink-dim-") as tmp:
         sessions = {}
         for name, model in models.items():
-            path = Path(tmp) / f"{name.replace('=', '')}.onnx"
+            path = Path(tmp) / f"{name.replace('=', '').replace(' ', '_')}.onnx"
             write_onnx(model, path, input_size=input_size)
             sessions[name] = ort_session(path, threads=args.threads)
         for r in range(args.rounds):
@@ -80,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               "rows": list(rows.values())}
     atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
     for row in rows.values():
-        print(f"{row['name']:8s} FLOPs {row['flops_ratio']:.4f}  " + "  ".join(
+        print(f"{row['name']:16s} FLOPs {row['flops_ratio']:.4f}  " + "  ".join(
             f"b{b}: {row['p50_ms'][str(b)]:.3f} ms ({row['latency_ratio'][str(b)]:.3f}x)" for b in batches))
     return 0
 

@@ -74,6 +74,7 @@ def write_run_report(run: Run, labelled: LabelledData, trained: TrainResult, onn
         teacher=model_entry(measured["teacher_top1"], measured["teacher_bench"], sizes),
         student=model_entry(measured["student_top1"], measured["student_bench"], sizes),
         warnings=run.recipe.report_notes(run.out_dir), notes=data_notes(labelled))
+    report.update(run.recipe.report_fields(run.out_dir))  # e.g. uvc: top-1 after pruning, latency target
     if labelled.synthetic is not None:
         report["data_free"] = {"real_training_images": 0, "accuracy_measured": labelled.val is not None,
                                **labelled.synthetic}

@@ -72,6 +72,8 @@ class RecipeContext:
     log: Callable[[str], None] = field(default=print)
     teachers: dict[str, nn.Module] = field(default_factory=dict)  # role -> frozen teacher model
     seed: int = 0
+    # evaluate(model) -> validation top-1 (None: no validation split); e.g. a pruned student before fine-tuning.
+    evaluate: Callable[[nn.Module], float | None] | None = None
 
 
 class Recipe:
@@ -84,6 +86,10 @@ class Recipe:
     def configure(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """Fill settings whose default depends on other settings (e.g. a per-mode weight); default: as is."""
         return cfg
+
+    def check_sources(self, cfg: dict[str, Any], sources: dict[str, str]) -> None:
+        """Refuse settings that exclude each other when the user set both (``sources``: key -> the layer that set
+        it; ``base``/``preset`` are defaults); default: nothing to refuse."""
 
     def build_student(self, teacher: nn.Module, student: nn.Module | str | None, ctx: RecipeContext) -> nn.Module:
         from vitshrink.students import derive_student, resolve_student
@@ -115,6 +121,10 @@ class Recipe:
     def report_notes(self, out_dir: Path | None) -> list[str]:
         """Warnings for the report (read from the run folder, so they survive ``--resume``); default none."""
         return []
+
+    def report_fields(self, out_dir: Path | None) -> dict[str, Any]:
+        """Extra report.json sections (read from the run folder, e.g. uvc's ``pruning``); default none."""
+        return {}
 
 
 def register_recipe(name: str) -> Callable[[type[Recipe]], type[Recipe]]:

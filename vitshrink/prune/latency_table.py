@@ -1,0 +1,140 @@
+"""The per-block latency table of a ViT on one runtime and batch size (``--latency-target``, issue 14).
+
+Probe models are sliced from the teacher itself (``vitshrink.prune.surgery``): no block (the fixed costs: patch
+embedding, final norm, head), one block at each setting of a small grid of (heads, head dim, MLP width), and
+the teacher; each is timed on the runtime (``ort-cpu``: onnxruntime's CPU provider on an ONNX export;
+``torch-cuda``: the torch model on CUDA) in interleaved rounds (``vitshrink.measure.interleaved_p50``). The
+table is what ``vitshrink.prune.latency_fit`` fits. ONNX probes are written by the TorchScript exporter (a
+tenth of a second each, where the dynamo exporter that ships ``student.onnx`` takes seconds); the student and
+teacher measured after slicing use the shipped exporter, so the report shows how far the two agree.
+"""
+from __future__ import annotations
+
+import datetime
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from vitshrink.errors import UserError
+from vitshrink.prune.plan import BlockDims, BlockKeep, block_dims
+
+__all__ = ["LATENCY_RUNTIMES", "check_latency_runtime", "probe_grid", "measure_latency_table", "time_models"]
+
+LATENCY_RUNTIMES = ("ort-cpu", "torch-cuda")
+
+
+def check_latency_runtime(runtime: Any) -> str:
+    """``runtime`` if it is one of ``LATENCY_RUNTIMES`` and usable here, else ``UserError`` (one line)."""
+    if runtime not in LATENCY_RUNTIMES:
+        raise UserError(f"--latency-runtime must be one of {', '.join(LATENCY_RUNTIMES)}, got {runtime!r}")
+    if runtime == "torch-cuda" and not torch.cuda.is_available():
+        raise UserError("--latency-runtime torch-cuda: no CUDA device is available on this machine; "
+                        "use --latency-runtime ort-cpu")
+    return str(runtime)
+
+
+def probe_grid(d: BlockDims, dim_multiple: int = 1) -> list[tuple[int, int, int]]:
+    """Single-block settings to time: heads {H, H/2} x head dim {hd, hd/2} x MLP {m, m/2, m/4} (halves rounded
+    to ``dim_multiple``), i.e. 12 settings for a usual block. Varying heads and head dim apart separates the
+    per-head cost from the attention MACs."""
+    def smaller(full: int, div: int) -> int:
+        step = max(1, dim_multiple)
+        return max(min(full, step), (full // div) // step * step)
+
+    heads = sorted({d.num_heads, max(1, d.num_heads // 2)}, reverse=True)
+    head_dims = sorted({d.head_dim, smaller(d.head_dim, 2)}, reverse=True)
+    mlps = sorted({d.mlp_hidden, smaller(d.mlp_hidden, 2), smaller(d.mlp_hidden, 4)}, reverse=True)
+    return [(h, hd, m) for h in heads for hd in head_dims for m in mlps]
+
+
+def _probe(teacher: nn.Module, blocks: list[tuple[int, int, int]]) -> nn.Module:
+    """A model sliced from ``teacher``: its first ``len(blocks)`` blocks at those (heads, head dim, MLP) widths."""
+    from vitshrink.prune.surgery import slice_vit
+
+    plan = [BlockKeep(heads=list(range(h)), mlp=list(range(m)), head_dims=[list(range(hd))] * h)
+            if i < len(blocks) else None for i, (h, hd, m) in enumerate(blocks + [(0, 0, 0)] * len(teacher.blocks))]
+    return slice_vit(teacher, plan[:len(teacher.blocks)]).eval()
+
+
+def _ort_call(model: nn.Module, folder: Path, name: str, batch_size: int, threads: int | None,
+              exporter: str) -> Callable[[], Any]:
+    import numpy as np
+
+    from vitshrink.export import INPUT_NAME, write_onnx
+    from vitshrink.runtime import ort_session, resolve_input_size
+
+    size = resolve_input_size(model, None)
+    path = folder / f"{name}.onnx"
+    if exporter == "torchscript":
+        from vitshrink.export import _Logits
+
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Logits(model), (torch.randn(2, *size),), str(path), dynamo=False,
+                              input_names=[INPUT_NAME], output_names=["logits"],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}}, opset_version=17)
+    else:
+        write_onnx(model, path, input_size=size)
+    session = ort_session(path, threads=threads, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch_size, *size),
+                                                                                    dtype=np.float32)}
+    return lambda: session.run(None, feed)
+
+
+def time_models(models: dict[str, nn.Module], runtime: str, batch_size: int, *, rounds: int = 3,
+                min_time_s: float = 0.1, threads: int | None = None, exporter: str = "dynamo") -> dict[str, dict]:
+    """Median p50 (ms) of each model on ``runtime`` at ``batch_size``, interleaved rounds."""
+    from vitshrink.measure import interleaved_p50
+    from vitshrink.runtime import resolve_input_size
+
+    check_latency_runtime(runtime)
+    if runtime == "torch-cuda":
+        calls = {}
+        for name, model in models.items():
+            model = model.to("cuda").eval()
+            x = torch.randn(batch_size, *resolve_input_size(model, None), device="cuda")
+            calls[name] = (lambda m=model, x=x: _no_grad_call(m, x))
+        return interleaved_p50(calls, batch_size, rounds=rounds, min_time_s=min_time_s, sync=torch.cuda.synchronize)
+    with tempfile.TemporaryDirectory(prefix="vitshrink-latency-") as tmp:
+        calls = {name: _ort_call(model.cpu(), Path(tmp), name, batch_size, threads, exporter)
+                 for name, model in models.items()}
+        return interleaved_p50(calls, batch_size, rounds=rounds, min_time_s=min_time_s)
+
+
+def _no_grad_call(model: nn.Module, x: torch.Tensor):
+    with torch.inference_mode():
+        return model(x)
+
+
+def measure_latency_table(teacher: nn.Module, runtime: str, batch_size: int, *, dim_multiple: int = 1,
+                          rounds: int = 3, min_time_s: float = 0.1, threads: int | None = None,
+                          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The table: one row per probe model, ``{"name", "blocks": [[h, d, m], ...], "ms", "rounds_ms"}``.
+
+    Rows: ``fixed`` (no block), ``block h{H}_d{hd}_m{m}`` (one block at each ``probe_grid`` setting of the
+    teacher's first block) and ``teacher``. ``per_block_ms`` = row - fixed for the single-block rows.
+    """
+    dims = block_dims(teacher)
+    grid = probe_grid(dims[0], dim_multiple)
+    shapes: dict[str, list[tuple[int, int, int]]] = {"fixed": []}
+    shapes.update({f"block_h{h}_d{hd}_m{m}": [(h, hd, m)] for h, hd, m in grid})
+    shapes["teacher"] = [(d.num_heads, d.head_dim, d.mlp_hidden) for d in dims]
+    models = {name: (teacher if name == "teacher" else _probe(teacher, blocks)) for name, blocks in shapes.items()}
+    if log is not None:
+        log(f"latency table: timing {len(models)} probe models on {runtime}, batch {batch_size}, {rounds} rounds")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    timed = time_models(models, runtime, batch_size, rounds=rounds, min_time_s=min_time_s, threads=threads,
+                        exporter="torchscript")
+    seconds = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+    fixed = timed["fixed"]["p50_ms"]
+    rows = [{"name": name, "blocks": [list(b) for b in shapes[name]], "ms": timed[name]["p50_ms"],
+             "rounds_ms": timed[name]["rounds_ms"],
+             **({"per_block_ms": timed[name]["p50_ms"] - fixed} if len(shapes[name]) == 1 else {})}
+            for name in shapes]
+    return {"runtime": runtime, "batch_size": int(batch_size), "threads": threads, "rounds": rounds,
+            "exporter": "torchscript" if runtime == "ort-cpu" else None, "seconds": seconds,
+            "date": started.isoformat(timespec="seconds"), "rows": rows}

@@ -1,0 +1,69 @@
+"""``--latency-target``: the stage before UVC's search (measure the latency table on the chosen runtime and batch,
+fit the latency model, write ``latency_table.json``) and the one after slicing (time the real student and teacher
+on the same runtime and batch: target vs predicted vs measured)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from vitshrink._atomic import atomic_write_text
+from vitshrink.errors import UserError
+from vitshrink.prune.latency_fit import LatencyModel, fit_latency
+from vitshrink.prune.latency_table import check_latency_runtime, measure_latency_table, time_models
+from vitshrink.prune.plan import Plan
+from vitshrink.prune.resource import ResourceModel
+
+__all__ = ["latency_resource", "measured_latency", "MEASURED_OFF_TARGET"]
+
+# |measured latency ratio - target| above which the report warns (issue 14's bar: within +-0.05 of the target).
+MEASURED_OFF_TARGET = 0.05
+
+
+def latency_resource(teacher: nn.Module, *, runtime: str, batch_size: int, dim_multiple: int = 1,
+                     out_dir: Path | None = None, log: Callable[[str], None] = print, rounds: int = 3,
+                     world_size: int = 1) -> LatencyModel:
+    """Measure the table, fit the model, write ``out_dir/latency_table.json`` (table + fit + its error)."""
+    check_latency_runtime(runtime)
+    if world_size > 1:
+        raise UserError("--latency-target: the latency table is measured by one process; run the search without "
+                        "torchrun (or prune first and post-train on several processes)")
+    flops = ResourceModel(teacher)
+    table = measure_latency_table(teacher, runtime, batch_size, dim_multiple=dim_multiple, rounds=rounds, log=log)
+    fit = fit_latency(table["rows"], flops.attn_unit, flops.mlp_unit)
+    model = LatencyModel(teacher, fit)
+    for row in table["rows"]:
+        row["predicted_ms"] = fit.predict(row["blocks"])
+    table["fit"] = {**fit.as_dict(), "model": "ms = fixed + sum over kept blocks (blocks + attn_mmacs * MMACs of "
+                    "qkv/QK^T/AV/proj + mlp_mmacs * MMACs of fc1/fc2 + heads * heads)",
+                    "teacher_predicted_ms": model.total}
+    log(f"latency table: {len(table['rows'])} models in {table['seconds']:.1f} s; fit error max "
+        f"{fit.errors['max_rel_error']:.1%}, mean {fit.errors['mean_rel_error']:.1%}")
+    if out_dir is not None:
+        atomic_write_text(Path(out_dir) / "latency_table.json", json.dumps(table, indent=2) + "\n")
+    return model
+
+
+def measured_latency(teacher: nn.Module, student: nn.Module, resource: LatencyModel, plan: Plan, *, target: float,
+                     runtime: str, batch_size: int, log: Callable[[str], None] = print,
+                     rounds: int = 3) -> dict[str, Any]:
+    """Target vs predicted (the fitted model) vs measured (student and teacher timed as shipped, interleaved)."""
+    predicted = resource.plan_ratio(plan)
+    timed = time_models({"teacher": teacher, "student": student}, runtime, batch_size, rounds=rounds,
+                        min_time_s=0.2, exporter="dynamo")
+    teacher_ms, student_ms = timed["teacher"]["p50_ms"], timed["student"]["p50_ms"]
+    measured = student_ms / teacher_ms
+    result = {"target": target, "runtime": runtime, "batch_size": int(batch_size), "predicted_ratio": predicted,
+              "measured_ratio": measured, "teacher_ms": teacher_ms, "student_ms": student_ms,
+              "predicted_teacher_ms": resource.total, "predicted_student_ms": predicted * resource.total,
+              "fit_max_rel_error": resource.fit.errors.get("max_rel_error"),
+              "fit_mean_rel_error": resource.fit.errors.get("mean_rel_error")}
+    log(f"UVC latency: target {target:g}, predicted {predicted:.3f}, measured {measured:.3f} ({runtime}, batch "
+        f"{batch_size}: student {student_ms:.3f} ms, teacher {teacher_ms:.3f} ms)")
+    if abs(measured - target) > MEASURED_OFF_TARGET:
+        result["warning"] = (f"the sliced student runs at {measured:.3f} of the teacher's latency on {runtime} "
+                             f"(batch {batch_size}), {abs(measured - target):.3f} from --latency-target {target:g} "
+                             f"(predicted {predicted:.3f}); on a busy machine repeat the run, or adjust the target")
+    return result
