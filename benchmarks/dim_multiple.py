@@ -6,7 +6,8 @@ UVC search chose at 0.5 in benchmarks/RESULTS.md: every block kept, heads narrow
 halved, passed through the search's final decisions and greedy band adjustment with that M), exports each student as ``distill`` ships it
 (``vitshrink.export.write_onnx``) and times onnxruntime on the CPU with ``vitshrink.measure.ort_latency``. The
 machine may be shared, so the models are timed in interleaved rounds (teacher, M=1, M=8, ..., then again) and
-each figure is the median over rounds of that round's p50.
+each figure is the median over rounds of that round's p50; ``paired_ratio`` is the median over rounds of
+student / teacher within the same round.
 
     python benchmarks/dim_multiple.py vitshrink/assets/teacher_vit_cifar10.safetensors --multiples 1,8,16 \\
         --rounds 7 --threads 2 --json benchmarks/dim_multiple.json
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         row["rounds_ms"] = {str(b): samples[name][b] for b in batches}
         row["latency_ratio"] = {str(b): row["p50_ms"][str(b)] / statistics.median(samples["teacher"][b])
                                 for b in batches}
+        # Paired: each round's student / that round's teacher (same load), median over rounds.
+        row["paired_ratio"] = {str(b): statistics.median(x / t for x, t in zip(samples[name][b], samples["teacher"][b]))
+                               for b in batches}
     record = {"command": " ".join([sys.executable, *sys.argv]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -103,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
     for row in rows.values():
         print(f"{row['name']:16s} FLOPs {row['flops_ratio']:.4f}  " + "  ".join(
-            f"b{b}: {row['p50_ms'][str(b)]:.3f} ms ({row['latency_ratio'][str(b)]:.3f}x)" for b in batches))
+            f"b{b}: {row['p50_ms'][str(b)]:.3f} ms ({row['latency_ratio'][str(b)]:.3f}x, paired "
+            f"{row['paired_ratio'][str(b)]:.3f}x)" for b in batches))
     return 0
 
 

@@ -1,6 +1,7 @@
 """``--latency-target``: the stage before UVC's search (measure the latency table on the chosen runtime and batch,
-fit the latency model, write ``latency_table.json``) and the one after slicing (time the real student and teacher
-on the same runtime and batch: target vs predicted vs measured)."""
+fit the latency model, write ``latency_table.json``), the correction after it (time the sliced student; if it
+misses the target, move the greedy's band by the measured error and slice again) and the final measurement
+(the real student and teacher on the same runtime and batch: target vs predicted vs measured)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from vitshrink.prune.latency_table import check_latency_runtime, measure_latency
 from vitshrink.prune.plan import Plan
 from vitshrink.prune.resource import ResourceModel
 
-__all__ = ["latency_resource", "measured_latency", "MEASURED_OFF_TARGET"]
+__all__ = ["latency_resource", "measured_latency", "correct_with_measurements", "MEASURED_OFF_TARGET"]
 
 # |measured latency ratio - target| above which the report warns (issue 14's bar: within +-0.05 of the target).
 MEASURED_OFF_TARGET = 0.05
@@ -44,6 +45,32 @@ def latency_resource(teacher: nn.Module, *, runtime: str, batch_size: int, dim_m
     if out_dir is not None:
         atomic_write_text(Path(out_dir) / "latency_table.json", json.dumps(table, indent=2) + "\n")
     return model
+
+
+def correct_with_measurements(teacher: nn.Module, plan: Plan, decide: Callable[[float], Plan],
+                              resource: LatencyModel, *, target: float, tolerance: float, runtime: str,
+                              batch_size: int, steps: int, log: Callable[[str], None] = print
+                              ) -> tuple[Plan, float, list[dict[str, float]]]:
+    """Close the loop on the runtime: while the sliced student's measured ratio is more than ``tolerance`` from
+    ``target`` (at most ``steps`` times), scale the predicted-ratio target the greedy aims at by
+    ``target / measured`` and re-decide. The fit's error is shape-dependent (odd widths run slower than their
+    MACs), so one measured correction removes most of it. Returns the plan, the last goal and the history."""
+    from vitshrink.prune.surgery import slice_vit
+
+    goal, history = target, []
+    floor = resource.min_ratio(skip=True, within=True)
+    for _ in range(max(0, steps)):
+        timed = time_models({"teacher": teacher, "student": slice_vit(teacher, plan)}, runtime, batch_size,
+                            rounds=3, min_time_s=0.1, min_iters=2, exporter="torchscript")
+        measured = timed["student"]["p50_ms"] / timed["teacher"]["p50_ms"]
+        history.append({"goal": goal, "predicted_ratio": resource.plan_ratio(plan), "measured_ratio": measured})
+        if abs(measured - target) <= tolerance:
+            break
+        goal = min(max(goal * target / measured, floor + tolerance), 1.0)
+        log(f"UVC latency: measured {measured:.3f} for target {target:g}; the greedy now aims at a predicted "
+            f"{goal:.3f}")
+        plan = decide(goal)
+    return plan, goal, history
 
 
 def measured_latency(teacher: nn.Module, student: nn.Module, resource: LatencyModel, plan: Plan, *, target: float,

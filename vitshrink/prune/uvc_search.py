@@ -11,7 +11,8 @@ github.com/VITA-Group/UVC, ``uvc_utils.py`` / ``uvc_optimizer.py``), re-derived 
   straight-through ``ceil`` (UVC's ``ste_ceil``).
 * Budget: ``R = MACs(pruned) / MACs(full)`` with the attention-counting model of ``vitshrink.measure``
   (qkv, Q@K^T, attn@V, proj, fc1, fc2 per block; embedding and head fixed), so the search's R is the
-  counter's R for the sliced model. Constraint ``R <= B`` (``flops_target``).
+  counter's R for the sliced model. Constraint ``R <= B`` (``flops_target``). With ``latency_target``, R is the
+  predicted latency ratio of a fitted ``vitshrink.prune.latency_fit.LatencyModel`` (same interface) instead.
 * Search loss (``search_objective``, see ``vitshrink.prune.uvc_objective``): ``official`` is UVC's DeiT soft
   loss (alpha 0.1, KL summed / numel, T = 1) plus label-smoothed CE on mixup/cutmix batches, after a warm-up
   that trains the weights with every gate fixed at 0.5; ``kd`` is pure ``T^2 KL`` at T = 4 from the start.
@@ -24,6 +25,7 @@ github.com/VITA-Group/UVC, ``uvc_utils.py`` / ``uvc_optimizer.py``), re-derived 
 * Then hard decisions and, if the rounded decisions miss the band ``B - tol <= R <= B``, a deterministic
   greedy adjustment (remove the unit with the smallest norm per MAC saved, or add back the largest that
   fits) so that the sliced model lands in the band. ``SearchResult.adjusted`` says whether that happened.
+  With ``dim_multiple`` M the decisions are rounded to, and the greedy moves along, widths that are multiples of M.
   ``sliced_student(restore=True)`` slices the teacher's own weights with the plan.
 
 Differences from the official code, and why (the full table: docs/FIDELITY.md): the dual z is two-sided
@@ -119,6 +121,14 @@ class SearchResult:
     adjusted: bool  # True if the greedy adjustment changed the search's decisions
     model: nn.Module  # the searched (fine-tuned, proximally shrunk) copy of the teacher, same shape
     history: list[dict[str, float]] = field(default_factory=list)
+    decisions: Decisions | None = None  # the final decisions; ``redecide`` moves them to another band
+
+    def redecide(self, target: float, tolerance: float, *, within: bool = True, skip: bool = True) -> Plan:
+        """Move the final decisions into ``[target - tolerance, target]`` (same greedy) and take that plan."""
+        self.decisions.adjust(target, tolerance, within=within, skip=skip)
+        self.plan = self.decisions.plan()
+        self.resource = self.decisions.resource.plan_ratio(self.plan)
+        return self.plan
 
     def summary(self) -> dict[str, Any]:
         kept = [k for k in self.plan if k is not None]
@@ -389,7 +399,7 @@ class _Search:
         adjusted = state.adjust(self.target, config.tolerance, within=config.within, skip=config.skip)
         plan = state.plan()
         return SearchResult(plan=plan, resource=self.resource.plan_ratio(plan), search_resource=search_resource,
-                            adjusted=adjusted, model=self.model)
+                            adjusted=adjusted, model=self.model, decisions=state)
 
 
 def sliced_student(teacher: nn.Module, result: SearchResult, *, restore: bool = True) -> nn.Module:

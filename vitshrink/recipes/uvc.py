@@ -23,7 +23,7 @@ from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
 from vitshrink.prune.surgery import check_sliceable, plan_to_json, slice_vit
 from vitshrink.prune.uvc_objective import OfficialLoss
 from vitshrink.prune.latency_table import check_latency_runtime
-from vitshrink.prune.latency_target import latency_resource, measured_latency
+from vitshrink.prune.latency_target import correct_with_measurements, latency_resource, measured_latency
 from vitshrink.prune.uvc_search import ResourceModel, UVCConfig, check_flops_target, search_uvc, sliced_student
 
 # |R of the search's own decisions - target| above which the report says the search ended far from its target.
@@ -94,10 +94,10 @@ class UVC(Recipe):
         method = str(ctx.cfg.get("pruning_plan") or "search")
         if method not in ("search", "magnitude"):
             raise UserError(f"pruning_plan must be 'search' or 'magnitude', got {method!r}")
-        runtime, batch = ctx.cfg.get("latency_runtime"), int(ctx.cfg.get("latency_batch") or 1)
         resource = None if config.latency_target is None else latency_resource(
-            student, runtime=runtime, batch_size=batch, dim_multiple=config.dim_multiple,
-            out_dir=ctx.out_dir if ctx.rank == 0 else None, log=ctx.log, world_size=ctx.world_size)
+            student, runtime=ctx.cfg.get("latency_runtime"), batch_size=int(ctx.cfg.get("latency_batch") or 1),
+            dim_multiple=config.dim_multiple, out_dir=ctx.out_dir if ctx.rank == 0 else None, log=ctx.log,
+            world_size=ctx.world_size)
         target = config.flops_target if resource is None else config.latency_target
         if method == "magnitude":
             if not config.within:
@@ -121,9 +121,11 @@ class UVC(Recipe):
         if resource is None:
             self._check_band(measured, config, ctx, summary, method)
         else:
-            self._check_latency_band(resource.plan_ratio(plan), config, ctx)
-            summary["latency"] = measured_latency(teacher, sliced, resource, plan, target=target, runtime=runtime,
-                                                  batch_size=batch, log=ctx.log)
+            search = result if method == "search" else None
+            plan, sliced, summary["latency"] = self._latency_stage(teacher, student, plan, resource, ctx, config,
+                                                                   search)
+            summary.update(search.summary() if search is not None else {})  # the corrected plan's counts
+            measured = count_flops(sliced).macs / count_flops(teacher).macs
         summary = {"flops_target": None if resource is not None else config.flops_target, "flops_ratio": measured,
                    "pruning_plan": method, "dim_multiple": config.dim_multiple, **summary,
                    "plan": plan_to_json(plan), "ablation": {"no_skip": not config.skip,
@@ -151,6 +153,26 @@ class UVC(Recipe):
                 raise UserError(f"--flops-target {config.flops_target:g} is unreachable for this model: the nearest "
                                 f"sliced model has {measured:.3f} of the teacher's FLOPs")
             ctx.log(f"note: --skip-only removes whole blocks only; {measured:.3f} is the closest under the target")
+
+    def _latency_stage(self, teacher, student, plan, resource, ctx: RecipeContext, config: UVCConfig, result):
+        """Band check on the prediction, ``latency_corrections`` measured corrections (``prune.latency_target``),
+        the final measurement; returns the plan, the sliced student and report.json's ``latency`` record."""
+        self._check_latency_band(resource.plan_ratio(plan), config, ctx)
+        restore = bool(ctx.cfg.get("restore_kept", True))
+        runtime, batch = ctx.cfg.get("latency_runtime"), int(ctx.cfg.get("latency_batch") or 1)
+
+        def decide(goal: float):
+            if result is not None:
+                return result.redecide(goal, config.tolerance, within=config.within, skip=config.skip)
+            return magnitude_plan(student, goal, config.tolerance, resource, dim_multiple=config.dim_multiple)
+
+        plan, goal, history = correct_with_measurements(
+            teacher, plan, decide, resource, target=config.latency_target, tolerance=config.tolerance,
+            runtime=runtime, batch_size=batch, steps=int(ctx.cfg.get("latency_corrections") or 0), log=ctx.log)
+        sliced = slice_vit(student if (result is None or restore) else result.model, plan).to(ctx.device)
+        latency = measured_latency(teacher, sliced, resource, plan, target=config.latency_target, runtime=runtime,
+                                   batch_size=batch, log=ctx.log)
+        return plan, sliced, {**latency, "predicted_goal": goal, "corrections": history}
 
     @staticmethod
     def _check_latency_band(predicted: float, config: UVCConfig, ctx: RecipeContext) -> None:
