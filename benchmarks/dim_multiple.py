@@ -3,8 +3,8 @@
 Slices TEACHER to ``--target`` counted FLOPs for each M (no training: latency depends on the shapes only) from two
 plans: ``magnitude`` (the one-shot magnitude plan of ``vitshrink.prune.decisions``) and ``search`` (the shape the
 UVC search chose at 0.5 in benchmarks/RESULTS.md: every block kept, heads narrowed from 32 to 14 dims, MLPs about
-halved, passed through the search's final decisions and greedy band adjustment with that M), exports each student as ``distill`` ships it
-(``vitshrink.export.write_onnx``) and times onnxruntime on the CPU with ``vitshrink.measure.ort_latency``. The
+halved, passed through the search's final decisions and greedy band adjustment with that M), exports each student
+as ``distill`` ships it (``vitshrink.export.write_onnx``) and times onnxruntime on the CPU with ``vitshrink.measure.ort_latency``. The
 machine may be shared, so the models are timed in interleaved rounds (teacher, M=1, M=8, ..., then again) and
 each figure is the median over rounds of that round's p50; ``paired_ratio`` is the median over rounds of
 student / teacher within the same round.

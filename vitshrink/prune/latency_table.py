@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,21 +67,12 @@ def _ort_call(model: nn.Module, folder: Path, name: str, batch_size: int, thread
               exporter: str) -> Callable[[], Any]:
     import numpy as np
 
-    from vitshrink.export import INPUT_NAME, write_onnx
+    from vitshrink.export import write_onnx
     from vitshrink.runtime import ort_session, resolve_input_size
 
     size = resolve_input_size(model, None)
     path = folder / f"{name}.onnx"
-    if exporter == "torchscript":
-        from vitshrink.export import _Logits
-
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_Logits(model), (torch.randn(2, *size),), str(path), dynamo=False,
-                              input_names=[INPUT_NAME], output_names=["logits"],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}}, opset_version=17)
-    else:
-        write_onnx(model, path, input_size=size)
+    write_onnx(model, path, input_size=size, exporter=exporter)
     session = ort_session(path, threads=threads, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch_size, *size),
                                                                                     dtype=np.float32)}

@@ -39,6 +39,9 @@ The pipeline (``vitshrink.pipeline``) calls, in order::
   Extra trainable parts of a task (a feature projection) are checkpointed in ``last.pt``; only the student is
   saved as ``student.safetensors``. ``uses_labels = False`` marks a label-free recipe (no train accuracy).
 * ``finalize(student, cfg) -> nn.Module``: the model to export and measure (default: ``student`` in eval).
+* ``check_sources(cfg, sources)``: refuse settings the user set together that exclude each other (uvc:
+  ``--latency-target`` with ``--flops-target``); ``report_fields(out_dir)``: extra report.json sections read from
+  the run folder (uvc: ``pruning``, with the top-1 measured by ``ctx.evaluate`` right after slicing).
 
 Recipes never import each other: shared objectives live in ``vitshrink.distill.tasks``.
 """
