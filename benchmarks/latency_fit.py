@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                 return magnitude_plan(teacher, goal, 0.02, resource, dim_multiple=args.dim_multiple)
 
             plan, goal, history = correct_with_measurements(
-                teacher, decide(target), decide, resource, target=target, tolerance=0.02, runtime="ort-cpu",
-                batch_size=batch, steps=args.corrections)
+                teacher, decide(target), decide, resource, target=target, runtime="ort-cpu", batch_size=batch,
+                steps=args.corrections)
             student = slice_vit(teacher, plan)
             final = measured_latency(teacher, student, resource, plan, target=target, runtime="ort-cpu",
                                      batch_size=batch)

@@ -167,8 +167,10 @@ class UVC(Recipe):
             return magnitude_plan(student, goal, config.tolerance, resource, dim_multiple=config.dim_multiple)
 
         plan, goal, history = correct_with_measurements(
-            teacher, plan, decide, resource, target=config.latency_target, tolerance=config.tolerance,
-            runtime=runtime, batch_size=batch, steps=int(ctx.cfg.get("latency_corrections") or 0), log=ctx.log)
+            teacher, plan, decide, resource, target=config.latency_target, runtime=runtime, batch_size=batch,
+            steps=int(ctx.cfg.get("latency_corrections") or 0), log=ctx.log)
+        if result is not None:  # the kept plan may be an earlier one than the last decided
+            result.plan, result.resource = plan, resource.plan_ratio(plan)
         sliced = slice_vit(student if (result is None or restore) else result.model, plan).to(ctx.device)
         latency = measured_latency(teacher, sliced, resource, plan, target=config.latency_target, runtime=runtime,
                                    batch_size=batch, log=ctx.log)
