@@ -1,6 +1,8 @@
 """The ``--latency-target`` machinery on TEACHER without training (issue 14): the latency table and its fit
-(time to measure, max / mean relative error), then for each target the one-shot magnitude plan on the fitted model
-(no search: latency depends on the shapes only), its measured corrections, and target vs predicted vs measured.
+(time to measure, max / mean relative error), then for each target a plan decided on the fitted model without
+training (latency depends on the shapes only): the greedy that finishes UVC's search, from the full teacher, with
+block skipping allowed as in the search (``--no-skip``: widths only, the one-shot magnitude plan); its measured
+corrections, and target vs predicted vs measured.
 
     python benchmarks/latency_fit.py vitshrink/assets/teacher_vit_cifar10.safetensors --batch-sizes 32,1 \\
         --targets 0.5 --corrections 2 --json benchmarks/results/latency_fit_cpu.json
@@ -17,7 +19,8 @@ import time
 from vitshrink._atomic import atomic_write_text
 from vitshrink.io import load_model
 from vitshrink.measure import count_flops
-from vitshrink.prune.decisions import magnitude_plan
+from vitshrink.prune.decisions import Decisions
+from vitshrink.prune.importance import norm_scale
 from vitshrink.prune.latency_target import correct_with_measurements, latency_resource, measured_latency
 from vitshrink.prune.plan import block_dims
 from vitshrink.prune.surgery import slice_vit
@@ -30,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default="0.5")
     parser.add_argument("--corrections", type=int, default=2)
     parser.add_argument("--dim-multiple", type=int, default=1)
+    parser.add_argument("--no-skip", action="store_true", help="never drop whole blocks")
     parser.add_argument("--json", default="benchmarks/results/latency_fit_cpu.json")
     args = parser.parse_args(argv)
     teacher = load_model(args.teacher)
@@ -40,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         table_s = time.perf_counter() - started
         for target in (float(t) for t in args.targets.split(",")):
             def decide(goal: float):
-                return magnitude_plan(teacher, goal, 0.02, resource, dim_multiple=args.dim_multiple)
+                depth = len(resource.dims)
+                state = Decisions(teacher, resource, [norm_scale(list(teacher.blocks))] * depth, [True] * depth,
+                                  [[0, 0, 0]] * depth, [0.0] * depth, args.dim_multiple)
+                state.adjust(goal, 0.02, within=True, skip=not args.no_skip)
+                return state.plan()
 
             plan, goal, history = correct_with_measurements(
                 teacher, decide(target), decide, resource, target=target, runtime="ort-cpu", batch_size=batch,

@@ -117,7 +117,8 @@ def _pruning_lines(pruning: dict[str, Any] | None, final_top1: float | None) -> 
                   f"| student / teacher | {latency['target']:g} | {_fmt(latency['predicted_ratio'], '.3f')} | "
                   f"{_fmt(latency['measured_ratio'], '.3f')} |",
                   "", f"Measured: student {_fmt(latency['student_ms'], '.3f')} ms, teacher "
-                      f"{_fmt(latency['teacher_ms'], '.3f')} ms (median of interleaved rounds). Latency model fitted "
+                      f"{_fmt(latency['teacher_ms'], '.3f')} ms (medians of interleaved rounds; the ratio is the median "
+                      f"of per-round ratios). Latency model fitted "
                       f"to latency_table.json: max relative error {_fmt(latency.get('fit_max_rel_error'), '.1%')}, "
                       f"mean {_fmt(latency.get('fit_mean_rel_error'), '.1%')}."]
     return lines

@@ -14,6 +14,7 @@ teacher measured after slicing use the shipped exporter, so the report shows how
 from __future__ import annotations
 
 import datetime
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -107,13 +108,15 @@ def _no_grad_call(model: nn.Module, x: torch.Tensor):
 
 
 def measure_latency_table(teacher: nn.Module, runtime: str, batch_size: int, *, dim_multiple: int = 1,
-                          rounds: int = 3, min_time_s: float = 0.1, threads: int | None = None,
+                          rounds: int = 7, min_time_s: float = 0.05, threads: int | None = None,
                           log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The table: one row per probe model, ``{"name", "blocks": [[h, d, m], ...], "ms", "rounds_ms",
     "per_block_ms"}`` (``per_block_ms`` = (ms - fixed) / blocks).
 
     Rows: ``fixed`` (no block), ``all_h{h}_d{hd}_m{m}`` (every block at each ``probe_grid`` setting of the
-    teacher's first block; the full setting is the teacher) and ``half_depth`` (the first half of the blocks).
+    teacher's first block; the first one is the teacher) and ``half_depth`` (the first half of the blocks).
+    ``ms`` is paired with the teacher: the median over rounds of (row / teacher in the same round) times the
+    teacher's median, so that load that comes and goes between rounds on a shared machine cancels.
     """
     dims = block_dims(teacher)
     depth = len(dims)
@@ -124,18 +127,22 @@ def measure_latency_table(teacher: nn.Module, runtime: str, batch_size: int, *, 
                                           for d in dims]
     if depth >= 2:
         shapes["half_depth"] = full[: depth // 2]
-    models = {name: (teacher if blocks == full else _probe(teacher, blocks)) for name, blocks in shapes.items()}
+    reference = next(name for name, blocks in shapes.items() if blocks == full)
+    models = {name: (teacher if name == reference else _probe(teacher, blocks)) for name, blocks in shapes.items()}
     if log is not None:
         log(f"latency table: timing {len(models)} probe models on {runtime}, batch {batch_size}, {rounds} rounds")
     started = datetime.datetime.now(datetime.timezone.utc)
-    timed = time_models(models, runtime, batch_size, rounds=rounds, min_time_s=min_time_s, min_iters=2,
+    timed = time_models(models, runtime, batch_size, rounds=rounds, min_time_s=min_time_s, min_iters=1,
                         threads=threads, exporter="torchscript")
     seconds = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
-    fixed = timed["fixed"]["p50_ms"]
-    rows = [{"name": name, "blocks": [list(b) for b in shapes[name]], "ms": timed[name]["p50_ms"],
-             "rounds_ms": timed[name]["rounds_ms"],
-             **({"per_block_ms": (timed[name]["p50_ms"] - fixed) / len(shapes[name])} if shapes[name] else {})}
+    ref_rounds = timed[reference]["rounds_ms"]
+    ref_ms = statistics.median(ref_rounds)
+    paired = {name: ref_ms * statistics.median(r / t for r, t in zip(timed[name]["rounds_ms"], ref_rounds))
+              for name in shapes}
+    rows = [{"name": name, "blocks": [list(b) for b in shapes[name]], "ms": paired[name],
+             "unpaired_ms": timed[name]["p50_ms"], "rounds_ms": timed[name]["rounds_ms"],
+             **({"per_block_ms": (paired[name] - paired["fixed"]) / len(shapes[name])} if shapes[name] else {})}
             for name in shapes]
     return {"runtime": runtime, "batch_size": int(batch_size), "threads": threads, "rounds": rounds,
-            "exporter": "torchscript" if runtime == "ort-cpu" else None, "seconds": seconds,
-            "date": started.isoformat(timespec="seconds"), "rows": rows}
+            "reference": reference, "exporter": "torchscript" if runtime == "ort-cpu" else None,
+            "seconds": seconds, "date": started.isoformat(timespec="seconds"), "rows": rows}

@@ -17,7 +17,7 @@ from vitshrink.prune.latency_table import check_latency_runtime, measure_latency
 from vitshrink.prune.plan import Plan
 from vitshrink.prune.resource import ResourceModel
 
-__all__ = ["latency_resource", "measured_latency", "correct_with_measurements", "MEASURED_OFF_TARGET"]
+__all__ = ["latency_resource", "measured_latency", "correct_with_measurements", "paired_ratio", "MEASURED_OFF_TARGET"]
 
 # |measured latency ratio - target| above which the plan is corrected and the report warns (issue 14's bar: within
 # +-0.05 of the target).
@@ -27,7 +27,7 @@ MAX_GOAL_STEP = 0.1
 
 
 def latency_resource(teacher: nn.Module, *, runtime: str, batch_size: int, dim_multiple: int = 1,
-                     out_dir: Path | None = None, log: Callable[[str], None] = print, rounds: int = 3,
+                     out_dir: Path | None = None, log: Callable[[str], None] = print, rounds: int = 7,
                      world_size: int = 1) -> LatencyModel:
     """Measure the table, fit the model, write ``out_dir/latency_table.json`` (table + fit + its error)."""
     check_latency_runtime(runtime)
@@ -50,6 +50,13 @@ def latency_resource(teacher: nn.Module, *, runtime: str, batch_size: int, dim_m
     return model
 
 
+def paired_ratio(timed: dict[str, dict[str, Any]]) -> float:
+    """Median over rounds of student / teacher p50 within the same round (a load burst hits both alike)."""
+    import statistics
+
+    return float(statistics.median(s / t for s, t in zip(timed["student"]["rounds_ms"], timed["teacher"]["rounds_ms"])))
+
+
 def correct_with_measurements(teacher: nn.Module, plan: Plan, decide: Callable[[float], Plan],
                               resource: LatencyModel, *, target: float, runtime: str, batch_size: int, steps: int,
                               log: Callable[[str], None] = print) -> tuple[Plan, float, list[dict[str, float]]]:
@@ -65,8 +72,8 @@ def correct_with_measurements(teacher: nn.Module, plan: Plan, decide: Callable[[
         if step == 0 and steps <= 0:
             break  # no correction asked for: the fit's plan, measured once by ``measured_latency``
         timed = time_models({"teacher": teacher, "student": slice_vit(teacher, plan)}, runtime, batch_size,
-                            rounds=3, min_time_s=0.1, min_iters=2, exporter="torchscript")
-        measured = timed["student"]["p50_ms"] / timed["teacher"]["p50_ms"]
+                            rounds=5, min_time_s=0.1, min_iters=2, exporter="torchscript")
+        measured = paired_ratio(timed)
         history.append({"goal": goal, "predicted_ratio": resource.plan_ratio(plan), "measured_ratio": measured})
         tried.append((abs(measured - target), step, plan, goal))
         if abs(measured - target) <= MEASURED_OFF_TARGET or step == steps:
@@ -84,15 +91,17 @@ def correct_with_measurements(teacher: nn.Module, plan: Plan, decide: Callable[[
 
 def measured_latency(teacher: nn.Module, student: nn.Module, resource: LatencyModel, plan: Plan, *, target: float,
                      runtime: str, batch_size: int, log: Callable[[str], None] = print,
-                     rounds: int = 3) -> dict[str, Any]:
-    """Target vs predicted (the fitted model) vs measured (student and teacher timed as shipped, interleaved)."""
+                     rounds: int = 5) -> dict[str, Any]:
+    """Target vs predicted (the fitted model) vs measured (student and teacher timed as shipped, interleaved; the
+    ratio is the median over rounds of student / teacher in the same round)."""
     predicted = resource.plan_ratio(plan)
     timed = time_models({"teacher": teacher, "student": student}, runtime, batch_size, rounds=rounds,
                         min_time_s=0.2, exporter="dynamo")
     teacher_ms, student_ms = timed["teacher"]["p50_ms"], timed["student"]["p50_ms"]
-    measured = student_ms / teacher_ms
+    measured = paired_ratio(timed)
     result = {"target": target, "runtime": runtime, "batch_size": int(batch_size), "predicted_ratio": predicted,
               "measured_ratio": measured, "teacher_ms": teacher_ms, "student_ms": student_ms,
+              "teacher_rounds_ms": timed["teacher"]["rounds_ms"], "student_rounds_ms": timed["student"]["rounds_ms"],
               "predicted_teacher_ms": resource.total, "predicted_student_ms": predicted * resource.total,
               "fit_max_rel_error": resource.fit.errors.get("max_rel_error"),
               "fit_mean_rel_error": resource.fit.errors.get("mean_rel_error")}
