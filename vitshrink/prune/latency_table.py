@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import statistics
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,8 +65,18 @@ def _probe(teacher: nn.Module, blocks: list[tuple[int, int, int]]) -> nn.Module:
     return slice_vit(teacher, plan).eval()
 
 
+# model -> {(batch, threads, exporter): call}: the teacher is timed several times per run (table, corrections, final
+# measurement) and its export takes seconds; a session keeps its graph after its file is gone. Only shapes matter
+# for timing, so a model whose weights change later still times the same.
+_ORT_CALLS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def _ort_call(model: nn.Module, folder: Path, name: str, batch_size: int, threads: int | None,
               exporter: str) -> Callable[[], Any]:
+    key = (batch_size, threads, exporter)
+    cached = _ORT_CALLS.get(model, {}).get(key)
+    if cached is not None:
+        return cached
     import numpy as np
 
     from vitshrink.export import write_onnx
@@ -77,7 +88,9 @@ def _ort_call(model: nn.Module, folder: Path, name: str, batch_size: int, thread
     session = ort_session(path, threads=threads, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch_size, *size),
                                                                                     dtype=np.float32)}
-    return lambda: session.run(None, feed)
+    call = (lambda: session.run(None, feed))
+    _ORT_CALLS.setdefault(model, {})[key] = call
+    return call
 
 
 def time_models(models: dict[str, nn.Module], runtime: str, batch_size: int, *, rounds: int = 3,

@@ -179,11 +179,13 @@ class UVC(Recipe):
     @staticmethod
     def _check_latency_band(predicted: float, config: UVCConfig, ctx: RecipeContext) -> None:
         target = config.latency_target
-        ctx.log(f"UVC: predicted latency ratio {predicted:.4f} (target {target:g}, band "
-                f"[{target - config.tolerance:g}, {target:g}])")
-        if config.within and not target - config.tolerance - 1e-9 <= predicted <= target + 1e-9:
-            raise UserError(f"--latency-target {target:g} is unreachable for this model: the nearest sliced model "
-                            f"is predicted at {predicted:.3f} of the teacher's latency")
+        note = f"UVC: predicted latency ratio {predicted:.4f} (target {target:g}, band [{target - config.tolerance:g}, " \
+               f"{target:g}])"
+        # Not an error, unlike a FLOPs band: a whole block's fixed cost can jump over a 0.02 band, and timing noise
+        # is larger than that anyway; the measured ratio (and its warning beyond 0.05) is what counts.
+        if not target - config.tolerance - 1e-9 <= predicted <= target + 1e-9:
+            note += "; the nearest plan the greedy found is outside the band"
+        ctx.log(note)
 
     def report_fields(self, out_dir) -> dict[str, Any]:
         """report.json's ``pruning`` section: top-1 right after pruning, and the latency target's outcome."""
