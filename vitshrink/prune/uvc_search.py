@@ -58,6 +58,7 @@ from vitshrink.prune.importance import block_groups, next_norm, norm_scale, remo
 from vitshrink.prune.plan import Plan
 from vitshrink.prune.resource import ResourceModel, check_flops_target, check_target
 from vitshrink.prune.surgery import check_sliceable, slice_vit
+from vitshrink.prune.uvc_gates import GatedBlock, cycle, shrink_groups, ste_ceil
 from vitshrink.prune.uvc_objective import SEARCH_OBJECTIVES, OfficialLoss, kd_search_loss
 
 __all__ = ["UVCConfig", "SearchResult", "ResourceModel", "search_uvc", "sliced_student", "check_flops_target"]
@@ -138,69 +139,6 @@ class SearchResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# The search-time model: gated blocks
-
-
-class _GatedBlock(nn.Module):
-    """``x + keep * (block(x) - x)``, i.e. ``d1 * Block(x) + d0 * x`` with ``d0 = 1 - d1``."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-        self.keep: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        out = self.block(x, **kwargs)
-        return out if self.keep is None else x + self.keep * (out - x)
-
-
-class _SteCeil(torch.autograd.Function):
-    """Straight-through ceil (UVC ``ste_ceil``): integer forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, value):  # noqa: D102
-        return value.ceil()
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return grad
-
-
-def _ste_ceil(value: torch.Tensor) -> torch.Tensor:
-    return _SteCeil.apply(value)
-
-
-@torch.no_grad()
-def _shrink(block: nn.Module, heads, dims, mlp, factors: tuple[float, float, float]) -> None:
-    """Proximal step for y * ||W_g||^2: divide every marked group's coupled weights by its factor."""
-    attn, mlp_mod = block.attn, block.mlp
-    f_head, f_dim, f_mlp = factors
-    if attn is not None:
-        width, hd = attn.num_heads * attn.head_dim, attn.head_dim
-        scale = torch.ones(width, device=attn.qkv.weight.device)
-        for h in heads.tolist():
-            scale[h * hd:(h + 1) * hd] /= f_head
-        for h, idx in dims.items():
-            scale[h * hd + idx] /= f_dim
-        rows = scale.repeat(3)
-        attn.qkv.weight.mul_(rows[:, None])
-        if attn.qkv.bias is not None:
-            attn.qkv.bias.mul_(rows)
-        attn.proj.weight.mul_(scale[None, :])
-    if mlp_mod is not None and mlp.numel():
-        mlp_mod.fc1.weight[mlp] /= f_mlp
-        if mlp_mod.fc1.bias is not None:
-            mlp_mod.fc1.bias[mlp] /= f_mlp
-        mlp_mod.fc2.weight[:, mlp] /= f_mlp
-
-
-def _cycle(loader_fn: Callable[[], Iterable]) -> Iterable:
-    while True:
-        for batch in loader_fn():
-            yield batch
-
-
-# --------------------------------------------------------------------------------------------------
 # The search
 
 class _Search:
@@ -217,7 +155,7 @@ class _Search:
         self.depth = len(dims)
         self.wrappers = []
         for i in range(self.depth):
-            wrapper = _GatedBlock(self.model.blocks[i])
+            wrapper = GatedBlock(self.model.blocks[i])
             self.model.blocks[i] = wrapper
             self.wrappers.append(wrapper)
         self.blocks = [w.block for w in self.wrappers]
@@ -249,7 +187,7 @@ class _Search:
 
     def ratio(self, frac: torch.Tensor, keep_prob: torch.Tensor) -> torch.Tensor:
         """Differentiable R of the current fractions and keep probabilities (straight-through ceil)."""
-        counts = _ste_ceil(frac * self.ub) if self.config.within else torch.zeros_like(frac)
+        counts = ste_ceil(frac * self.ub) if self.config.within else torch.zeros_like(frac)
         h, d, m = (self.full - counts).unbind(1)
         per_block = self.resource.block(h, d, m) / self.resource.total
         return self.resource.fixed / self.resource.total + (keep_prob * per_block).sum()
@@ -353,7 +291,7 @@ class _Search:
             groups = block_groups(blk, self.scales[i])
             heads, dim_sets, mlp = removal_sets(groups, counts[i, 0], counts[i, 1], counts[i, 2])
             factors = tuple(float(1.0 + 2.0 * lr * y[i, k]) for k in range(3))
-            _shrink(blk, heads, dim_sets, mlp, factors)
+            shrink_groups(blk, heads, dim_sets, mlp, factors)
             zero = groups.head.new_zeros(())
             removed = torch.stack([
                 groups.head[heads].sum() if heads.numel() else zero,
@@ -433,7 +371,7 @@ def search_uvc(teacher: nn.Module, train_loader: Iterable | Callable[[], Iterabl
                           flag=resource.flag, what=resource.kind if resource.kind == "latency" else "FLOPs")
     device = torch.device(device)
     search = _Search(teacher, config, resource, target, device)
-    batches = iter(_cycle(train_loader if callable(train_loader) else (lambda: train_loader)))
+    batches = iter(cycle(train_loader if callable(train_loader) else (lambda: train_loader)))
     history: list[dict[str, float]] = []
     # ``stats`` is the extra text column of the engine's progress bar.
     task = progress.add_task("UVC search", total=config.steps, stats="") if progress is not None else None
