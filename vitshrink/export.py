@@ -100,10 +100,12 @@ def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path, o
 
 
 def write_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequence[int] | None = None,
-               opset: int | None = None) -> str:
+               opset: int | None = None, exporter: str = "dynamo") -> str:
     """Export ``model`` (in eval mode; its training flags are restored) to ``path``; return the exporter used.
 
-    No parity check and not atomic: ``export_onnx`` is the public entry point that does both.
+    No parity check and not atomic: ``export_onnx`` is the public entry point that does both. ``exporter``
+    ``"torchscript"`` skips the dynamo exporter (a tenth of a second instead of seconds; for throw-away timing
+    probes such as uvc's latency table).
     """
     path = Path(path)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -114,6 +116,9 @@ def write_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Sequenc
     example = torch.randn(2, *size, device=model_device(model))
     wrapper = _Logits(model)
     with eval_mode(model), torch.no_grad():
+        if exporter == "torchscript":
+            _export_torchscript(wrapper, example, path, opset)
+            return "torchscript"
         try:
             _export_dynamo(wrapper, example, path, opset)
             return "dynamo"

@@ -76,6 +76,7 @@ def resolve_run_settings(recipe_name: str, *, config: str | Path | None = None, 
     """The recipe and its merged settings (base < preset < --config < flags < --set), after ``configure``."""
     recipe = get_recipe(recipe_name)
     settings = resolve_settings(recipe_name, config, flags, overrides)
+    recipe.check_sources(settings.values, settings.sources)
     configured = recipe.configure(dict(settings.values))
     for key, value in configured.items():
         if settings.values.get(key) != value or key not in settings.values:
@@ -165,7 +166,8 @@ def recipe_context(run: Run, labelled: LabelledData, teachers: dict[str, nn.Modu
 
     return RecipeContext(cfg=run.cfg, device=run.device, data=labelled, train_loader=train_loader_for,
                          progress=run.progress, rank=run.ddp.rank, world_size=run.ddp.world_size, out_dir=run.out_dir,
-                         log=run.log, teachers=teachers, seed=run.seed)
+                         log=run.log, teachers=teachers, seed=run.seed,
+                         evaluate=lambda model: top1_on(run, model, labelled))
 
 
 def build_student(run: Run, ctx: RecipeContext, student: nn.Module | str | None,

@@ -85,6 +85,7 @@ def render_markdown(report: dict[str, Any], out_dir: str | Path | None = None) -
     for batch, speedup in ratios["ort_speedup"].items():
         lines.append(f"| ORT latency p50, batch {batch} (ms) | {_fmt(teacher['ort_p50_ms'].get(batch), '.3f')} | "
                      f"{_fmt(student['ort_p50_ms'].get(batch), '.3f')} | speed-up {_fmt(speedup, '.2f')}x |")
+    lines += _pruning_lines(report.get("pruning"), student.get("top1"))
     if report.get("notes"):
         lines += [""] + [f"**{note}**" for note in report["notes"]]
     lines += ["", "GFLOPs = 2 x GMACs. Latency: onnxruntime, CPU provider unless stated in report.json."]
@@ -96,6 +97,31 @@ def render_markdown(report: dict[str, Any], out_dir: str | Path | None = None) -
     if report.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {warning}" for warning in report["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def _pruning_lines(pruning: dict[str, Any] | None, final_top1: float | None) -> list[str]:
+    """A pruning recipe's extras: top-1 of the sliced student before fine-tuning beside the final one, and the
+    latency target vs the fitted model's prediction vs the measured student."""
+    if not pruning:
+        return []
+    lines: list[str] = []
+    if "top1_after_pruning" in pruning:
+        after = pruning["top1_after_pruning"]
+        gain = (final_top1 - after) * 100 if None not in (after, final_top1) else None
+        lines += ["", f"Top-1 right after pruning, before fine-tuning: {_fmt(after, '.2%')}; after fine-tuning: "
+                      f"{_fmt(final_top1, '.2%')} (recovered {_fmt(gain, '+.2f')} pt)."]
+    latency = pruning.get("latency")
+    if latency:
+        lines += ["", f"| latency ratio ({latency['runtime']}, batch {latency['batch_size']}) | target | predicted | "
+                      "measured |", "|---|---:|---:|---:|",
+                  f"| student / teacher | {latency['target']:g} | {_fmt(latency['predicted_ratio'], '.3f')} | "
+                  f"{_fmt(latency['measured_ratio'], '.3f')} |",
+                  "", f"Measured: student {_fmt(latency['student_ms'], '.3f')} ms, teacher "
+                      f"{_fmt(latency['teacher_ms'], '.3f')} ms (medians of interleaved rounds; the ratio is the median "
+                      f"of per-round ratios). Latency model fitted "
+                      f"to latency_table.json: max relative error {_fmt(latency.get('fit_max_rel_error'), '.1%')}, "
+                      f"mean {_fmt(latency.get('fit_mean_rel_error'), '.1%')}."]
+    return lines
 
 
 _PICTURE_TITLES = {"teacher_vs_student": "Teacher vs student", "training_curves": "Training curves"}

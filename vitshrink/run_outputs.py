@@ -77,6 +77,7 @@ def write_run_report(run: Run, labelled: LabelledData, trained: TrainResult, onn
         warnings=run.recipe.report_notes(run.out_dir), notes=data_notes(labelled) + cache_notes(run.logit_caches))
     if run.logit_caches:
         report["logit_cache"] = {role: cache_record(path) for role, path in run.logit_caches.items()}
+    report.update(run.recipe.report_fields(run.out_dir))  # e.g. uvc: top-1 after pruning, latency target
     if labelled.synthetic is not None:
         report["data_free"] = {"real_training_images": 0, "accuracy_measured": labelled.val is not None,
                                **labelled.synthetic}

@@ -135,6 +135,9 @@ _SETTING_RANGES: dict[str, tuple[float | None, float | None, bool, str]] = {
     "kd_weight": (0.0, 1.0, False, "float"),
     "temperature": (0.0, 1000.0, True, "float"),
     "flops_target": (0.0, 1.0, True, "float"),
+    "latency_target": (0.0, 1.0, True, "float"),
+    "latency_batch": (1, MAX_BATCH, False, "int"),
+    "dim_multiple": (1, 4096, False, "int"),
     "student_depth_ratio": (0.0, 1.0, True, "float"),
     "aug_hflip": (0.0, 1.0, False, "float"),
     "aug_re_prob": (0.0, 1.0, False, "float"),
@@ -145,7 +148,8 @@ _SETTING_RANGES: dict[str, tuple[float | None, float | None, bool, str]] = {
     "mixup_switch_prob": (0.0, 1.0, False, "float"),
 }
 # Settings whose null value means "off" or "default".
-_NULLABLE = {"clip_grad", "steps_per_epoch", "workers", "kd_weight", "flops_target", "amp", "aug_auto_augment"}
+_NULLABLE = {"clip_grad", "steps_per_epoch", "workers", "kd_weight", "flops_target", "amp", "aug_auto_augment",
+             "latency_target"}
 
 
 def _setting_flag(key: str, source: str | None) -> str:

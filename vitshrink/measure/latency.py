@@ -80,3 +80,20 @@ def ort_latency(session, batch_size: int, input_size: Sequence[int], *, warmup: 
     name = session.get_inputs()[0].name
     feed = {name: np.random.default_rng(0).standard_normal((batch_size, *input_size), dtype=np.float32)}
     return time_calls(lambda: session.run(None, feed), batch_size, warmup=warmup, iters=iters, min_time_s=min_time_s)
+
+
+def interleaved_p50(calls: dict[str, Callable[[], Any]], batch_size: int, *, rounds: int = 3, warmup: int = 1,
+                    min_time_s: float = 0.1, min_iters: int = 3,
+                    sync: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Time several one-batch calls in interleaved rounds (A, B, C, A, B, C, ...) and take, per call, the median
+    over rounds of each round's p50: on a shared machine a burst of load then hits every call alike.
+
+    Returns name -> ``{"p50_ms": median, "rounds_ms": [per-round p50, ...]}``.
+    """
+    per_round: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(max(1, rounds)):
+        for name, fn in calls.items():
+            stats = time_calls(fn, batch_size, warmup=warmup if r == 0 else 0, min_time_s=min_time_s,
+                               min_iters=min_iters, sync=sync)
+            per_round[name].append(stats.p50_ms)
+    return {name: {"p50_ms": float(np.median(ms)), "rounds_ms": ms} for name, ms in per_round.items()}

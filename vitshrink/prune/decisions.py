@@ -1,5 +1,8 @@
 """Hard decisions of a search (blocks kept, units kept per block) and the deterministic greedy that moves
-them into the FLOPs band ``target - tol <= R <= target``."""
+them into the band ``target - tol <= R <= target`` of a resource model (FLOPs or predicted latency).
+
+With ``dim_multiple`` M > 1 every pruned head dim and MLP width is a multiple of M (``resource.allowed_widths``):
+the greedy moves those widths M units at a time, so heads x head dim is a multiple of M too."""
 from __future__ import annotations
 
 import torch
@@ -7,24 +10,28 @@ from torch import nn
 
 from vitshrink.prune.importance import block_groups
 from vitshrink.prune.plan import BlockKeep, Plan
-from vitshrink.prune.resource import ResourceModel
+from vitshrink.prune.resource import ResourceModel, allowed_widths
 
-__all__ = ["Decisions"]
+__all__ = ["Decisions", "magnitude_plan"]
 
 
 class Decisions:
     """Integer decisions per block and the deterministic greedy that moves them into the band."""
 
     def __init__(self, model: nn.Module, resource: ResourceModel, scales: list[tuple[float, float, float]],
-                 kept: list[bool], counts: list[list[int]], margin: list[float]):
+                 kept: list[bool], counts: list[list[int]], margin: list[float], dim_multiple: int = 1):
         self.resource = resource
         self.dims = resource.dims
         self.margin = margin  # gate logit margin keep - skip: the search's confidence in each block
         self.groups = [block_groups(b, s) for b, s in zip(model.blocks, scales)]
         self.kept = list(kept)
-        # Number kept per block: heads, dims per head, MLP units (at least one of each while the block lives).
-        self.n = [[max(min(d.num_heads, 1), d.num_heads - c[0]), max(min(d.head_dim, 1), d.head_dim - c[1]),
-                   max(min(d.mlp_hidden, 1), d.mlp_hidden - c[2])] for d, c in zip(self.dims, counts)]
+        # Allowed kept counts per block and kind: any head count; head dims and MLP widths on the M grid.
+        self.widths = [[list(range(1, d.num_heads + 1)) or [0], allowed_widths(d.head_dim, dim_multiple),
+                        allowed_widths(d.mlp_hidden, dim_multiple)] for d in self.dims]
+        # Number kept per block: heads, dims per head, MLP units (the nearest allowed value to what the search
+        # kept; at least one of each while the block lives).
+        self.n = [[_nearest(w[0], d.num_heads - c[0]), _nearest(w[1], d.head_dim - c[1]),
+                   _nearest(w[2], d.mlp_hidden - c[2])] for d, c, w in zip(self.dims, counts, self.widths)]
 
     def _per_block(self):
         return [(n[0], n[1], n[2]) if k else None for n, k in zip(self.n, self.kept)]
@@ -36,37 +43,42 @@ class Decisions:
         order = sorted(range(self.dims[i].num_heads), key=lambda h: (-float(self.groups[i].head[h]), h))
         return sorted(order[: self.n[i][0]])
 
+    def _step(self, i: int, kind: int, remove: bool) -> int | None:
+        """The next allowed count below (``remove``) or above the current one, None at the end of the grid."""
+        grid, now = self.widths[i][kind], self.n[i][kind]
+        nxt = [w for w in grid if w < now] if remove else [w for w in grid if w > now]
+        return (max(nxt) if remove else min(nxt)) if nxt else None
+
     def _moves(self, i: int, remove: bool):
-        """(score, move) candidates for block i: score = normalised group norm per unit of R changed."""
-        d, n, g, res = self.dims[i], self.n[i], self.groups[i], self.resource
+        """(score, move) candidates for block i: score = normalised group norm per unit of R changed; a move
+        ``(i, kind, new_count)`` changes heads (kind 0), dims per head (1) or MLP units (2)."""
+        d, n, g = self.dims[i], self.n[i], self.groups[i]
         out = []
         heads = self._kept_heads(i)
         if d.num_heads:
-            if remove and n[0] > 1:
-                h = min(heads, key=lambda h: (float(g.head[h]), h))
-                out.append((float(g.head[h]) / (n[1] * res.attn_unit), (i, 0, -1)))
-            if not remove and n[0] < d.num_heads:
+            if (to := self._step(i, 0, remove)) is not None:
                 rest = [h for h in range(d.num_heads) if h not in heads]
-                h = max(rest, key=lambda h: (float(g.head[h]), -h))
-                out.append((float(g.head[h]) / (n[1] * res.attn_unit), (i, 0, +1)))
-            sorted_dims = g.dim[heads].sort(dim=1, descending=True).values
-            if remove and n[1] > 1:
-                out.append((float(sorted_dims[:, n[1] - 1].sum()) / (n[0] * res.attn_unit), (i, 1, -1)))
-            if not remove and n[1] < d.head_dim:
-                out.append((float(sorted_dims[:, n[1]].sum()) / (n[0] * res.attn_unit), (i, 1, +1)))
-        if d.mlp_hidden:
+                h = (min(heads, key=lambda h: (float(g.head[h]), h)) if remove else
+                     max(rest, key=lambda h: (float(g.head[h]), -h)))
+                out.append(self._scored(float(g.head[h]), (i, 0, to)))
+            if (to := self._step(i, 1, remove)) is not None:
+                sorted_dims = g.dim[heads].sort(dim=1, descending=True).values
+                lo, hi = min(n[1], to), max(n[1], to)
+                out.append(self._scored(float(sorted_dims[:, lo:hi].sum()), (i, 1, to)))
+        if d.mlp_hidden and (to := self._step(i, 2, remove)) is not None:
             sorted_mlp = g.mlp.sort(descending=True).values
-            if remove and n[2] > 1:
-                out.append((float(sorted_mlp[n[2] - 1]) / res.mlp_unit, (i, 2, -1)))
-            if not remove and n[2] < d.mlp_hidden:
-                out.append((float(sorted_mlp[n[2]]) / res.mlp_unit, (i, 2, +1)))
+            lo, hi = min(n[2], to), max(n[2], to)
+            out.append(self._scored(float(sorted_mlp[lo:hi].sum()), (i, 2, to)))
         return out
 
+    def _scored(self, norm: float, move) -> tuple[float, tuple[int, int, int]]:
+        return norm / max(abs(self._cost(move)), 1e-12), move
+
     def _cost(self, move) -> float:
-        i, kind, delta = move
+        i, kind, to = move
         before = self.resource.block(*self.n[i])
         n = list(self.n[i])
-        n[kind] += delta
+        n[kind] = to
         return (self.resource.block(*n) - before) / self.resource.total
 
     def adjust(self, target: float, tol: float, *, within: bool, skip: bool) -> bool:
@@ -108,7 +120,7 @@ class Decisions:
             if not moves:
                 break
             _, move = min(moves, key=lambda sm: sm[0])
-            self.n[move[0]][move[1]] -= 1
+            self.n[move[0]][move[1]] = move[2]
             r = self.ratio()
             changed = True
         while r < target - tol:
@@ -116,7 +128,7 @@ class Decisions:
             if not moves:
                 break
             _, move = max(moves, key=lambda sm: sm[0])
-            self.n[move[0]][move[1]] += 1
+            self.n[move[0]][move[1]] = move[2]
             r = self.ratio()
             changed = True
         return changed
@@ -137,9 +149,10 @@ class Decisions:
 
 
 def magnitude_plan(model: nn.Module, target: float, tolerance: float = 0.02,
-                   resource: ResourceModel | None = None) -> Plan:
+                   resource: ResourceModel | None = None, dim_multiple: int = 1) -> Plan:
     """One-shot plan with no search: starting from the full model, remove the group with the smallest normalised
-    norm per MAC saved until ``R <= target``, then add back the largest that fits while ``R < target - tol``.
+    norm per MAC saved until ``R <= target``, then add back the largest that fits while ``R < target - tol``
+    (``dim_multiple``: head dims and MLP widths move M units at a time).
 
     Every block stays (block removal needs a learned gate); the same greedy finishes UVC's search decisions.
     """
@@ -148,6 +161,11 @@ def magnitude_plan(model: nn.Module, target: float, tolerance: float = 0.02,
     resource = resource or ResourceModel(model)
     scales = [norm_scale(list(model.blocks))] * len(resource.dims)
     depth = len(resource.dims)
-    state = Decisions(model, resource, scales, [True] * depth, [[0, 0, 0]] * depth, [0.0] * depth)
+    state = Decisions(model, resource, scales, [True] * depth, [[0, 0, 0]] * depth, [0.0] * depth, dim_multiple)
     state.adjust(target, tolerance, within=True, skip=False)
     return state.plan()
+
+
+def _nearest(grid: list[int], value: int) -> int:
+    """The allowed count nearest ``value`` (the smaller one on a tie)."""
+    return min(grid, key=lambda w: (abs(w - value), w))

@@ -1,5 +1,6 @@
-"""The resource model of a ViT: MACs as a function of each block's heads, head width and MLP width, and
-the FLOPs-target check."""
+"""The resource models of a ViT: what the search and the band adjustment spend. ``ResourceModel`` counts MACs
+as a function of each block's heads, head width and MLP width; ``LatencyModel`` (``vitshrink.prune.latency_fit``)
+predicts a runtime's latency with the same interface. Also the target check and the allowed widths."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,18 @@ from torch import nn
 from vitshrink.errors import UserError
 from vitshrink.prune.plan import Plan, block_dims
 
-__all__ = ["ResourceModel", "check_flops_target"]
+__all__ = ["ResourceModel", "check_flops_target", "check_target", "allowed_widths"]
+
+
+def allowed_widths(full: int, multiple: int = 1) -> list[int]:
+    """The widths a pruned dimension of size ``full`` may keep: multiples of ``multiple`` below ``full``, and
+    ``full`` itself (an unpruned width stays what it was). A dimension narrower than ``multiple`` cannot be
+    pruned (its only width is ``full``): the smallest pruned width is ``multiple``; whole blocks still go
+    through the skip gates."""
+    if full <= 0:
+        return [0]
+    step = max(1, int(multiple))
+    return sorted({*range(step, full, step), full})
 
 
 class ResourceModel:
@@ -19,7 +31,11 @@ class ResourceModel:
     ``block_macs = h*d*(4*N*D + 2*N^2) + 2*N*D*m``: qkv (3*N*D*h*d), Q@K^T and attn@V (2*h*N^2*d),
     proj (N*h*d*D), fc1 + fc2 (2*N*D*m). ``fixed`` (patch embedding, head) is the counter's total minus the
     blocks, so ``ratio`` is what ``vitshrink.measure.count_flops`` reports for the sliced model.
+    ``block`` also takes tensors (the search differentiates it).
     """
+
+    kind = "flops"
+    flag = "--flops-target"
 
     def __init__(self, model: nn.Module):
         from vitshrink.measure import count_flops
@@ -38,8 +54,8 @@ class ResourceModel:
         return heads * head_dim * self.attn_unit + mlp * self.mlp_unit
 
     def ratio_of(self, per_block: Iterable[tuple[int, int, int] | None]) -> float:
-        macs = self.fixed + sum(self.block(*b) for b in per_block if b is not None)
-        return macs / self.total
+        cost = self.fixed + sum(self.block(*b) for b in per_block if b is not None)
+        return cost / self.total
 
     def plan_ratio(self, plan: Plan) -> float:
         per_block = []
@@ -51,29 +67,38 @@ class ResourceModel:
             per_block.append((len(keep.heads), width if keep.heads else 0, len(keep.mlp)))
         return self.ratio_of(per_block)
 
-    def min_ratio(self, *, skip: bool, within: bool) -> float:
-        """The smallest R the search may reach: blocks gone (skip), or one head/dim/unit left per block."""
+    def min_ratio(self, *, skip: bool, within: bool, dim_multiple: int = 1) -> float:
+        """The smallest R the search may reach: blocks gone (skip), or one head and the narrowest allowed head
+        dim and MLP width left per block."""
         if skip:
             return self.fixed / self.total
         if within:
-            return self.ratio_of((min(d.num_heads, 1), min(d.head_dim, 1), min(d.mlp_hidden, 1)) for d in self.dims)
+            return self.ratio_of((min(d.num_heads, 1), allowed_widths(d.head_dim, dim_multiple)[0],
+                                  allowed_widths(d.mlp_hidden, dim_multiple)[0]) for d in self.dims)
         return 1.0
 
 
-def check_flops_target(target: Any, resource: ResourceModel | None = None, *, skip: bool = True,
-                       within: bool = True) -> float:
+def check_target(target: Any, resource: ResourceModel | None = None, *, skip: bool = True, within: bool = True,
+                 dim_multiple: int = 1, flag: str = "--flops-target", what: str = "FLOPs") -> float:
     """``target`` as a float in (0, 1) that the model can reach, else ``UserError`` (one line)."""
     try:
         value = float(target)
     except (TypeError, ValueError):
-        raise UserError(f"--flops-target must be a number in (0, 1), got {target!r}") from None
+        raise UserError(f"{flag} must be a number in (0, 1), got {target!r}") from None
     if not 0.0 < value < 1.0 or math.isnan(value):
-        raise UserError(f"--flops-target must be in (0, 1) (pruned FLOPs / teacher FLOPs), got {target}")
+        raise UserError(f"{flag} must be in (0, 1) (pruned {what} / teacher {what}), got {target}")
     if resource is not None:
-        floor = resource.min_ratio(skip=skip, within=within)
+        floor = resource.min_ratio(skip=skip, within=within, dim_multiple=dim_multiple)
         if value < floor:
-            what = ("the embedding and head alone" if skip else
-                    "one head, head dim and MLP unit per block" if within else "the unpruned blocks")
-            raise UserError(f"--flops-target {value:g} is unreachable: {what} already cost {floor:.3f} of the "
-                            f"teacher's FLOPs")
+            cost = ("the embedding and head alone" if skip else
+                    "one head and the narrowest allowed head dim and MLP width per block" if within
+                    else "the unpruned blocks")
+            raise UserError(f"{flag} {value:g} is unreachable: {cost} already cost {floor:.3f} of the "
+                            f"teacher's {what}")
     return value
+
+
+def check_flops_target(target: Any, resource: ResourceModel | None = None, *, skip: bool = True,
+                       within: bool = True, dim_multiple: int = 1) -> float:
+    """``target`` as a float in (0, 1) that the model can reach, else ``UserError`` (one line)."""
+    return check_target(target, resource, skip=skip, within=within, dim_multiple=dim_multiple)

@@ -11,7 +11,8 @@ github.com/VITA-Group/UVC, ``uvc_utils.py`` / ``uvc_optimizer.py``), re-derived 
   straight-through ``ceil`` (UVC's ``ste_ceil``).
 * Budget: ``R = MACs(pruned) / MACs(full)`` with the attention-counting model of ``vitshrink.measure``
   (qkv, Q@K^T, attn@V, proj, fc1, fc2 per block; embedding and head fixed), so the search's R is the
-  counter's R for the sliced model. Constraint ``R <= B`` (``flops_target``).
+  counter's R for the sliced model. Constraint ``R <= B`` (``flops_target``). With ``latency_target``, R is the
+  predicted latency ratio of a fitted ``vitshrink.prune.latency_fit.LatencyModel`` (same interface) instead.
 * Search loss (``search_objective``, see ``vitshrink.prune.uvc_objective``): ``official`` is UVC's DeiT soft
   loss (alpha 0.1, KL summed / numel, T = 1) plus label-smoothed CE on mixup/cutmix batches, after a warm-up
   that trains the weights with every gate fixed at 0.5; ``kd`` is pure ``T^2 KL`` at T = 4 from the start.
@@ -24,6 +25,7 @@ github.com/VITA-Group/UVC, ``uvc_utils.py`` / ``uvc_optimizer.py``), re-derived 
 * Then hard decisions and, if the rounded decisions miss the band ``B - tol <= R <= B``, a deterministic
   greedy adjustment (remove the unit with the smallest norm per MAC saved, or add back the largest that
   fits) so that the sliced model lands in the band. ``SearchResult.adjusted`` says whether that happened.
+  With ``dim_multiple`` M the decisions are rounded to, and the greedy moves along, widths that are multiples of M.
   ``sliced_student(restore=True)`` slices the teacher's own weights with the plan.
 
 Differences from the official code, and why (the full table: docs/FIDELITY.md): the dual z is two-sided
@@ -54,8 +56,9 @@ from vitshrink.errors import UserError
 from vitshrink.prune.decisions import Decisions
 from vitshrink.prune.importance import block_groups, next_norm, norm_scale, removal_sets
 from vitshrink.prune.plan import Plan
-from vitshrink.prune.resource import ResourceModel, check_flops_target
+from vitshrink.prune.resource import ResourceModel, check_flops_target, check_target
 from vitshrink.prune.surgery import check_sliceable, slice_vit
+from vitshrink.prune.uvc_gates import GatedBlock, cycle, shrink_groups, ste_ceil
 from vitshrink.prune.uvc_objective import SEARCH_OBJECTIVES, OfficialLoss, kd_search_loss
 
 __all__ = ["UVCConfig", "SearchResult", "ResourceModel", "search_uvc", "sliced_student", "check_flops_target"]
@@ -66,6 +69,8 @@ class UVCConfig:
     """Search settings (defaults and their sources: recipes/uvc.yaml; ``for_objective`` fills the rest)."""
 
     flops_target: float = 0.5
+    latency_target: float | None = None  # ratio of the teacher's predicted latency (search_uvc's ``resource``)
+    dim_multiple: int = 1  # every pruned head dim and MLP width a multiple of this (hardware-friendly widths)
     steps: int = 300
     objective: str = "kd"  # "official" (DeiT soft loss + mixup CE, as VITA-Group/UVC) or "kd" (T^2 KL only)
     lr: float = 1e-4  # weight step (AdamW) during the search
@@ -117,75 +122,20 @@ class SearchResult:
     adjusted: bool  # True if the greedy adjustment changed the search's decisions
     model: nn.Module  # the searched (fine-tuned, proximally shrunk) copy of the teacher, same shape
     history: list[dict[str, float]] = field(default_factory=list)
+    decisions: Decisions | None = None  # the final decisions; ``redecide`` moves them to another band
+
+    def redecide(self, target: float, tolerance: float, *, within: bool = True, skip: bool = True) -> Plan:
+        """Move the final decisions into ``[target - tolerance, target]`` (same greedy) and take that plan."""
+        self.decisions.adjust(target, tolerance, within=within, skip=skip)
+        self.plan = self.decisions.plan()
+        self.resource = self.decisions.resource.plan_ratio(self.plan)
+        return self.plan
 
     def summary(self) -> dict[str, Any]:
         kept = [k for k in self.plan if k is not None]
         return {"resource": self.resource, "search_resource": self.search_resource, "adjusted": self.adjusted,
                 "kept_blocks": [i for i, k in enumerate(self.plan) if k is not None],
                 "heads": [len(k.heads) for k in kept], "mlp": [len(k.mlp) for k in kept]}
-
-
-# --------------------------------------------------------------------------------------------------
-# The search-time model: gated blocks
-
-
-class _GatedBlock(nn.Module):
-    """``x + keep * (block(x) - x)``, i.e. ``d1 * Block(x) + d0 * x`` with ``d0 = 1 - d1``."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-        self.keep: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        out = self.block(x, **kwargs)
-        return out if self.keep is None else x + self.keep * (out - x)
-
-
-class _SteCeil(torch.autograd.Function):
-    """Straight-through ceil (UVC ``ste_ceil``): integer forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, value):  # noqa: D102
-        return value.ceil()
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        return grad
-
-
-def _ste_ceil(value: torch.Tensor) -> torch.Tensor:
-    return _SteCeil.apply(value)
-
-
-@torch.no_grad()
-def _shrink(block: nn.Module, heads, dims, mlp, factors: tuple[float, float, float]) -> None:
-    """Proximal step for y * ||W_g||^2: divide every marked group's coupled weights by its factor."""
-    attn, mlp_mod = block.attn, block.mlp
-    f_head, f_dim, f_mlp = factors
-    if attn is not None:
-        width, hd = attn.num_heads * attn.head_dim, attn.head_dim
-        scale = torch.ones(width, device=attn.qkv.weight.device)
-        for h in heads.tolist():
-            scale[h * hd:(h + 1) * hd] /= f_head
-        for h, idx in dims.items():
-            scale[h * hd + idx] /= f_dim
-        rows = scale.repeat(3)
-        attn.qkv.weight.mul_(rows[:, None])
-        if attn.qkv.bias is not None:
-            attn.qkv.bias.mul_(rows)
-        attn.proj.weight.mul_(scale[None, :])
-    if mlp_mod is not None and mlp.numel():
-        mlp_mod.fc1.weight[mlp] /= f_mlp
-        if mlp_mod.fc1.bias is not None:
-            mlp_mod.fc1.bias[mlp] /= f_mlp
-        mlp_mod.fc2.weight[:, mlp] /= f_mlp
-
-
-def _cycle(loader_fn: Callable[[], Iterable]) -> Iterable:
-    while True:
-        for batch in loader_fn():
-            yield batch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +155,7 @@ class _Search:
         self.depth = len(dims)
         self.wrappers = []
         for i in range(self.depth):
-            wrapper = _GatedBlock(self.model.blocks[i])
+            wrapper = GatedBlock(self.model.blocks[i])
             self.model.blocks[i] = wrapper
             self.wrappers.append(wrapper)
         self.blocks = [w.block for w in self.wrappers]
@@ -232,18 +182,15 @@ class _Search:
         self.objective = OfficialLoss(int(teacher.num_classes), alpha=config.alpha, tau=config.tau) \
             if config.objective == "official" else None
         self.scales = [norm_scale(self.blocks)] * self.depth
-        self.attn_unit = float(resource.attn_unit) / resource.total
-        self.mlp_unit = float(resource.mlp_unit) / resource.total
         self.full = torch.tensor([[d.num_heads, d.head_dim, d.mlp_hidden] for d in dims], dtype=torch.float32,
                                  device=device)
-        self.fixed = resource.fixed / resource.total
 
     def ratio(self, frac: torch.Tensor, keep_prob: torch.Tensor) -> torch.Tensor:
         """Differentiable R of the current fractions and keep probabilities (straight-through ceil)."""
-        counts = _ste_ceil(frac * self.ub) if self.config.within else torch.zeros_like(frac)
+        counts = ste_ceil(frac * self.ub) if self.config.within else torch.zeros_like(frac)
         h, d, m = (self.full - counts).unbind(1)
-        per_block = h * d * self.attn_unit + m * self.mlp_unit
-        return self.fixed + (keep_prob * per_block).sum()
+        per_block = self.resource.block(h, d, m) / self.resource.total
+        return self.resource.fixed / self.resource.total + (keep_prob * per_block).sum()
 
     def step(self, images: torch.Tensor, targets: torch.Tensor, step: int) -> dict[str, float]:
         """One primal-dual step; returns the history record.
@@ -344,7 +291,7 @@ class _Search:
             groups = block_groups(blk, self.scales[i])
             heads, dim_sets, mlp = removal_sets(groups, counts[i, 0], counts[i, 1], counts[i, 2])
             factors = tuple(float(1.0 + 2.0 * lr * y[i, k]) for k in range(3))
-            _shrink(blk, heads, dim_sets, mlp, factors)
+            shrink_groups(blk, heads, dim_sets, mlp, factors)
             zero = groups.head.new_zeros(())
             removed = torch.stack([
                 groups.head[heads].sum() if heads.numel() else zero,
@@ -384,12 +331,13 @@ class _Search:
         self.model.eval()
         margin = (self.gates[:, 1] - self.gates[:, 0]).detach().cpu().tolist()
         kept = [m >= 0 for m in margin] if config.skip else [True] * self.depth
-        state = Decisions(self.model, self.resource, self.scales, kept, self.counts().tolist(), margin)
+        state = Decisions(self.model, self.resource, self.scales, kept, self.counts().tolist(), margin,
+                          config.dim_multiple)
         search_resource = state.ratio()
         adjusted = state.adjust(self.target, config.tolerance, within=config.within, skip=config.skip)
         plan = state.plan()
         return SearchResult(plan=plan, resource=self.resource.plan_ratio(plan), search_resource=search_resource,
-                            adjusted=adjusted, model=self.model)
+                            adjusted=adjusted, model=self.model, decisions=state)
 
 
 def sliced_student(teacher: nn.Module, result: SearchResult, *, restore: bool = True) -> nn.Module:
@@ -404,23 +352,26 @@ def sliced_student(teacher: nn.Module, result: SearchResult, *, restore: bool = 
 
 def search_uvc(teacher: nn.Module, train_loader: Iterable | Callable[[], Iterable], config: UVCConfig, *,
                device: str | torch.device = "cpu", log: Callable[[str], None] | None = None,
-               progress=None) -> SearchResult:
+               progress=None, resource: ResourceModel | None = None) -> SearchResult:
     """Run UVC's primal-dual search on a copy of ``teacher``; return the plan (``teacher`` is not modified).
 
     ``train_loader`` yields ``(images, targets, n_skipped)`` batches (``vitshrink.data.make_loader``), or is a
-    callable returning a fresh such iterable per pass. Raises ``UserError`` for a target outside (0, 1) or
-    below what the allowed pruning can reach.
+    callable returning a fresh such iterable per pass. ``resource`` is what the budget counts: the teacher's
+    MACs (default, ``config.flops_target``) or a fitted ``LatencyModel`` (``config.latency_target``). Raises
+    ``UserError`` for a target outside (0, 1) or below what the allowed pruning can reach.
     """
     check_sliceable(teacher)
     if not config.skip and not config.within:
         raise UserError("--no-skip and --skip-only together leave nothing to prune")
     if config.objective not in SEARCH_OBJECTIVES:
         raise UserError(f"search_objective must be one of {sorted(SEARCH_OBJECTIVES)}, got {config.objective!r}")
-    resource = ResourceModel(teacher)
-    target = check_flops_target(config.flops_target, resource, skip=config.skip, within=config.within)
+    resource = resource or ResourceModel(teacher)
+    target = check_target(config.latency_target if resource.kind == "latency" else config.flops_target, resource,
+                          skip=config.skip, within=config.within, dim_multiple=config.dim_multiple,
+                          flag=resource.flag, what=resource.kind if resource.kind == "latency" else "FLOPs")
     device = torch.device(device)
     search = _Search(teacher, config, resource, target, device)
-    batches = iter(_cycle(train_loader if callable(train_loader) else (lambda: train_loader)))
+    batches = iter(cycle(train_loader if callable(train_loader) else (lambda: train_loader)))
     history: list[dict[str, float]] = []
     # ``stats`` is the extra text column of the engine's progress bar.
     task = progress.add_task("UVC search", total=config.steps, stats="") if progress is not None else None

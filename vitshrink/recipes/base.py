@@ -39,6 +39,9 @@ The pipeline (``vitshrink.pipeline``) calls, in order::
   Extra trainable parts of a task (a feature projection) are checkpointed in ``last.pt``; only the student is
   saved as ``student.safetensors``. ``uses_labels = False`` marks a label-free recipe (no train accuracy).
 * ``finalize(student, cfg) -> nn.Module``: the model to export and measure (default: ``student`` in eval).
+* ``check_sources(cfg, sources)``: refuse settings the user set together that exclude each other (uvc:
+  ``--latency-target`` with ``--flops-target``); ``report_fields(out_dir)``: extra report.json sections read from
+  the run folder (uvc: ``pruning``, with the top-1 measured by ``ctx.evaluate`` right after slicing).
 
 Recipes never import each other: shared objectives live in ``vitshrink.distill.tasks``.
 """
@@ -72,6 +75,8 @@ class RecipeContext:
     log: Callable[[str], None] = field(default=print)
     teachers: dict[str, nn.Module] = field(default_factory=dict)  # role -> frozen teacher model
     seed: int = 0
+    # evaluate(model) -> validation top-1 (None: no validation split); e.g. a pruned student before fine-tuning.
+    evaluate: Callable[[nn.Module], float | None] | None = None
 
 
 class Recipe:
@@ -84,6 +89,10 @@ class Recipe:
     def configure(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """Fill settings whose default depends on other settings (e.g. a per-mode weight); default: as is."""
         return cfg
+
+    def check_sources(self, cfg: dict[str, Any], sources: dict[str, str]) -> None:
+        """Refuse settings that exclude each other when the user set both (``sources``: key -> the layer that set
+        it; ``base``/``preset`` are defaults); default: nothing to refuse."""
 
     def build_student(self, teacher: nn.Module, student: nn.Module | str | None, ctx: RecipeContext) -> nn.Module:
         from vitshrink.students import derive_student, resolve_student
@@ -115,6 +124,10 @@ class Recipe:
     def report_notes(self, out_dir: Path | None) -> list[str]:
         """Warnings for the report (read from the run folder, so they survive ``--resume``); default none."""
         return []
+
+    def report_fields(self, out_dir: Path | None) -> dict[str, Any]:
+        """Extra report.json sections (read from the run folder, e.g. uvc's ``pruning``); default none."""
+        return {}
 
 
 def register_recipe(name: str) -> Callable[[type[Recipe]], type[Recipe]]:

@@ -18,9 +18,12 @@ from vitshrink.distill.teachers import as_teachers
 from vitshrink.errors import UserError
 from vitshrink.io import record_of
 from vitshrink.prune.decisions import magnitude_plan
+from vitshrink.prune.resource import check_target
 from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
 from vitshrink.prune.surgery import check_sliceable, plan_to_json, slice_vit
 from vitshrink.prune.uvc_objective import OfficialLoss
+from vitshrink.prune.latency_table import check_latency_runtime
+from vitshrink.prune.latency_target import correct_with_measurements, latency_resource, measured_latency
 from vitshrink.prune.uvc_search import ResourceModel, UVCConfig, check_flops_target, search_uvc, sliced_student
 
 # |R of the search's own decisions - target| above which the report says the search ended far from its target.
@@ -40,9 +43,12 @@ def uvc_config(cfg: dict[str, Any]) -> UVCConfig:
     if cfg.get("no_skip") and cfg.get("skip_only"):
         raise UserError("--no-skip and --skip-only together leave nothing to prune")
     target = check_flops_target(cfg["flops_target"])
+    latency = cfg.get("latency_target")
+    if latency is not None:
+        latency = check_target(latency, flag="--latency-target", what="latency")
     return UVCConfig.for_objective(
         str(cfg.get("search_objective") or "kd"),
-        flops_target=target, steps=int(cfg["search_steps"]), lr=float(cfg["search_lr"]),
+        flops_target=target, latency_target=latency, steps=int(cfg["search_steps"]), lr=float(cfg["search_lr"]),
         weight_decay=_optional(cfg, "search_weight_decay", float),
         warmup_steps=_optional(cfg, "search_warmup_steps", int),
         count_lr=float(cfg["count_lr"]), gate_lr=float(cfg["gate_lr"]), gate_momentum=float(cfg["gate_momentum"]),
@@ -53,6 +59,7 @@ def uvc_config(cfg: dict[str, Any]) -> UVCConfig:
         y_lr=float(cfg["y_lr"]), kd_weight=float(cfg["search_kd_weight"]), temperature=float(cfg["temperature"]),
         skip=not cfg.get("no_skip", False), within=not cfg.get("skip_only", False),
         head_dims=bool(cfg.get("prune_head_dims", True)), tolerance=float(cfg["flops_tolerance"]),
+        dim_multiple=int(cfg.get("dim_multiple") or 1),
         clip_grad=float(cfg.get("clip_grad") or 1.0),
     )
 
@@ -60,6 +67,10 @@ def uvc_config(cfg: dict[str, Any]) -> UVCConfig:
 @register_recipe("uvc")
 class UVC(Recipe):
     """Search + slice + KD post-training; ``no_kd`` trains on labels alone, ``no_skip``/``skip_only`` ablate."""
+
+    def check_sources(self, cfg: dict[str, Any], sources: dict[str, str]) -> None:
+        if cfg.get("latency_target") is not None and sources.get("flops_target") not in (None, "base", "preset"):
+            raise UserError("--latency-target and --flops-target are alternatives: set only one of them")
 
     def build_student(self, teacher: nn.Module, student: nn.Module | str | None, ctx: RecipeContext) -> nn.Module:
         if student is not None:
@@ -69,8 +80,11 @@ class UVC(Recipe):
         for key, allowed in (("pruning_plan", ("search", "magnitude")), ("posttrain_objective", ("kd", "official"))):
             if ctx.cfg.get(key) is not None and ctx.cfg[key] not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)}, got {ctx.cfg[key]!r}")
-        # Fail before any training if the target cannot be reached at all.
-        check_flops_target(config.flops_target, ResourceModel(teacher), skip=config.skip, within=config.within)
+        if config.latency_target is not None:
+            check_latency_runtime(ctx.cfg.get("latency_runtime"))  # torch-cuda without CUDA: refused here
+        else:  # fail before any training if the target cannot be reached at all
+            check_flops_target(config.flops_target, ResourceModel(teacher), skip=config.skip, within=config.within,
+                               dim_multiple=config.dim_multiple)
         return copy.deepcopy(teacher)
 
     def prepare(self, teacher: nn.Module, student: nn.Module, ctx: RecipeContext) -> nn.Module:
@@ -80,28 +94,44 @@ class UVC(Recipe):
         method = str(ctx.cfg.get("pruning_plan") or "search")
         if method not in ("search", "magnitude"):
             raise UserError(f"pruning_plan must be 'search' or 'magnitude', got {method!r}")
+        resource = None if config.latency_target is None else latency_resource(
+            student, runtime=ctx.cfg.get("latency_runtime"), batch_size=int(ctx.cfg.get("latency_batch") or 1),
+            dim_multiple=config.dim_multiple, out_dir=ctx.out_dir if ctx.rank == 0 else None, log=ctx.log,
+            world_size=ctx.world_size)
+        target = config.flops_target if resource is None else config.latency_target
         if method == "magnitude":
             if not config.within:
                 raise UserError("pruning_plan magnitude prunes within blocks; it cannot be combined with --skip-only")
-            plan = magnitude_plan(student, config.flops_target, config.tolerance)
+            plan = magnitude_plan(student, target, config.tolerance, resource, dim_multiple=config.dim_multiple)
             sliced, summary = slice_vit(student, plan).to(ctx.device), {"adjusted": False}
         else:
             loader = ctx.train_loader(student, batch_size=int(ctx.cfg["search_batch_size"]))
-            result = search_uvc(student, loader, config, device=ctx.device, log=ctx.log, progress=ctx.progress)
+            result = search_uvc(student, loader, config, device=ctx.device, log=ctx.log, progress=ctx.progress,
+                                resource=resource)
             restore = bool(ctx.cfg.get("restore_kept", True))
             sliced = sliced_student(student, result, restore=restore).to(ctx.device)
             plan, summary = result.plan, {**result.summary(), "restore_kept": restore,
                                           "search_objective": config.objective}
-            if abs(result.search_resource - config.flops_target) > FAR_FROM_TARGET:
+            if abs(result.search_resource - target) > FAR_FROM_TARGET:
                 summary["warning"] = (f"the UVC search ended at R {result.search_resource:.3f}, far from the target "
-                                      f"{config.flops_target:g}; the greedy adjustment by group norm, not the "
+                                      f"{target:g}; the greedy adjustment by group norm, not the "
                                       f"search, chose most of what was removed")
                 ctx.log(f"warning: {summary['warning']}")
         measured = count_flops(sliced).macs / count_flops(teacher).macs
-        self._check_band(measured, config, ctx, summary, method)
-        summary = {"flops_target": config.flops_target, "flops_ratio": measured, "pruning_plan": method, **summary,
+        if resource is None:
+            self._check_band(measured, config, ctx, summary, method)
+        else:
+            search = result if method == "search" else None
+            plan, sliced, summary["latency"] = self._latency_stage(teacher, student, plan, resource, ctx, config,
+                                                                   search)
+            summary.update(search.summary() if search is not None else {})  # the corrected plan's counts
+            measured = count_flops(sliced).macs / count_flops(teacher).macs
+        summary = {"flops_target": None if resource is not None else config.flops_target, "flops_ratio": measured,
+                   "pruning_plan": method, "dim_multiple": config.dim_multiple, **summary,
                    "plan": plan_to_json(plan), "ablation": {"no_skip": not config.skip,
                                                             "skip_only": not config.within}}
+        if ctx.evaluate is not None and ctx.rank == 0:
+            summary["top1_after_pruning"] = ctx.evaluate(sliced)  # before any fine-tuning
         record = record_of(sliced)
         record.provenance = {**record.provenance, "uvc": {k: v for k, v in summary.items() if k != "plan"}}
         if ctx.out_dir is not None and ctx.rank == 0:
@@ -124,13 +154,56 @@ class UVC(Recipe):
                                 f"sliced model has {measured:.3f} of the teacher's FLOPs")
             ctx.log(f"note: --skip-only removes whole blocks only; {measured:.3f} is the closest under the target")
 
+    def _latency_stage(self, teacher, student, plan, resource, ctx: RecipeContext, config: UVCConfig, result):
+        """Band check on the prediction, ``latency_corrections`` measured corrections (``prune.latency_target``),
+        the final measurement; returns the plan, the sliced student and report.json's ``latency`` record."""
+        self._check_latency_band(resource.plan_ratio(plan), config, ctx)
+        restore = bool(ctx.cfg.get("restore_kept", True))
+        runtime, batch = ctx.cfg.get("latency_runtime"), int(ctx.cfg.get("latency_batch") or 1)
+
+        def decide(goal: float):
+            if result is not None:
+                return result.redecide(goal, config.tolerance, within=config.within, skip=config.skip)
+            return magnitude_plan(student, goal, config.tolerance, resource, dim_multiple=config.dim_multiple)
+
+        plan, goal, history = correct_with_measurements(
+            teacher, plan, decide, resource, target=config.latency_target, runtime=runtime, batch_size=batch,
+            steps=int(ctx.cfg.get("latency_corrections") or 0), log=ctx.log)
+        if result is not None:  # the kept plan may be an earlier one than the last decided
+            result.plan, result.resource = plan, resource.plan_ratio(plan)
+        sliced = slice_vit(student if (result is None or restore) else result.model, plan).to(ctx.device)
+        latency = measured_latency(teacher, sliced, resource, plan, target=config.latency_target, runtime=runtime,
+                                   batch_size=batch, log=ctx.log)
+        return plan, sliced, {**latency, "predicted_goal": goal, "corrections": history}
+
+    @staticmethod
+    def _check_latency_band(predicted: float, config: UVCConfig, ctx: RecipeContext) -> None:
+        target = config.latency_target
+        note = f"UVC: predicted latency ratio {predicted:.4f} (target {target:g}, band [{target - config.tolerance:g}, " \
+               f"{target:g}])"
+        # Not an error, unlike a FLOPs band: a whole block's fixed cost can jump over a 0.02 band, and timing noise
+        # is larger than that anyway; the measured ratio (and its warning beyond 0.05) is what counts.
+        if not target - config.tolerance - 1e-9 <= predicted <= target + 1e-9:
+            note += "; the nearest plan the greedy found is outside the band"
+        ctx.log(note)
+
+    def report_fields(self, out_dir) -> dict[str, Any]:
+        """report.json's ``pruning`` section: top-1 right after pruning, and the latency target's outcome."""
+        path = None if out_dir is None else out_dir / "uvc_plan.json"
+        if path is None or not path.exists():
+            return {}
+        plan = json.loads(path.read_text())
+        fields = {key: plan[key] for key in ("top1_after_pruning", "flops_target", "flops_ratio", "dim_multiple",
+                                             "latency") if key in plan}
+        return {"pruning": fields}
+
     def report_notes(self, out_dir) -> list[str]:
-        """Warnings for report.md: a search that ended far from its target."""
+        """Warnings for report.md: a search that ended far from its target; a measured latency off its target."""
         path = None if out_dir is None else out_dir / "uvc_plan.json"
         if path is None or not path.exists():
             return []
-        warning = json.loads(path.read_text()).get("warning")
-        return [warning] if warning else []
+        plan = json.loads(path.read_text())
+        return [w for w in (plan.get("warning"), (plan.get("latency") or {}).get("warning")) if w]
 
     def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]):
         if cfg.get("no_kd"):
