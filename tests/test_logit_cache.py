@@ -169,7 +169,7 @@ def test_cached_teacher_refuses_images_without_keys_and_mixing_settings(setup, t
         CachedTeacher(tmp_path / "c").logits(torch.zeros(2, 3, 32, 32))
     check_replayable("vanilla", {**cfg, "mixup": 0.0, "cutmix": 0.0})
     check_replayable("vanilla", {**cfg, "mixup": 0.8, "mixup_prob": 0.0})  # mixing never applied
-    with pytest.raises(UserError, match="cutmix is on"):
+    with pytest.raises(UserError, match="cutmix is on in the deit settings.*add --cutmix 0"):
         check_replayable("deit", {**cfg, "mixup": 0.0, "cutmix": 1.0})
     with pytest.raises(UserError, match="posttrain_objective official"):
         check_replayable("uvc", {**cfg, "posttrain_objective": "official"})

@@ -15,14 +15,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cli_support import run_cli
+from cli_support import assert_one_line_error, run_cli
 from distill_support import REPO, tiny_teacher_path  # noqa: F401  (session fixture)
 from vitshrink.data import BUNDLED_VAL
 from vitshrink.data.logit_cache import CachedTeacher
 from vitshrink.distill.teachers import LiveTeacher
 
 STEPS = 3
-FAST = ["--epochs", "1", "-b", "32", "--steps-per-epoch", str(STEPS), "--device", "cpu", "--no-progress", "-j", "0",
+# deit and coadvise mix by default (official presets); a cache holds unmixed views, so these runs turn mixing off.
+FAST = ["--mixup", "0", "--cutmix", "0", "--epochs", "1", "-b", "32", "--steps-per-epoch", str(STEPS), "--device", "cpu", "--no-progress", "-j", "0",
         "--set", "bench_batch_sizes=[1]", "--set", "eval_batch_size=100", "--set", "checkpoint_steps=0"]
 RESNET20 = REPO.parent / "shared" / "data" / "checkpoints" / "cifar10_resnet20_akamaster.th"
 TINY_CIT = "vitshrink_cit:img_size=32,patch_size=4,embed_dim=32,depth=2,num_heads=2,stem_chs=32"
@@ -94,6 +95,10 @@ def test_deit_hard_from_cache_equals_live_and_records_the_cache(capsys, spies, t
     cache = make_cache(capsys, tiny_teacher_path, data_dir, cache_dir / "tiny")
     spies["live"].clear()  # building the cache ran the live teacher
     common = ["distill", tiny_teacher_path, "--recipe", "deit", "--distill-type", "hard", "--data", data_dir, *FAST]
+    # The deit preset mixes by default: the cache is refused, naming the flags that turn mixing off.
+    code, _, err = run_cli(capsys, *common[:-len(FAST)], *FAST[4:], "--out", tmp_path / "mixed", "--logit-cache", cache)
+    assert_one_line_error(code, err, "--logit-cache", "add --mixup 0 --cutmix 0")
+    assert not (tmp_path / "mixed" / "student.safetensors").exists()
     code, _, err = run_cli(capsys, *common, "--out", tmp_path / "cached", "--logit-cache", cache)
     assert code == 0, err
     assert read_only(spies, "tiny")  # the teacher did not run in training

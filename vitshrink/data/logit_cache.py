@@ -126,8 +126,10 @@ def check_replayable(recipe: str, cfg: Mapping[str, Any]) -> None:
     if cfg.get("mixup_prob") in (0, 0.0):
         mixing = []
     if mixing:
-        raise UserError(f"--logit-cache: {mixing[0]} is on, so the teacher would see mixed images that the cache "
-                        f"does not hold; set {mixing[0]} to 0 or run without --logit-cache")
+        flags = " ".join(f"--{key.replace('_', '-')} 0" for key in mixing)
+        raise UserError(f"--logit-cache: {' and '.join(mixing)} {'is' if len(mixing) == 1 else 'are'} on in the "
+                        f"{recipe} settings, so the teacher would see mixed images that the cache does not hold; "
+                        f"add {flags} or run without --logit-cache")
     if recipe == "uvc" and cfg.get("posttrain_objective") == "official":
         raise UserError("--logit-cache: uvc's posttrain_objective official runs the teacher on mixup/cutmix "
                         "images, which the cache does not hold; use posttrain_objective kd or no cache")
