@@ -25,7 +25,7 @@ from vitshrink.plots import draw_pareto, new_figure, save_png  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 # Labels that would sit on top of each other at the default offset (points, (dx, dy)).
 LABEL_OFFSETS = {
-    "gmacs": {"uvc@0.5 --no-skip": (-8, 6), "uniform@0.5": (6, -10), "uvc@0.5 --no-kd": (6, -10),
+    "gmacs": {"uvc@0.5 --no-skip": (-8, 6), "uvc@latency 0.5 (ort-cpu b1)": (-60, 8), "uniform@0.5": (6, -10), "uvc@0.5 --no-kd": (6, -10),
               "depth-halved (vanilla)": (6, -10)},
     "1": {"uvc@0.5 --no-skip": (-4, 9), "uvc@0.5": (-8, -11), "uniform@0.5": (6, -10), "uniform@0.7": (6, -10)},
     "32": {"uvc@0.5 --no-skip": (-4, 9), "uvc@0.5": (6, -11), "uniform@0.5": (6, -10),
@@ -67,7 +67,8 @@ def panel_points(teacher: dict, rows: list[dict], axis: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=Path, nargs="+",
-                        default=[RESULTS / "uvc_cpu.json", RESULTS / "uvc_ablations_cpu.json"])
+                        default=[RESULTS / "uvc_cpu.json", RESULTS / "uvc_ablations_cpu.json",
+                                 RESULTS / "uvc_latency_target_cpu.json"])
     parser.add_argument("--latency", type=Path, nargs="+", default=[RESULTS / "uvc_latency_cpu.json"])
     parser.add_argument("--out", type=Path, default=RESULTS / "pareto_cpu.png")
     args = parser.parse_args()
