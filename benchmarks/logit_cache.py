@@ -1,6 +1,7 @@
 """Logit cache benchmarks (issue 11), CPU.
 
-Throughput (default): student step throughput, student-only (CE) vs live KD vs KD from a logit cache, in one run.
+Throughput (default): student step throughput, student-only (CE) vs live KD vs KD from a logit cache, in one run,
+the three modes timed step by step in turn (median step per mode).
 
     PYTHONPATH=. nice -n 5 python benchmarks/logit_cache.py [--steps 20] [--batch 64]
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,13 +38,19 @@ from vitshrink.pipeline import load_bundled_teacher, resolve_run_settings
 from vitshrink.students import derive_student
 
 
-def _time(step, batches, steps: int) -> float:
-    for images, targets, extras in batches[:2]:
-        step(images, targets, extras)  # warm-up
-    start = time.perf_counter()
+def _interleaved_rates(steps_by_mode: dict, batches, steps: int) -> dict:
+    """images/s per mode, timing one step of each mode in turn (A, B, C, A, B, C, ...) and taking each mode's
+    median step: a machine whose speed drifts during the run then shifts every mode alike."""
+    for step in steps_by_mode.values():
+        for images, targets, extras in batches[:2]:
+            step(images, targets, extras)  # warm-up
+    times: dict = {mode: [] for mode in steps_by_mode}
     for images, targets, extras in batches[:steps]:
-        step(images, targets, extras)
-    return steps * batches[0][0].shape[0] / (time.perf_counter() - start)
+        for mode, step in steps_by_mode.items():
+            start = time.perf_counter()
+            step(images, targets, extras)
+            times[mode].append(time.perf_counter() - start)
+    return {mode: batches[0][0].shape[0] / statistics.median(t) for mode, t in times.items()}
 
 
 def measure(teacher, steps: int, batch: int, tmp: Path) -> dict:
@@ -70,8 +78,9 @@ def measure(teacher, steps: int, batch: int, tmp: Path) -> dict:
         return step
 
     student.train()
-    return {"student_only": _time(runner(None), batches, steps), "live_kd": _time(runner(live), batches, steps),
-            "cache_kd": _time(runner(cached), batches, steps),
+    rates = _interleaved_rates({"student_only": runner(None), "live_kd": runner(live), "cache_kd": runner(cached)},
+                               batches, steps)
+    return {**rates,
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in student.parameters())}
 
