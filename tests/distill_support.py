@@ -77,3 +77,24 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+RESNET20 = REPO.parent / "shared" / "data" / "checkpoints" / "cifar10_resnet20_akamaster.th"
+
+
+@pytest.fixture(scope="session")
+def coadvise_teachers(tmp_path_factory) -> Path:
+    """Co-advise teachers as vitshrink safetensors: the shared ResNet-20 (conv), a tiny random RedNet (inv) and
+    the same RedNet with 5 classes (inv5, for the class-count error)."""
+    from vitshrink.io import create_model, load_model, save_model, set_data_config
+
+    if not RESNET20.exists():
+        pytest.skip(f"{RESNET20} not present")
+    folder = tmp_path_factory.mktemp("coadvise_teachers")
+    save_model(load_model(RESNET20, arch="cifar_resnet20"), folder / "conv.safetensors")
+    torch.manual_seed(0)
+    rednet = create_model("rednet_cifar26", num_classes=10, base_chs=16)
+    set_data_config(rednet, input_size=(3, 32, 32))
+    save_model(rednet.eval(), folder / "inv.safetensors")
+    save_model(create_model("rednet_cifar26", num_classes=5, base_chs=16).eval(), folder / "inv5.safetensors")
+    return folder

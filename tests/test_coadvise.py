@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill_support import PYTHON, REPO, small_data, subprocess_env, tiny_teacher_path  # noqa: F401
+from distill_support import (PYTHON, coadvise_teachers, small_data, subprocess_env,  # noqa: F401
+                             tiny_teacher_path)
 
 torch.set_num_threads(1)
 
-RESNET20 = REPO.parent / "shared" / "data" / "checkpoints" / "cifar10_resnet20_akamaster.th"
 # A tiny CiT at 32 px (depth 2, width 32) so a run takes seconds.
 TINY_CIT = "vitshrink_cit:img_size=32,patch_size=4,embed_dim=32,depth=2,num_heads=2,stem_chs=32"
 FAST = {"steps_per_epoch": 2, "batch_size": 16, "eval_batch_size": 100, "bench_batch_sizes": [1],
@@ -105,25 +105,8 @@ def test_cls_teacher_option_adds_soft_targets_to_the_class_head():
                           atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def teachers_dir(tmp_path_factory) -> Path:
-    """ResNet-20 (conv) and a tiny random RedNet (inv), as vitshrink safetensors."""
-    from vitshrink.io import create_model, load_model, save_model, set_data_config
 
-    if not RESNET20.exists():
-        pytest.skip(f"{RESNET20} not present")
-    folder = tmp_path_factory.mktemp("coadvise_teachers")
-    save_model(load_model(RESNET20, arch="cifar_resnet20"), folder / "conv.safetensors")
-    torch.manual_seed(0)
-    rednet = create_model("rednet_cifar26", num_classes=10, base_chs=16)
-    set_data_config(rednet, input_size=(3, 32, 32))
-    save_model(rednet.eval(), folder / "inv.safetensors")
-    rednet5 = create_model("rednet_cifar26", num_classes=5, base_chs=16)
-    save_model(rednet5.eval(), folder / "inv5.safetensors")
-    return folder
-
-
-def test_one_epoch_run_writes_a_reloadable_student_with_one_onnx_output(tmp_path, teachers_dir):
+def test_one_epoch_run_writes_a_reloadable_student_with_one_onnx_output(tmp_path, coadvise_teachers):
     import onnxruntime as ort
 
     from vitshrink.io import load_model
@@ -133,8 +116,8 @@ def test_one_epoch_run_writes_a_reloadable_student_with_one_onnx_output(tmp_path
     out = tmp_path / "run"
     result = distill(None, "coadvise", student=TINY_CIT, data=small_data(64, 32), out_dir=out, epochs=1,
                      device="cpu", progress=False, overrides=dict(FAST),
-                     options={"conv_teacher": str(teachers_dir / "conv.safetensors"),
-                              "inv_teacher": str(teachers_dir / "inv.safetensors")})
+                     options={"conv_teacher": str(coadvise_teachers / "conv.safetensors"),
+                              "inv_teacher": str(coadvise_teachers / "inv.safetensors")})
     args = (out / "args.yaml").read_text()
     assert "conv.safetensors" in args and "inv.safetensors" in args
     assert 0.0 <= result.report["student"]["top1"] <= 1.0
@@ -171,10 +154,10 @@ def _cli(*args, cwd):
 
 
 @pytest.mark.parametrize("case", ["missing", "unloadable", "classes"])
-def test_teacher_errors_are_one_line_exit_2(tmp_path, teachers_dir, case):
-    conv = str(teachers_dir / "conv.safetensors")
+def test_teacher_errors_are_one_line_exit_2(tmp_path, coadvise_teachers, case):
+    conv = str(coadvise_teachers / "conv.safetensors")
     inv = {"missing": str(tmp_path / "nope.safetensors"), "unloadable": str(tmp_path / "bad.safetensors"),
-           "classes": str(teachers_dir / "inv5.safetensors")}[case]
+           "classes": str(coadvise_teachers / "inv5.safetensors")}[case]
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     proc = _cli("distill", "--recipe", "coadvise", "--conv-teacher", conv, "--inv-teacher", inv, "--epochs", "1",
                 "--out", str(tmp_path / "out"), "--no-progress", cwd=tmp_path)
@@ -187,8 +170,8 @@ def test_teacher_errors_are_one_line_exit_2(tmp_path, teachers_dir, case):
     assert not (tmp_path / "out" / "student.safetensors").exists()
 
 
-def test_missing_inv_teacher_flag(tmp_path, teachers_dir):
-    proc = _cli("distill", "--recipe", "coadvise", "--conv-teacher", str(teachers_dir / "conv.safetensors"),
+def test_missing_inv_teacher_flag(tmp_path, coadvise_teachers):
+    proc = _cli("distill", "--recipe", "coadvise", "--conv-teacher", str(coadvise_teachers / "conv.safetensors"),
                 "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 2 and "--inv-teacher" in proc.stderr and "Traceback" not in proc.stderr
 

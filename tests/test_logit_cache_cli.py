@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cli_support import assert_one_line_error, run_cli
-from distill_support import REPO, tiny_teacher_path  # noqa: F401  (session fixture)
+from distill_support import coadvise_teachers, tiny_teacher_path  # noqa: F401  (session fixtures)
 from vitshrink.data import BUNDLED_VAL
 from vitshrink.data.logit_cache import CachedTeacher
 from vitshrink.distill.teachers import LiveTeacher
@@ -25,7 +25,6 @@ STEPS = 3
 # deit and coadvise mix by default (official presets); a cache holds unmixed views, so these runs turn mixing off.
 FAST = ["--mixup", "0", "--cutmix", "0", "--epochs", "1", "-b", "32", "--steps-per-epoch", str(STEPS), "--device", "cpu", "--no-progress", "-j", "0",
         "--set", "bench_batch_sizes=[1]", "--set", "eval_batch_size=100", "--set", "checkpoint_steps=0"]
-RESNET20 = REPO.parent / "shared" / "data" / "checkpoints" / "cifar10_resnet20_akamaster.th"
 TINY_CIT = "vitshrink_cit:img_size=32,patch_size=4,embed_dim=32,depth=2,num_heads=2,stem_chs=32"
 
 
@@ -148,20 +147,6 @@ def test_uvc_search_runs_live_posttraining_reads_the_cache(capsys, spies, tiny_t
     assert code == 2 and err.count("\n") == 1 and "posttrain_objective official" in err
     assert not (tmp_path / "official" / "uvc_plan.json").exists()
 
-
-@pytest.fixture(scope="module")
-def coadvise_teachers(tmp_path_factory) -> Path:
-    from vitshrink.io import create_model, load_model, save_model, set_data_config
-
-    if not RESNET20.exists():
-        pytest.skip(f"{RESNET20} not present")
-    folder = tmp_path_factory.mktemp("coadvise_cache_teachers")
-    save_model(load_model(RESNET20, arch="cifar_resnet20"), folder / "conv.safetensors")
-    torch.manual_seed(0)
-    rednet = create_model("rednet_cifar26", num_classes=10, base_chs=16)
-    set_data_config(rednet, input_size=(3, 32, 32))
-    save_model(rednet.eval(), folder / "inv.safetensors")
-    return folder
 
 
 def test_coadvise_one_cache_per_teacher_role(capsys, spies, coadvise_teachers, data_dir, cache_dir, tmp_path):
