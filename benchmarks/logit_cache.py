@@ -1,7 +1,7 @@
 """Logit cache benchmarks (issue 11), CPU.
 
 Throughput (default): student step throughput, student-only (CE) vs live KD vs KD from a logit cache, in one run,
-the three modes timed step by step in turn (median step per mode).
+the three modes timed in interleaved rounds (vitshrink.measure.interleaved_p50).
 
     PYTHONPATH=. nice -n 5 python benchmarks/logit_cache.py [--steps 20] [--batch 64]
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,23 +33,9 @@ from vitshrink.data.sources import SeededSource, train_transform, with_transform
 from vitshrink.distill.tasks import LogitKDTask
 from vitshrink.distill.teachers import Teachers
 from vitshrink.io import create_model, data_config, set_data_config
+from vitshrink.measure import interleaved_p50
 from vitshrink.pipeline import load_bundled_teacher, resolve_run_settings
 from vitshrink.students import derive_student
-
-
-def _interleaved_rates(steps_by_mode: dict, batches, steps: int) -> dict:
-    """images/s per mode, timing one step of each mode in turn (A, B, C, A, B, C, ...) and taking each mode's
-    median step: a machine whose speed drifts during the run then shifts every mode alike."""
-    for step in steps_by_mode.values():
-        for images, targets, extras in batches[:2]:
-            step(images, targets, extras)  # warm-up
-    times: dict = {mode: [] for mode in steps_by_mode}
-    for images, targets, extras in batches[:steps]:
-        for mode, step in steps_by_mode.items():
-            start = time.perf_counter()
-            step(images, targets, extras)
-            times[mode].append(time.perf_counter() - start)
-    return {mode: batches[0][0].shape[0] / statistics.median(t) for mode, t in times.items()}
 
 
 def measure(teacher, steps: int, batch: int, tmp: Path) -> dict:
@@ -62,7 +47,7 @@ def measure(teacher, steps: int, batch: int, tmp: Path) -> dict:
     cache_logits(teacher, data.train, tmp / "cache", cfg=cfg, epochs=1, topk=10, seed=0, num_classes=10)
     source = SeededSource(with_transform(data.train, train_transform(student, cfg)), batch_size=batch, seed=0, workers=0)
     source.set_epoch(0)
-    batches = [b for _, b in zip(range(steps + 2), source)]
+    batches = [b for _, b in zip(range(1), source)]
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     live = LogitKDTask(student, Teachers.live({"teacher": teacher}, data_config(student)), kd_weight=0.5,
                        temperature=1.0)
@@ -78,9 +63,13 @@ def measure(teacher, steps: int, batch: int, tmp: Path) -> dict:
         return step
 
     student.train()
-    rates = _interleaved_rates({"student_only": runner(None), "live_kd": runner(live), "cache_kd": runner(cached)},
-                               batches, steps)
-    return {**rates,
+    images, targets, extras = batches[0]
+    steps_by_mode = {"student_only": runner(None), "live_kd": runner(live), "cache_kd": runner(cached)}
+    # The project's interleaved timer: modes alternate round by round, so drift during the run hits them alike.
+    timed = interleaved_p50({mode: (lambda step=step: step(images, targets, extras))
+                             for mode, step in steps_by_mode.items()},
+                            images.shape[0], rounds=max(1, steps // 3), warmup=2, min_time_s=0.0, min_iters=3)
+    return {**{mode: images.shape[0] / (entry["p50_ms"] / 1000) for mode, entry in timed.items()},
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in student.parameters())}
 

@@ -281,8 +281,6 @@ def test_tasks_that_cannot_take_mixup_refuse_in_one_line():
          "cannot take mixup/cutmix"),
         (LogitKDTask(student, teacher, kd_weight=1.0, temperature=4.0), dict(recipe="probe", uses_labels=False),
          "trains without labels"),
-        (LogitKDTask(student, teacher, kd_weight=0.5, temperature=4.0),
-         dict(recipe="vanilla", uses_labels=True, logit_caches={"teacher": "cache"}), "--logit-cache"),
     ]
     for task, where, message in cases:
         with pytest.raises(UserError) as caught:

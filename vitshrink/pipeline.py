@@ -221,8 +221,7 @@ def train_student(run: Run, ctx: RecipeContext, model: nn.Module, labelled: Labe
     task = run.recipe.task(teachers, model, cfg).to(run.device)
     mixing = mixup_from_settings(cfg, num_classes=labelled.num_classes, seed=run.seed)
     if mixing is not None:
-        check_mixup_allowed(task, cfg, recipe=run.recipe.name, uses_labels=run.recipe.uses_labels,
-                            logit_caches=run.logit_caches)
+        check_mixup_allowed(task, cfg, recipe=run.recipe.name, uses_labels=run.recipe.uses_labels)
     source = run.recipe.source(model, ctx)
     schedule = Schedule.from_settings(cfg, amp=run.amp, compile=run.compile)
     steps_per_epoch = schedule.steps_per_epoch(source)

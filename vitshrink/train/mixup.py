@@ -98,9 +98,9 @@ def takes_soft_targets(task: Any) -> bool:
     return isinstance(getattr(task, "criterion", None), (nn.CrossEntropyLoss, SoftTargetCrossEntropy))
 
 
-def check_mixup_allowed(task: Any, cfg: Mapping[str, Any], *, recipe: str, uses_labels: bool,
-                        logit_caches: Mapping[str, Any] | None = None) -> None:
-    """Refuse mixup where it cannot work, in one line naming the key."""
+def check_mixup_allowed(task: Any, cfg: Mapping[str, Any], *, recipe: str, uses_labels: bool) -> None:
+    """Refuse mixup where it cannot work, in one line naming the key. (Mixup with --logit-cache is refused
+    earlier, before any teacher is loaded: ``vitshrink.data.logit_cache.check_replayable``.)"""
     key = "mixup" if float(cfg.get("mixup") or 0.0) > 0 else "cutmix"
     flag = f"--{key} {cfg.get(key)}"
     if not uses_labels:
@@ -110,6 +110,3 @@ def check_mixup_allowed(task: Any, cfg: Mapping[str, Any], *, recipe: str, uses_
         reason = getattr(task, "soft_targets_reason", "its loss takes class indices, not mixed [B, K] targets")
         raise UserError(f"{flag}: the {recipe} recipe's training task cannot take mixup/cutmix ({reason}); "
                         "set --mixup 0 --cutmix 0")
-    if logit_caches:
-        raise UserError(f"{flag}: --logit-cache holds the teacher's logits of unmixed images, but the teacher must "
-                        "see the mixed ones; run without --logit-cache or set --mixup 0 --cutmix 0")
