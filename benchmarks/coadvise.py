@@ -6,9 +6,18 @@ Rows (same CiT student, epochs, data; each seed):
   deit_token    DeiT hard token KD with the ResNet-56 alone on the conv token: 0.5 CE(cls) + 0.5 CE(conv head,
                 argmax ResNet-56); the inv head gets no loss (inference still averages all three heads)
   coadvise_r56  co-advise with the ResNet-56 on both the conv and the inv token (does the involution bias matter?)
-The involution teacher (rednet_cifar26) is trained first with ``vitshrink.supervised.train_teacher`` on the same
-training split; its top-1 is recorded. Top-1 on the validation tar (test.tar when present), training images/s
-(steps x batch / the loop's wall time, which includes each epoch's validation).
+The involution teacher (``--inv-arch``, default rednet_cifar26) is trained first with
+``vitshrink.supervised.train_teacher`` on the same training split; its top-1 is recorded. Top-1 on the test tar
+(test.tar when present), training images/s (steps x batch / the loop's wall time, which includes each epoch's
+validation). With ``--select-split F`` every run (teacher included) keeps the fraction F of the training images
+apart to pick its best epoch, and the chosen model is then evaluated once on the test tar (the test images
+never choose a checkpoint); without it the test tar is also the per-epoch validation set.
+
+CPU scale (2 cores, about 90 minutes, one torch thread):
+
+    OMP_NUM_THREADS=1 python benchmarks/coadvise.py --data-dir DIR_WITH_train_5k_AND_test.tar \
+        --student vitshrink_cit:img_size=32,patch_size=4,embed_dim=96,depth=4,num_heads=3 \
+        --inv-arch rednet_cifar26:base_chs=16 --select-split 0.1 --epochs 6 --teacher-epochs 10 -b 64
 
     python benchmarks/coadvise.py --data-dir ../shared/data/cifar10 \
         --resnet56 ../shared/data/checkpoints/cifar10_resnet56_akamaster.th \
@@ -32,6 +41,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vitshrink.data import resolve_eval_split  # noqa: E402
+from vitshrink.evaluation import evaluate  # noqa: E402
 from vitshrink.io import load_model, save_model  # noqa: E402
 from vitshrink.pipeline import BUNDLED_TEACHER, distill  # noqa: E402
 from vitshrink.supervised import train_teacher  # noqa: E402
@@ -62,6 +73,10 @@ def main() -> None:
     parser.add_argument("--student", default=DEFAULT_STUDENT)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--teacher-epochs", type=int, default=5)
+    parser.add_argument("--inv-arch", default="rednet_cifar26",
+                        help="involution teacher: timm name[:key=value,...], e.g. rednet_cifar26:base_chs=16")
+    parser.add_argument("--select-split", type=float, default=0.0,
+                        help="fraction of the training images that picks each run's best epoch (0: the test tar)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--device", default="auto")
@@ -78,13 +93,19 @@ def main() -> None:
 
     resnet56 = args.work / "resnet56.safetensors"
     save_model(load_model(args.resnet56, arch="cifar_resnet56"), resnet56)
-    inv = train_teacher("rednet_cifar26", data=train, val_data=val, out_dir=args.work / "rednet", device=args.device,
+    select = args.select_split > 0
+    inv_name, _, inv_kwargs = args.inv_arch.partition(":")
+    inv_kwargs = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in inv_kwargs.split(",") if kv)}
+    inv = train_teacher(inv_name, data=train, val_data=None if select else val, val_split=args.select_split or 0.1,
+                        out_dir=args.work / "rednet", device=args.device, model_kwargs=inv_kwargs,
                         epochs=args.teacher_epochs, batch_size=args.batch_size, overrides=dict(overrides))
+    test_set = resolve_eval_split(None, val)[0] if select else None
+    inv_top1 = test_top1(inv.model, test_set, args.device) if select else inv.report["top1"]
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "device": args.device,
               "command": " ".join(sys.argv), "train": str(train), "val": str(val), "student": args.student,
-              "epochs": args.epochs, "inv_teacher": {"arch": "rednet_cifar26", "epochs": args.teacher_epochs,
-                                                     "top1": inv.report["top1"],
+              "epochs": args.epochs, "select_split": args.select_split,
+              "inv_teacher": {"arch": args.inv_arch, "epochs": args.teacher_epochs, "top1": inv_top1,
                                                      "seconds": inv.report["train_seconds"]},
               "rows": {}, "skipped": []}
     for row in args.rows.split(","):
@@ -95,12 +116,14 @@ def main() -> None:
                 continue
             options = {"conv_teacher": str(resnet56), "inv_teacher": str(args.work / "rednet" / "model.safetensors"),
                        **{k: (str(resnet56) if v == "RESNET56" else v) for k, v in ROWS[row].items()}}
-            run = distill(load_model(BUNDLED_TEACHER), "coadvise", student=args.student, data=train, val_data=val,
+            run = distill(load_model(BUNDLED_TEACHER), "coadvise", student=args.student, data=train,
+                          val_data=None if select else val, val_split=args.select_split or 0.1,
                           out_dir=args.work / f"{row}_s{seed}", epochs=args.epochs, batch_size=args.batch_size,
                           device=args.device, seed=seed, overrides=dict(overrides), options=options)
+            top1 = test_top1(run.student, test_set, args.device) if select else run.report["student"]["top1"]
             cfg = yaml.safe_load((run.out_dir / "args.yaml").read_text())["config"]
             steps = optimizer_steps(run.out_dir)
-            runs.append({"seed": seed, "top1": run.report["student"]["top1"],
+            runs.append({"seed": seed, "top1": top1, "select_top1": run.report["student"]["top1"],
                          "images_per_s": steps * int(cfg["batch_size"]) / max(run.report["distill_seconds"], 1e-9)})
         if runs:
             top1 = [r["top1"] for r in runs]
@@ -109,13 +132,18 @@ def main() -> None:
                                    "images_per_s_mean": statistics.mean(r["images_per_s"] for r in runs)}
     out = args.out or args.work / "coadvise.json"
     out.write_text(json.dumps(result, indent=2))
-    print(f"involution teacher rednet_cifar26: top-1 {100 * inv.report['top1']:.2f}%")
+    print(f"involution teacher {args.inv_arch}: top-1 {100 * inv_top1:.2f}%")
     for row, entry in result["rows"].items():
         print(f"{row:14s} top-1 {100 * entry['top1_mean']:.2f}% +- {100 * entry['top1_spread']:.2f} "
               f"({len(entry['runs'])} seeds), {entry['images_per_s_mean']:.1f} img/s")
     if result["skipped"]:
         print("skipped (budget):", ", ".join(result["skipped"]))
     print(f"wrote {out}")
+
+
+def test_top1(model, test_set, device: str) -> float:
+    """Top-1 of ``model`` on the whole test tar (its own eval transform)."""
+    return evaluate(model, test_set, device="cpu" if device == "auto" else device).top1
 
 
 def optimizer_steps(out_dir: Path) -> int:

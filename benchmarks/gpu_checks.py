@@ -119,6 +119,22 @@ def main() -> None:
             if (run / name).exists():
                 shutil.copy(run / name, OUT / f"uvc_full_{name}")
         s.save()
+    # 3b. --latency-target on the torch-cuda runtime (issue 14: never run on a GPU yet): table, fit, target vs
+    # measured in report.json's pruning.latency, then a short post-training.
+    if want("uvc_latency_cuda"):
+        run = Path("/tmp/uvc_latency_cuda")
+        s.vitshrink("uvc_latency_cuda", ["distill", "--recipe", "uvc", "--latency-target", "0.5",
+                                         "--latency-runtime", "ort-cpu" if args.dry_run else "torch-cuda",
+                                         "--latency-batch", "1" if args.dry_run else "64", "--data", str(train),
+                                         "--val-data", str(test), "--epochs", "1", "-b", "256",
+                                         "--set", "search_steps=" + ("3" if args.dry_run else "100"),
+                                         "--steps-per-epoch", "2" if args.dry_run else "100", "--out", str(run)], 120)
+        report = run / "report.json"
+        if report.exists():
+            s.results["steps"]["uvc_latency_cuda"]["latency"] = json.loads(report.read_text()).get(
+                "pruning", {}).get("latency")
+            shutil.copy(report, OUT / "uvc_latency_cuda_report.json")
+        s.save()
     # 4. Co-advise (issue 9) at a scale the CPU can't reach.
     if want("coadvise") and (ROOT / "benchmarks" / "coadvise.py").exists():
         s.run("coadvise", [sys.executable, "benchmarks/coadvise.py", "--device", device, "--data-dir", str(DATA),
