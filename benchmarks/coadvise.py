@@ -13,7 +13,7 @@ validation). With ``--select-split F`` every run (teacher included) keeps the fr
 apart to pick its best epoch, and the chosen model is then evaluated once on the test tar (the test images
 never choose a checkpoint); without it the test tar is also the per-epoch validation set.
 
-CPU scale (2 cores, about 90 minutes, one torch thread):
+CPU scale (2 cores, about 110 minutes, one torch thread; benchmarks/RESULTS.md):
 
     OMP_NUM_THREADS=1 python benchmarks/coadvise.py --data-dir DIR_WITH_train_5k_AND_test.tar \
         --student vitshrink_cit:img_size=32,patch_size=4,embed_dim=96,depth=4,num_heads=3 \
@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +46,7 @@ from vitshrink.data import resolve_eval_split  # noqa: E402
 from vitshrink.evaluation import evaluate  # noqa: E402
 from vitshrink.io import load_model, save_model  # noqa: E402
 from vitshrink.pipeline import BUNDLED_TEACHER, distill  # noqa: E402
+from vitshrink.students import parse_student_spec  # noqa: E402
 from vitshrink.supervised import train_teacher  # noqa: E402
 
 DEFAULT_STUDENT = "vitshrink_cit:img_size=32,patch_size=4,embed_dim=192,depth=6,num_heads=3"
@@ -94,8 +96,7 @@ def main() -> None:
     resnet56 = args.work / "resnet56.safetensors"
     save_model(load_model(args.resnet56, arch="cifar_resnet56"), resnet56)
     select = args.select_split > 0
-    inv_name, _, inv_kwargs = args.inv_arch.partition(":")
-    inv_kwargs = {k: yaml.safe_load(v) for k, _, v in (kv.partition("=") for kv in inv_kwargs.split(",") if kv)}
+    inv_name, inv_kwargs = parse_student_spec(args.inv_arch)  # same NAME:key=value,... form as --student
     inv = train_teacher(inv_name, data=train, val_data=None if select else val, val_split=args.select_split or 0.1,
                         out_dir=args.work / "rednet", device=args.device, model_kwargs=inv_kwargs,
                         epochs=args.teacher_epochs, batch_size=args.batch_size, overrides=dict(overrides))
@@ -143,13 +144,13 @@ def main() -> None:
 
 def test_top1(model, test_set, device: str) -> float:
     """Top-1 of ``model`` on the whole test tar (its own eval transform)."""
-    return evaluate(model, test_set, device="cpu" if device == "auto" else device).top1
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return evaluate(model, test_set, device=device).top1
 
 
 def optimizer_steps(out_dir: Path) -> int:
     """Optimizer steps the run took: global_step from last.pt."""
-    import torch
-
     state = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)
     return int(state.get("global_step") or 0)
 

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vitshrink._atomic import atomic_write_text  # noqa: E402
 from vitshrink.io import load_model  # noqa: E402
 from vitshrink.pipeline import BUNDLED_TEACHER  # noqa: E402
-from vitshrink.prune import latency_table  # noqa: E402
 from vitshrink.prune.latency_fit import LatencyModel, fit_latency  # noqa: E402
-from vitshrink.prune.plan import BlockKeep, block_dims  # noqa: E402
+from vitshrink.prune.latency_table import measure_latency_table, plan_for_shapes, time_models  # noqa: E402
+from vitshrink.prune.plan import block_dims  # noqa: E402
 from vitshrink.prune.resource import ResourceModel  # noqa: E402
 from vitshrink.prune.surgery import slice_vit  # noqa: E402
 
@@ -33,32 +33,19 @@ def fixed_plans(teacher) -> dict[str, list]:
     """Plans of known shape: halved widths, halved heads and MLP, two or three blocks skipped."""
     d = block_dims(teacher)[0]
     heads, head_dim, mlp, depth = d.num_heads, d.head_dim, d.mlp_hidden, len(teacher.blocks)
-
-    def plan(shapes):
-        return [None if s is None else BlockKeep(heads=list(range(s[0])), mlp=list(range(s[2])),
-                                                 head_dims=[list(range(s[1]))] * s[0]) for s in shapes]
-
-    return {"half_head_dim_half_mlp": plan([(heads, head_dim // 2, mlp // 2)] * depth),
-            "half_heads_half_mlp": plan([(max(1, heads // 2), head_dim, mlp // 2)] * depth),
-            "skip2": plan([(heads, head_dim, mlp)] * (depth - 2) + [None] * 2),
-            "skip2_three_quarter_widths": plan([(heads, 3 * head_dim // 4, 3 * mlp // 4)] * (depth - 2) + [None] * 2),
-            "skip3": plan([(heads, head_dim, mlp)] * (depth - 3) + [None] * 3)}
+    shapes = {"half_head_dim_half_mlp": [(heads, head_dim // 2, mlp // 2)] * depth,
+              "half_heads_half_mlp": [(max(1, heads // 2), head_dim, mlp // 2)] * depth,
+              "skip2": [(heads, head_dim, mlp)] * (depth - 2),
+              "skip2_three_quarter_widths": [(heads, 3 * head_dim // 4, 3 * mlp // 4)] * (depth - 2),
+              "skip3": [(heads, head_dim, mlp)] * (depth - 3)}
+    return {name: plan_for_shapes(teacher, blocks) for name, blocks in shapes.items()}
 
 
 def table_fit(teacher, exporter: str, batch: int, threads: int | None) -> tuple[LatencyModel, dict]:
     """The product's table, timed from ``exporter``'s ONNX files, and the latency model fitted to it."""
-    original = latency_table.time_models
-
-    def with_exporter(models, runtime, batch_size, **kwargs):
-        return original(models, runtime, batch_size, **{**kwargs, "exporter": exporter})
-
-    latency_table.time_models = with_exporter
-    try:
-        started = time.perf_counter()
-        table = latency_table.measure_latency_table(teacher, "ort-cpu", batch, threads=threads)
-        seconds = time.perf_counter() - started
-    finally:
-        latency_table.time_models = original
+    started = time.perf_counter()
+    table = measure_latency_table(teacher, "ort-cpu", batch, threads=threads, exporter=exporter)
+    seconds = time.perf_counter() - started
     flops = ResourceModel(teacher)
     fit = fit_latency(table["rows"], flops.attn_unit, flops.mlp_unit)
     teacher_ms = next(r["ms"] for r in table["rows"] if r["name"] == table["reference"])
@@ -75,9 +62,8 @@ def main() -> None:
     teacher = load_model(args.teacher).eval()
     fits = {exporter: table_fit(teacher, exporter, args.batch, args.threads) for exporter in ("torchscript", "dynamo")}
     plans = fixed_plans(teacher)
-    timed = latency_table.time_models({"teacher": teacher, **{k: slice_vit(teacher, p).eval() for k, p in plans.items()}},
-                                      "ort-cpu", args.batch, rounds=7, min_time_s=0.2, threads=args.threads,
-                                      exporter="dynamo")
+    timed = time_models({"teacher": teacher, **{k: slice_vit(teacher, p).eval() for k, p in plans.items()}},
+                        "ort-cpu", args.batch, rounds=7, min_time_s=0.2, threads=args.threads, exporter="dynamo")
     rows = []
     for name, plan in plans.items():
         measured = statistics.median(s / t for s, t in zip(timed[name]["rounds_ms"], timed["teacher"]["rounds_ms"]))

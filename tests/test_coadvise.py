@@ -105,7 +105,6 @@ def test_cls_teacher_option_adds_soft_targets_to_the_class_head():
                           atol=1e-5)
 
 
-
 def test_one_epoch_run_writes_a_reloadable_student_with_one_onnx_output(tmp_path, coadvise_teachers):
     import onnxruntime as ort
 

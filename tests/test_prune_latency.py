@@ -13,7 +13,7 @@ import torch
 from distill_support import PYTHON, REPO, small_data, subprocess_env, tiny_teacher_path  # noqa: F401  (fixture)
 from vitshrink.io import create_model, load_model, set_data_config
 from vitshrink.prune.latency_fit import LatencyFit, LatencyModel, fit_latency
-from vitshrink.prune.latency_table import check_latency_runtime, probe_grid
+from vitshrink.prune.latency_table import check_latency_runtime, plan_for_shapes, probe_grid
 from vitshrink.prune.plan import block_dims, plan_from_json
 from vitshrink.prune.surgery import slice_vit
 from vitshrink.prune.uvc_search import UVCConfig, search_uvc
@@ -104,6 +104,15 @@ def test_probe_grid_separates_heads_from_macs():
     grid = probe_grid(block_dims(create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64,
                                               depth=1, num_heads=2, mlp_ratio=2.0))[0], 8)
     assert len(grid) == 12 and (2, 16, 128) in grid and (1, 32, 128) in grid  # same attention MACs, other heads
+
+
+def test_plan_for_shapes_keeps_the_first_blocks_at_those_widths(vit):
+    plan = plan_for_shapes(vit, [(1, 16, 32), (2, 8, 64)])
+    assert plan[2] is None
+    sliced = slice_vit(vit, plan)
+    assert [(d.num_heads, d.head_dim, d.mlp_hidden) for d in block_dims(sliced)] == [(1, 16, 32), (2, 8, 64)]
+    # The first units are kept: block 0's sliced fc1 is the teacher's first 32 rows.
+    torch.testing.assert_close(sliced.blocks[0].mlp.fc1.weight, vit.blocks[0].mlp.fc1.weight[:32])
 
 
 def test_latency_target_run_writes_table_and_report(tiny_teacher_path, tmp_path):

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from vitshrink.errors import UserError
-from vitshrink.prune.plan import BlockDims, BlockKeep, block_dims
+from vitshrink.prune.plan import BlockDims, BlockKeep, Plan, block_dims
 
-__all__ = ["LATENCY_RUNTIMES", "check_latency_runtime", "probe_grid", "measure_latency_table", "time_models"]
+__all__ = ["LATENCY_RUNTIMES", "check_latency_runtime", "probe_grid", "plan_for_shapes", "measure_latency_table",
+           "time_models"]
 
 LATENCY_RUNTIMES = ("ort-cpu", "torch-cuda")
 
@@ -55,14 +56,19 @@ def probe_grid(d: BlockDims, dim_multiple: int = 1) -> list[tuple[int, int, int]
     return [(h, hd, m) for h in heads for hd in head_dims for m in mlps]
 
 
+def plan_for_shapes(teacher: nn.Module, blocks: list[tuple[int, int, int]]) -> Plan:
+    """The plan keeping ``teacher``'s first ``len(blocks)`` blocks at those (heads, head dim, MLP) widths (the
+    first units of each) and skipping the rest."""
+    padded = list(blocks) + [None] * (len(teacher.blocks) - len(blocks))
+    return [None if b is None else BlockKeep(heads=list(range(b[0])), mlp=list(range(b[2])),
+                                             head_dims=[list(range(b[1]))] * b[0]) for b in padded]
+
+
 def _probe(teacher: nn.Module, blocks: list[tuple[int, int, int]]) -> nn.Module:
-    """A model sliced from ``teacher``: its first ``len(blocks)`` blocks at those (heads, head dim, MLP) widths."""
+    """A model sliced from ``teacher`` by ``plan_for_shapes``."""
     from vitshrink.prune.surgery import slice_vit
 
-    padded = list(blocks) + [None] * (len(teacher.blocks) - len(blocks))
-    plan = [None if b is None else BlockKeep(heads=list(range(b[0])), mlp=list(range(b[2])),
-                                             head_dims=[list(range(b[1]))] * b[0]) for b in padded]
-    return slice_vit(teacher, plan).eval()
+    return slice_vit(teacher, plan_for_shapes(teacher, blocks)).eval()
 
 
 # model -> {(batch, threads, exporter): call}: the teacher is timed several times per run (table, corrections, final
@@ -122,7 +128,7 @@ def _no_grad_call(model: nn.Module, x: torch.Tensor):
 
 def measure_latency_table(teacher: nn.Module, runtime: str, batch_size: int, *, dim_multiple: int = 1,
                           rounds: int = 7, min_time_s: float = 0.05, threads: int | None = None,
-                          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                          exporter: str = "torchscript", log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The table: one row per probe model, ``{"name", "blocks": [[h, d, m], ...], "ms", "rounds_ms",
     "per_block_ms"}`` (``per_block_ms`` = (ms - fixed) / blocks).
 
@@ -130,6 +136,8 @@ def measure_latency_table(teacher: nn.Module, runtime: str, batch_size: int, *, 
     teacher's first block; the first one is the teacher) and ``half_depth`` (the first half of the blocks).
     ``ms`` is paired with the teacher: the median over rounds of (row / teacher in the same round) times the
     teacher's median, so that load that comes and goes between rounds on a shared machine cancels.
+    ``exporter`` writes the ``ort-cpu`` probes (TorchScript by default: fast; benchmarks/latency_exporters.py
+    compares it with the shipped dynamo exporter).
     """
     dims = block_dims(teacher)
     depth = len(dims)
@@ -146,7 +154,7 @@ def measure_latency_table(teacher: nn.Module, runtime: str, batch_size: int, *, 
         log(f"latency table: timing {len(models)} probe models on {runtime}, batch {batch_size}, {rounds} rounds")
     started = datetime.datetime.now(datetime.timezone.utc)
     timed = time_models(models, runtime, batch_size, rounds=rounds, min_time_s=min_time_s, min_iters=1,
-                        threads=threads, exporter="torchscript")
+                        threads=threads, exporter=exporter)
     seconds = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     ref_rounds = timed[reference]["rounds_ms"]
     ref_ms = statistics.median(ref_rounds)
@@ -157,5 +165,5 @@ def measure_latency_table(teacher: nn.Module, runtime: str, batch_size: int, *, 
              **({"per_block_ms": (paired[name] - paired["fixed"]) / len(shapes[name])} if shapes[name] else {})}
             for name in shapes]
     return {"runtime": runtime, "batch_size": int(batch_size), "threads": threads, "rounds": rounds,
-            "reference": reference, "exporter": "torchscript" if runtime == "ort-cpu" else None,
+            "reference": reference, "exporter": exporter if runtime == "ort-cpu" else None,
             "seconds": seconds, "date": started.isoformat(timespec="seconds"), "rows": rows}
