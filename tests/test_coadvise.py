@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import onnx
@@ -11,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill_support import (PYTHON, coadvise_teachers, small_data, subprocess_env,  # noqa: F401
-                             tiny_teacher_path)
+from cli_support import assert_one_line_error, run_cli
+from distill_support import small_data
 
 torch.set_num_threads(1)
 
@@ -147,32 +146,28 @@ def test_default_student_is_a_cit_started_from_a_vit_teacher(tiny_teacher_path):
     assert torch.equal(cit.blocks[0].attn.qkv.weight, teacher.blocks[0].attn.qkv.weight)
 
 
-def _cli(*args, cwd):
-    return subprocess.run([PYTHON, "-m", "vitshrink", *args], cwd=cwd, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=300)
+def _cli(capsys, monkeypatch, cwd: Path, *args) -> tuple[int, str, str]:
+    """``vitshrink ARGS`` run in-process from ``cwd``."""
+    monkeypatch.chdir(cwd)
+    return run_cli(capsys, *args)
 
 
 @pytest.mark.parametrize("case", ["missing", "unloadable", "classes"])
-def test_teacher_errors_are_one_line_exit_2(tmp_path, coadvise_teachers, case):
+def test_teacher_errors_are_one_line_exit_2(capsys, monkeypatch, tmp_path, coadvise_teachers, case):
     conv = str(coadvise_teachers / "conv.safetensors")
     inv = {"missing": str(tmp_path / "nope.safetensors"), "unloadable": str(tmp_path / "bad.safetensors"),
            "classes": str(coadvise_teachers / "inv5.safetensors")}[case]
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    proc = _cli("distill", "--recipe", "coadvise", "--conv-teacher", conv, "--inv-teacher", inv, "--epochs", "1",
-                "--out", str(tmp_path / "out"), "--no-progress", cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr
-    assert "--inv-teacher" in lines[0]
-    if case == "classes":
-        assert "5 classes" in lines[0] and "10" in lines[0]
+    code, _, err = _cli(capsys, monkeypatch, tmp_path, "distill", "--recipe", "coadvise", "--conv-teacher", conv,
+                        "--inv-teacher", inv, "--epochs", "1", "--out", tmp_path / "out", "--no-progress")
+    assert_one_line_error(code, err, "--inv-teacher", *(["5 classes", "10"] if case == "classes" else []))
     assert not (tmp_path / "out" / "student.safetensors").exists()
 
 
-def test_missing_inv_teacher_flag(tmp_path, coadvise_teachers):
-    proc = _cli("distill", "--recipe", "coadvise", "--conv-teacher", str(coadvise_teachers / "conv.safetensors"),
-                "--out", str(tmp_path / "out"), cwd=tmp_path)
-    assert proc.returncode == 2 and "--inv-teacher" in proc.stderr and "Traceback" not in proc.stderr
+def test_missing_inv_teacher_flag(capsys, monkeypatch, tmp_path, coadvise_teachers):
+    code, _, err = _cli(capsys, monkeypatch, tmp_path, "distill", "--recipe", "coadvise", "--conv-teacher",
+                        coadvise_teachers / "conv.safetensors", "--out", tmp_path / "out")
+    assert code == 2 and "--inv-teacher" in err and "Traceback" not in err
 
 
 def _tiny_folder(root: Path) -> Path:
@@ -188,7 +183,7 @@ def _tiny_folder(root: Path) -> Path:
     return root
 
 
-def test_train_teacher_writes_a_model_inspect_and_evaluate_read(tmp_path):
+def test_train_teacher_writes_a_model_inspect_and_evaluate_read(capsys, monkeypatch, tmp_path):
     from vitshrink.supervised import train_teacher
 
     out = tmp_path / "teacher"
@@ -199,13 +194,13 @@ def test_train_teacher_writes_a_model_inspect_and_evaluate_read(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["arch"] == "rednet_cifar26" and 0.0 <= report["top1"] <= 1.0 and report["params"] > 0
     assert len(onnx.load(str(out / "model.onnx")).graph.output) == 1
-    inspected = _cli("inspect", str(out / "model.safetensors"), cwd=tmp_path)
-    assert inspected.returncode == 0, inspected.stderr
-    assert "rednet_cifar26" in inspected.stdout
-    evaluated = _cli("evaluate", str(out / "model.safetensors"), "--data", str(_tiny_folder(tmp_path / "imgs")),
-                     cwd=tmp_path)
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert "top-1" in evaluated.stdout.lower() or "top1" in evaluated.stdout.lower()
+    code, stdout, err = _cli(capsys, monkeypatch, tmp_path, "inspect", out / "model.safetensors")
+    assert code == 0, err
+    assert "rednet_cifar26" in stdout
+    code, stdout, err = _cli(capsys, monkeypatch, tmp_path, "evaluate", out / "model.safetensors", "--data",
+                             _tiny_folder(tmp_path / "imgs"))
+    assert code == 0, err
+    assert "top-1" in stdout.lower() or "top1" in stdout.lower()
     assert result.report["top1"] == report["top1"]
 
 

@@ -9,14 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from distill_support import tiny_teacher_path  # noqa: F401  (fixture)
-from test_cli import assert_one_line_error, run_cli
+from cli_support import assert_one_line_error, run_cli
+from conftest import CIFAR_TEST_1K, REPO
 from vitshrink.errors import UserError
 from vitshrink.io import load_model, record_of
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = ROOT / "vitshrink" / "assets" / "teacher_vit_cifar10.safetensors"
-CIFAR_TEST_1K = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "test_1k.tar"
+BUNDLED = REPO / "vitshrink" / "assets" / "teacher_vit_cifar10.safetensors"
 pytestmark = pytest.mark.skipif(not CIFAR_TEST_1K.exists(), reason="shared CIFAR-10 test_1k not present")
 # The bundled teacher was trained with ImageNet mean/std and 6 heads; vit_tiny's timm default is 3 heads.
 NORM = ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from test_cli import assert_one_line_error, run_cli
+from cli_support import assert_one_line_error, run_cli
+from conftest import CIFAR_TEST_1K
 from vitshrink.io import create_model, save_model
 
 torch.set_num_threads(1)
@@ -46,14 +47,12 @@ def test_data_free_without_val_data_reports_no_real_image_and_no_accuracy(capsys
 
 
 def test_data_free_with_val_data_measures_accuracy(tmp_path, tiny_teacher):
-    from conftest import SHARED_DATA
     from vitshrink.io import load_model
     from vitshrink.pipeline import distill
 
-    test_1k = SHARED_DATA / "cifar10" / "test_1k.tar"
-    if not test_1k.exists():
-        pytest.skip(f"{test_1k} not present")
-    result = distill(load_model(tiny_teacher), "vanilla", data_free=True, synth_num=10, val_data=test_1k,
+    if not CIFAR_TEST_1K.exists():
+        pytest.skip(f"{CIFAR_TEST_1K} not present")
+    result = distill(load_model(tiny_teacher), "vanilla", data_free=True, synth_num=10, val_data=CIFAR_TEST_1K,
                      out_dir=tmp_path / "run", epochs=1, batch_size=5, workers=0, progress=False,
                      options={"synth_iterations": 3, "synth_batch_size": 10, "bench_batch_sizes": [1]})
     assert result.report["data_free"]["accuracy_measured"] is True

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_support import TEACHER_ARCH, TEACHER_KWARGS
-from conftest import SHARED_DATA
+from conftest import RESNET20, TEACHER_ARCH, TEACHER_KWARGS
+from distill_support import small_data
 from vitshrink.distill.taps import FeatureTaps
 from vitshrink.distill.teachers import Teachers
 from vitshrink.errors import UserError
@@ -16,7 +16,6 @@ from vitshrink.pipeline import load_teachers, resolve_run_settings
 from vitshrink.recipes import RecipeContext, get_recipe, load_preset
 
 torch.set_num_threads(1)
-RESNET20 = SHARED_DATA / "checkpoints" / "cifar10_resnet20_akamaster.th"
 
 
 def _resnet20():
@@ -136,7 +135,6 @@ def test_cnn_teacher_role_missing_and_stand_in(tmp_path):
 def test_stage_follows_the_sources_epoch_on_resume():
     """The loop restores ``source.set_epoch(epoch, batch)`` on --resume; the stage comes from the batch's key,
     so a run resumed in its stage-II epoch (mid-epoch) trains stage II from its first step."""
-    from distill_support import small_data
     from vitshrink.data.sources import labelled_source
 
     recipe, student, teachers, _, _, cfg = _setup(stage1_epochs=1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from distill_support import PYTHON, REPO, subprocess_env, tiny_teacher_path  # noqa: F401
+from distill_support import PYTHON, REPO, subprocess_env
 from vitshrink.data import resolve_data
 from vitshrink.train import load_checkpoint
 from vitshrink.evaluation import evaluate
@@ -21,7 +21,8 @@ def test_torchrun_two_cpu_processes(tiny_teacher_path, tmp_path):
     out = tmp_path / "ddp"
     command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "vitshrink", "distill", str(tiny_teacher_path), "--recipe", "vanilla", "--out", str(out),
-               "--epochs", "1", "-b", "16", "--steps-per-epoch", "6", "-j", "0", "--device", "cpu", "--no-progress"]
+               "--epochs", "1", "-b", "16", "--steps-per-epoch", "6", "-j", "0", "--device", "cpu", "--no-progress",
+               "--set", "bench_batch_sizes=[1]"]
     result = subprocess.run(command, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("vitshrink distill report") == 1  # only rank 0 prints the report

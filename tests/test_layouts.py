@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from conftest import CIFAR_TEST_1K
 from vitshrink.data import sample_images
 from vitshrink.errors import UserError
 from vitshrink.export import export_onnx
 from vitshrink.io import data_config, load_model, record_of
 
-CIFAR_TEST_1K = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "test_1k.tar"
 pytestmark = pytest.mark.skipif(not CIFAR_TEST_1K.exists(), reason="shared CIFAR-10 test_1k not present")
 
 

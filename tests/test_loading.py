@@ -11,13 +11,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from conftest import CHECKPOINTS, REPO
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, load_model, record_of, save_model
 
 # A tiny ViT at 32 px: 8x8 patches of 4 px, width 64, 2 blocks, 4 heads of 16.
 TINY_VIT = "vit_tiny_patch16_224"
 TINY_KWARGS = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10)
-CHECKPOINTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "checkpoints"
 
 
 def _images(n: int = 2, size: int = 32, chans: int = 3, seed: int = 0) -> torch.Tensor:
@@ -223,10 +223,6 @@ def test_malicious_pickle_is_refused_and_never_executed(tmp_path):
 
 
 def test_cifar_resnet_teacher_checkpoint_loads_and_classifies_real_images(tmp_path):
-    import vitshrink.models  # noqa: F401  (registers the CIFAR ResNets)
-
-    if "cifar_resnet56" not in timm.list_models():
-        pytest.skip("vitshrink.models does not register cifar_resnet56 yet")
     from vitshrink.data import sample_images
 
     path = CHECKPOINTS / "cifar10_resnet56_akamaster.th"
@@ -340,7 +336,7 @@ def test_hf_conversion_never_imports_transformers(tmp_path, transformers):
     script = ("import sys; from vitshrink.io import load_model; load_model(sys.argv[1]); "
               "assert 'transformers' not in sys.modules, 'transformers was imported'")
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "hf")], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+                            cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 
 

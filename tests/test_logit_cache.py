@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill_support import tiny_teacher_path  # noqa: F401  (session fixture)
+from conftest import REPO
 from vitshrink.data.logit_cache import CachedTeacher, cache_logits, check_fingerprint, rebuild_logits, run_fingerprint
 from vitshrink.data.sources import SeededAugmentation, train_transform, with_transform
 from vitshrink.distill import losses
@@ -118,7 +118,6 @@ def test_distill_reads_cache_and_refuses_mismatch(tiny_teacher_path, tmp_path):
 
     import yaml
 
-    from distill_support import REPO
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "vitshrink", *map(str, args)], cwd=REPO, capture_output=True,
@@ -128,8 +127,9 @@ def test_distill_reads_cache_and_refuses_mismatch(tiny_teacher_path, tmp_path):
     made = cli("cache-logits", tiny_teacher_path, "--data", data, "--epochs", 1, "--topk", 10, "--out", tmp_path / "c",
                "-b", 64, "--device", "cpu")
     assert made.returncode == 0, made.stderr
-    common = ["--data", data, "--epochs", 1, "-b", 64, "--device", "cpu", "--no-progress", "-j", 0,
-              "--logit-cache", tmp_path / "c"]
+    # Two steps and one timed batch size: the test reads the run's records, not its accuracy or latency.
+    common = ["--data", data, "--epochs", 1, "-b", 64, "--steps-per-epoch", 2, "--set", "bench_batch_sizes=[1]",
+              "--device", "cpu", "--no-progress", "-j", 0, "--logit-cache", tmp_path / "c"]
     run = cli("distill", tiny_teacher_path, "--out", tmp_path / "run", *common)
     assert run.returncode == 0, run.stderr
     args = yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())

@@ -16,7 +16,6 @@ import yaml
 from safetensors.torch import load_file
 
 from cli_support import assert_one_line_error, run_cli
-from distill_support import coadvise_teachers, tiny_teacher_path  # noqa: F401  (session fixtures)
 from vitshrink.data import BUNDLED_VAL
 from vitshrink.data.logit_cache import CachedTeacher
 from vitshrink.distill.teachers import LiveTeacher

@@ -4,12 +4,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from distill_support import PYTHON, REPO, small_data, subprocess_env, tiny_teacher_path  # noqa: F401
+from cli_support import assert_one_line_error, run_cli
+from distill_support import small_data
 from vitshrink.compare import compare_runs, plot_comparison
 from vitshrink.pipeline import distill
 from vitshrink.errors import UserError
@@ -17,19 +17,15 @@ from vitshrink.io import load_model
 from vitshrink.report import render_markdown, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Latency measured at two small batch sizes only: the tests check the plumbing, not the speed.
-FAST = {"bench_batch_sizes": [1, 4]}
-
-
 @pytest.fixture(scope="module")
-def two_runs(tiny_teacher_path, tmp_path_factory) -> tuple[Path, Path]:
-    """Two real, finished runs of the tiny teacher: `vanilla` (KD) and `ce` (no KD), 1 short epoch each."""
-    teacher = load_model(tiny_teacher_path)
-    root = tmp_path_factory.mktemp("runs")
-    for recipe in ("vanilla", "ce"):
-        distill(teacher, recipe, data=small_data(96, 64), out_dir=root / recipe, epochs=1, batch_size=32, workers=0,
-                progress=False, overrides=FAST)
-    return root / "vanilla", root / "ce"
+def two_runs(vanilla_run, tiny_teacher_path, tmp_path_factory) -> tuple[Path, Path]:
+    """Two real, finished runs of the tiny teacher: `vanilla` (KD; the session's shared run) and `ce` (no KD), 1
+    short epoch each on the same data, latency at the same two small batch sizes (1 and 4): the tests check the
+    plumbing, not the speed."""
+    out = tmp_path_factory.mktemp("runs") / "ce"
+    distill(load_model(tiny_teacher_path), "ce", data=small_data(384, 100), out_dir=out, epochs=1, batch_size=32,
+            workers=0, progress=False, overrides={"bench_batch_sizes": [1, 4]})
+    return vanilla_run.out_dir, out
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -145,13 +141,11 @@ def test_compare_latency_axis_and_a_benchmark_file(two_runs, tmp_path):
     assert scored.rows[-1].top1 == 0.5 and scored.rows[-1].x == bench["model"]["params"] / 1e6
 
 
-def test_compare_cli_prints_the_table_and_writes_the_plot(two_runs, tmp_path):
+def test_compare_cli_prints_the_table_and_writes_the_plot(capsys, two_runs, tmp_path):
     png = tmp_path / "out" / "pareto.png"
-    result = subprocess.run([PYTHON, "-m", "vitshrink", "compare", *map(str, two_runs), "--plot", str(png),
-                             "--x", "params"], capture_output=True, text=True, cwd=REPO, env=subprocess_env(),
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "vanilla" in result.stdout and "Pareto front" in result.stdout and f"wrote {png}" in result.stdout
+    code, out, err = run_cli(capsys, "compare", *two_runs, "--plot", png, "--x", "params")
+    assert code == 0, err
+    assert "vanilla" in out and "Pareto front" in out and f"wrote {png}" in out
     assert _png_size(png) == (900, 576)
 
 
@@ -161,13 +155,11 @@ def test_compare_cli_prints_the_table_and_writes_the_plot(two_runs, tmp_path):
     (["{run}", "--batch", "7"], "--batch 7: no ORT latency at that batch size"),
     (["{run}", "{empty}/b.json=2"], "TOP1 a fraction in [0, 1]"),
 ])
-def test_compare_bad_input_is_one_line_exit_2(two_runs, tmp_path, bad, message):
+def test_compare_bad_input_is_one_line_exit_2(capsys, two_runs, tmp_path, bad, message):
     (tmp_path / "empty").mkdir()
     args = [a.format(run=two_runs[0], empty=tmp_path / "empty") for a in bad]
-    result = subprocess.run([PYTHON, "-m", "vitshrink", "compare", *args], capture_output=True, text=True, cwd=REPO,
-                            env=subprocess_env(), timeout=120)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    code, _, err = run_cli(capsys, "compare", *args)
+    assert_one_line_error(code, err, message)
 
 
 def test_compare_library_rejects_unknown_axis_before_reading():

@@ -4,13 +4,13 @@ one-line refusals (with --flops-target; torch-cuda without CUDA)."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from distill_support import PYTHON, REPO, small_data, subprocess_env, tiny_teacher_path  # noqa: F401  (fixture)
+from cli_support import assert_one_line_error, run_cli
+from distill_support import small_data
 from vitshrink.io import create_model, load_model, set_data_config
 from vitshrink.prune.latency_fit import LatencyFit, LatencyModel, fit_latency
 from vitshrink.prune.latency_table import check_latency_runtime, plan_for_shapes, probe_grid
@@ -166,25 +166,16 @@ def test_latency_target_run_writes_table_and_report(tiny_teacher_path, tmp_path)
     assert result.report["student"]["top1"] is not None
 
 
-def _cli(args, tmp_path):
-    return subprocess.run([PYTHON, "-m", "vitshrink", "distill", *args, "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300)
-
-
-def test_latency_and_flops_targets_together_are_refused(tiny_teacher_path, tmp_path):
-    proc = _cli([str(tiny_teacher_path), "--recipe", "uvc", "--latency-target", "0.5", "--flops-target", "0.5"],
-                tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--latency-target" in lines[0] and "--flops-target" in lines[0]
+def test_latency_and_flops_targets_together_are_refused(capsys, tiny_teacher_path, tmp_path):
+    code, _, err = run_cli(capsys, "distill", tiny_teacher_path, "--recipe", "uvc", "--latency-target", "0.5",
+                           "--flops-target", "0.5", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "--latency-target", "--flops-target")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_torch_cuda_without_cuda_is_refused(tiny_teacher_path, tmp_path):
+def test_torch_cuda_without_cuda_is_refused(capsys, tiny_teacher_path, tmp_path):
     with pytest.raises(Exception, match="torch-cuda"):
         check_latency_runtime("torch-cuda")
-    proc = _cli([str(tiny_teacher_path), "--recipe", "uvc", "--latency-target", "0.5", "--latency-runtime",
-                 "torch-cuda", "--device", "cpu"], tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "torch-cuda" in lines[0] and "CUDA" in lines[0]
+    code, _, err = run_cli(capsys, "distill", tiny_teacher_path, "--recipe", "uvc", "--latency-target", "0.5",
+                           "--latency-runtime", "torch-cuda", "--device", "cpu", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "torch-cuda", "CUDA")

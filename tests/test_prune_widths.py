@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from distill_support import small_data, tiny_teacher_path  # noqa: F401  (fixture)
+from distill_support import small_data
 from vitshrink.io import create_model, set_data_config
 from vitshrink.measure import count_flops
 from vitshrink.prune.decisions import Decisions, magnitude_plan

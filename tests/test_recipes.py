@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import onnx
 import pytest
 import torch
 
-from distill_support import TEACHER_ARCH, TEACHER_KWARGS, small_data
-from conftest import SHARED_DATA
+from conftest import RESNET20, TEACHER_ARCH, TEACHER_KWARGS
+from distill_support import small_data
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, load_model, set_data_config
 from vitshrink.recipes import RecipeContext, get_recipe, load_preset, recipe_names
@@ -17,7 +16,6 @@ from vitshrink.config import PRESETS
 from vitshrink.distill.teachers import TeacherInput
 from vitshrink.students import derive_student, kept_blocks, parse_student_spec, resolve_student
 
-RESNET20 = SHARED_DATA / "checkpoints" / "cifar10_resnet20_akamaster.th"
 
 
 def _teacher() -> torch.nn.Module:

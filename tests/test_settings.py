@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from distill_support import PYTHON, REPO, subprocess_env, tiny_teacher_path  # noqa: F401  (fixture)
+from cli_support import run_cli
 from vitshrink.cli import app
 from vitshrink.cli.distill import parse_setting_flags
 from vitshrink.config import load_preset, recipe_options, resolve_settings
@@ -58,22 +57,26 @@ def test_recipes_list_and_show():
     assert any("--epochs = 5  [recipes/base.yaml]" in line for line in lines)
 
 
-def test_uvc_set_flops_target_reaches_the_search(tiny_teacher_path, tmp_path):
+def test_uvc_set_flops_target_reaches_the_search(capsys, tiny_teacher_path, tmp_path):
+    """Also the suite's end-to-end run of the uvc recipe with its search (what tests/test_uvc.py checked on a run of
+    its own): a physically sliced per-block student at the target, its plan, and an ONNX file that passed parity."""
     from vitshrink.io import load_model
     from vitshrink.measure import count_flops
 
     out = tmp_path / "run"
     config = tmp_path / "c.yaml"
     config.write_text("bench_batch_sizes: [1]\nsearch_batch_size: 32\n")
-    command = [PYTHON, "-m", "vitshrink", "distill", str(tiny_teacher_path), "--recipe", "uvc", "--set",
-               "flops_target=0.3", "--search-steps", "4", "--steps-per-epoch", "2", "-b", "32", "--epochs", "1",
-               "-j", "0", "--device", "cpu", "--no-progress", "-c", str(config), "--out", str(out)]
-    proc = subprocess.run(command, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = run_cli(capsys, "distill", tiny_teacher_path, "--recipe", "uvc", "--set", "flops_target=0.3",
+                           "--search-steps", "4", "--steps-per-epoch", "2", "-b", "32", "--epochs", "1", "-j", "0",
+                           "--device", "cpu", "--no-progress", "-c", config, "--out", out)
+    assert code == 0, err[-3000:]
     student, teacher = load_model(out / "student.safetensors"), load_model(tiny_teacher_path)
+    assert type(student).__name__ == "BlockwiseVisionTransformer"
     ratio = count_flops(student).macs / count_flops(teacher).macs
     assert abs(ratio - 0.3) <= 0.02 and ratio <= 0.3 + 1e-9
-    assert json.loads((out / "uvc_plan.json").read_text())["flops_target"] == 0.3
+    plan = json.loads((out / "uvc_plan.json").read_text())
+    assert plan["flops_target"] == 0.3 and 0.28 <= plan["flops_ratio"] <= 0.3
+    assert json.loads((out / "report.json").read_text())["onnx"]["passed"]
     args = yaml.safe_load((out / "args.yaml").read_text())
     assert args["config"]["flops_target"] == 0.3 and args["sources"]["flops_target"] == "--set"
     assert args["sources"]["search_steps"] == "flag" and args["config"]["search_steps"] == 4

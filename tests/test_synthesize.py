@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +12,10 @@ import torch
 from PIL import Image
 
 import vitshrink.data.synthetic as synthetic
+from conftest import RESNET20
 from vitshrink.errors import UserError
 
 torch.set_num_threads(1)
-RESNET20 = Path(__file__).resolve().parents[2] / "shared" / "data" / "checkpoints" / "cifar10_resnet20_akamaster.th"
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 NUM, BATCH, ITERATIONS = 20, 10, 30
 

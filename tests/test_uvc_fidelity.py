@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
-from distill_support import small_data, tiny_teacher_path  # noqa: F401  (fixture)
+from distill_support import small_data
 from vitshrink.data import build_transform, make_loader
 from vitshrink.io import data_config, load_model
 from vitshrink.prune.decisions import magnitude_plan

@@ -15,15 +15,14 @@ from PIL import Image
 
 from vitshrink.distill.attention_probe import ClassTokenAttention, blocks_at_fractions, uniform_cosine
 from cli_support import run_cli
+from conftest import CIFAR_TEST_1K, SHARED_DATA
 from vitshrink.data.folders import _open_reader, build_transform
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, load_model, record_of, save_model, set_data_config
 from vitshrink.data.wild import read_image, select_wild
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-MNIST_TRAIN = SHARED / "mnist" / "train_5k.tar"
-MNIST_TEST = SHARED / "mnist" / "test.tar"
-CIFAR_TEST_1K = SHARED / "cifar10" / "test_1k.tar"
+MNIST_TRAIN = SHARED_DATA / "mnist" / "train_5k.tar"
+MNIST_TEST = SHARED_DATA / "mnist" / "test.tar"
 N_DIGITS = 200  # and as many photos
 BAD_FILES = {"empty file": 1, "truncated": 1, "not an image": 1}
 
