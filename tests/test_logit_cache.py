@@ -110,31 +110,31 @@ def test_interrupted_cache_resumes(setup, tiny_teacher_path, tmp_path):
                               np.fromfile(tmp_path / "part" / name, dtype=np.uint8))
 
 
-def test_distill_reads_cache_and_refuses_mismatch(tiny_teacher_path, tmp_path):
-    """End to end through the CLI in a subprocess: a vanilla run on the cache records it in args.yaml; another
-    seed is refused (exit 2, one line)."""
+def test_distill_reads_cache_and_refuses_mismatch(capsys, tiny_teacher_path, tmp_path):
+    """End to end through the CLI: a vanilla run on the cache records it in args.yaml; another seed is refused
+    (exit 2, one line) by a real ``python -m vitshrink`` process. The cache and the run go through the same entry
+    point in-process (no Python start to pay for each)."""
     import subprocess
     import sys
 
     import yaml
 
-
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "vitshrink", *map(str, args)], cwd=REPO, capture_output=True,
-                              text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    from cli_support import run_cli
 
     data = REPO / "vitshrink" / "assets" / "cifar10_test_1k.tar"
-    made = cli("cache-logits", tiny_teacher_path, "--data", data, "--epochs", 1, "--topk", 10, "--out", tmp_path / "c",
-               "-b", 64, "--device", "cpu")
-    assert made.returncode == 0, made.stderr
+    code, _, err = run_cli(capsys, "cache-logits", tiny_teacher_path, "--data", data, "--epochs", 1, "--topk", 10,
+                           "--out", tmp_path / "c", "-b", 64, "--device", "cpu")
+    assert code == 0, err
     # Two steps and one timed batch size: the test reads the run's records, not its accuracy or latency.
     common = ["--data", data, "--epochs", 1, "-b", 64, "--steps-per-epoch", 2, "--set", "bench_batch_sizes=[1]",
               "--device", "cpu", "--no-progress", "-j", 0, "--logit-cache", tmp_path / "c"]
-    run = cli("distill", tiny_teacher_path, "--out", tmp_path / "run", *common)
-    assert run.returncode == 0, run.stderr
+    code, _, err = run_cli(capsys, "distill", tiny_teacher_path, "--out", tmp_path / "run", *common)
+    assert code == 0, err
     args = yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())
     assert args["logit_cache"]["teacher"]["fingerprint"]["topk"] == 10
-    other = cli("distill", tiny_teacher_path, "--out", tmp_path / "run2", "--seed", 1, *common)
+    other = subprocess.run([sys.executable, "-m", "vitshrink", "distill", *map(str, [
+        tiny_teacher_path, "--out", tmp_path / "run2", "--seed", 1, *common])], cwd=REPO, capture_output=True,
+        text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     # --seed also changes the hold-out split, so the data differs too
     assert other.returncode == 2 and "seed than this run" in other.stderr and "Traceback" not in other.stderr
     # probe / dearkd refusing the cache: tests/test_logit_cache_cli.py (in-process, seconds)
