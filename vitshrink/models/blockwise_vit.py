@@ -26,7 +26,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-__all__ = ["SlimBlock", "BlockwiseVisionTransformer", "vitshrink_vit"]
+__all__ = ["SlimBlock", "BlockwiseVisionTransformer", "vitshrink_vit", "as_logits"]
 
 
 class SlimBlock(nn.Module):
@@ -220,6 +220,15 @@ class BlockwiseVisionTransformer(VisionTransformer):
                     layer.attn.proj.weight.div_(scale)
                 if layer.mlp is not None:
                     layer.mlp.fc2.weight.div_(scale)
+
+
+def as_logits(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """``model``'s output as logits: the log of a softmax head's probabilities (logits up to a per-image constant,
+    which softmax, cross-entropy and KD at any temperature ignore), any other output as it is."""
+    inner = getattr(model, "module", model)  # DDP / wrappers
+    if getattr(inner, "head_softmax", False) and not inner.training:
+        return output.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+    return output
 
 
 def _check_variants(norm_placement: str, head_hidden: int) -> None:
