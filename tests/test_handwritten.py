@@ -185,3 +185,21 @@ def test_uvc_half_flops_slices_exports_and_reloads(variant_models, name, tmp_pat
         torch.testing.assert_close(again(images), student(images), atol=0, rtol=0)
     parity = export_onnx(again, tmp_path / "uvc.onnx", sample=images)
     assert parity.passed and parity.max_abs_diff <= 1e-4
+
+
+def test_deit_keeps_the_variants_exports_and_reloads(variant_models, tmp_path):
+    from distill_support import small_data
+    from vitshrink.pipeline import distill
+
+    teacher = variant_models["torch_encoder"]  # post-norm, ReLU, LayerNorm+Linear head
+    out = tmp_path / "deit"
+    result = distill(teacher, "deit", data=small_data(n_train=32, n_val=16), out_dir=out, epochs=1, batch_size=16,
+                     progress=False, workers=0, overrides={"bench_batch_sizes": [1]})
+    assert result.report["onnx"]["passed"]
+    student = load_model(out / "student.safetensors")  # no flags
+    assert record_of(student).name == "vitshrink_vit_distilled"
+    assert student.norm_placement == "post" and isinstance(student.blocks[0].mlp.act, torch.nn.ReLU)
+    assert len(student.blocks) == 1  # half the teacher's depth
+    images = _images(student, grey=False)
+    with torch.no_grad():
+        assert student(images).shape == (8, 10)
