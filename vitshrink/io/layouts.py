@@ -256,7 +256,7 @@ def _rename_top_level(state: dict[str, torch.Tensor], layout: Layout) -> dict[st
     pos = out.get("pos_embed")
     if pos is not None and pos.dim() == 2:
         out["pos_embed"] = pos.unsqueeze(0)
-    if pos is not None and pos.shape[-2] > 1 and is_sinusoidal(pos):
+    if pos is not None and pos.dim() >= 2 and pos.shape[-2] > 1 and is_sinusoidal(pos):
         layout.kwargs["fixed_pos_embed"] = True
         _note(layout, "the position table is the fixed sin/cos table: kept constant")
     return out
