@@ -1,9 +1,13 @@
 """Foreign ViT state-dict layouts renamed into timm's ``VisionTransformer`` layout.
 
 Recognised: torchvision's ``VisionTransformer`` (``vit_b_16`` family), lucidrains' ``vit-pytorch`` ``ViT``,
-and hand-written timm-like modules: separate q/k/v linears (fused into ``qkv``), ``nn.MultiheadAttention``
-(``in_proj``/``out_proj``), ``nn.Sequential`` MLPs, common aliases of the norms, embeddings and head, a 1-D/2-D
-class token or position embedding. ``apply_key_map`` runs the user's ``--key-map REGEX=REPLACEMENT`` rules
+PyTorch's ``nn.TransformerEncoder`` (post-norm ReLU unless told otherwise), and hand-written modules: separate
+q/k/v linears (fused into ``qkv``), ``nn.MultiheadAttention`` (``in_proj``/``out_proj``), q/k/v Linears feeding
+one (folded), per-head attention (concatenated), one norm per block (shared), ``nn.Sequential`` MLPs and heads,
+a Linear patch embedding, common aliases of the norms, embeddings and head, a 1-D/2-D class token or position
+embedding (a sin/cos one kept constant). What no tensor tells (norm placement, activation, epsilon) is taken
+from the layout's defaults and listed in ``Layout.assumed`` (the note says it; ``load_model(assume=...)``
+states it instead). ``apply_key_map`` runs the user's ``--key-map REGEX=REPLACEMENT`` rules
 before any of this. Each function returns new dicts; tensors are never modified in place.
 """
 from __future__ import annotations
