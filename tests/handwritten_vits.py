@@ -23,7 +23,6 @@ from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TorchEncoderViT", "MHAPreNormViT", "DoubleProjectionViT", "PerHeadViT", "LinearPatchAvgPoolViT",

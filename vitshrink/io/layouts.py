@@ -50,7 +50,8 @@ class Layout:
             self.assumed.append((kwarg, value, words))
 
     def assumption_note(self) -> str | None:
-        """e.g. "nn.TransformerEncoder: assumed post-norm (norm_first=False), ReLU, eps 1e-5 (...): norm_placement=..."."""
+        """e.g. "nn.TransformerEncoder: assumed post-norm (norm_first=False), ReLU, eps 1e-5 (...): norm_placement=..."
+        (what was assumed in words, then as the kwargs that state it otherwise)."""
         if not self.assumed:
             return None
         words = ", ".join(w for _, _, w in self.assumed)
@@ -185,7 +186,8 @@ _HEAD_SEQUENTIAL = re.compile(r"^(mlp_head|head|classifier|classifer|fc|cls_head
 
 def _sequential_head(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
     """A head written as ``nn.Sequential``: [LayerNorm, Linear] (the norm goes before the classifier: ``norm`` on
-    a class token, ``fc_norm`` after average pooling) or [Linear, activation, Linear] (``pre_logits.fc`` + ``head``)."""
+    a class token, ``fc_norm`` after average pooling) or [Linear, activation, Linear] (``pre_logits.fc`` and
+    ``head``; the activation has no weights, so it is assumed)."""
     children: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         if match := _HEAD_SEQUENTIAL.match(key):
