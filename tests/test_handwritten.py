@@ -36,6 +36,7 @@ CASES = {
     "linear_patch_avgpool": (dict(num_heads=4, assume={"norm_placement": "post"}), True),
     "linear_patch_avgpool_norm_after": (dict(num_heads=4, assume={"norm_placement": "post", "fc_norm": True}), True),
     "mlp_head": (dict(num_heads=4), False),
+    "linear_linear_head": (dict(num_heads=4), False),  # folded into one Linear
 }
 
 

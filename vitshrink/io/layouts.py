@@ -209,6 +209,15 @@ def _sequential_head(state: dict[str, torch.Tensor], layout: Layout) -> dict[str
         layout.kwargs["head_hidden"] = int(children[order[0]]["weight"].shape[0])
         layout.assume("head_act", "tanh", "a tanh between the head's Linears")
         _note(layout, "head [Linear, activation, Linear] as pre_logits + head")
+    elif kinds == ["linear", "linear"] and order[1] - order[0] == 1:
+        # Two Linears with nothing between are one: W = W2 @ W1, b = W2 @ b1 + b2.
+        first, second = children[order[0]], children[order[1]]
+        weight = second["weight"] @ first["weight"]
+        bias = second.get("bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
+        if "bias" in first:
+            bias = bias + second["weight"] @ first["bias"]
+        children, order, names = {0: {"weight": weight, "bias": bias}}, [0], ["head"]
+        _note(layout, "head [Linear, Linear] folded into one Linear")
     else:
         return state
     out = {k: v for k, v in state.items() if not _HEAD_SEQUENTIAL.match(k)}
