@@ -99,6 +99,8 @@ def export(
     result = export_onnx(model, output, sample=sample)
     console.print(f"wrote {output}: max |logit diff| {result.max_abs_diff:.2e} (limit 1e-4), top-1 agreement "
                   f"{result.top1_agree:.0%} on {result.n_images} real images, batch sizes {result.batch_sizes_checked}")
+    if result.outputs == "probabilities":
+        console.print("note: the model's head ends in softmax: the ONNX output 'logits' holds probabilities")
 
 
 @app.command()
