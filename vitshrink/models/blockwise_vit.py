@@ -110,6 +110,8 @@ class BlockwiseVisionTransformer(VisionTransformer):
         attn_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         weight_init: str = "",
+        pool_num_heads: int = 1,
+        pool_mlp_ratio: float = 4.0,
         **kwargs: Any,
     ):
         depth = len(block_num_heads)
@@ -120,8 +122,8 @@ class BlockwiseVisionTransformer(VisionTransformer):
             raise ValueError(f"kept_blocks has {len(kept_blocks)} entries for {depth} blocks")
         if any(int(v) < 0 for v in (*block_num_heads, *block_head_dims, *block_mlp_hidden)):
             raise ValueError("per-block dims must be >= 0")
-        if global_pool in ("map", "prr"):
-            raise ValueError("vitshrink_vit does not support attention pooling heads ('map', 'prr')")
+        if global_pool == "prr":
+            raise ValueError("vitshrink_vit does not support the 'prr' attention pooling head")
         for key in ("depth", "num_heads", "mlp_ratio", "block_fn", "mlp_layer", "attn_layer"):
             if key in kwargs:
                 raise ValueError(f"vitshrink_vit takes per-block dims, not {key!r}")
@@ -130,7 +132,9 @@ class BlockwiseVisionTransformer(VisionTransformer):
         # Build timm's embedding/pool/head with no blocks, then add the per-block ones.
         super().__init__(embed_dim=embed_dim, depth=0, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
                          init_values=init_values, global_pool=global_pool, norm_layer=norm_layer,
-                         act_layer=act_layer, weight_init="skip", **kwargs)
+                         act_layer=act_layer, weight_init="skip",
+                         # With no blocks here, timm uses num_heads / mlp_ratio only for a 'map' head (kept whole).
+                         num_heads=int(pool_num_heads), mlp_ratio=float(pool_mlp_ratio), **kwargs)
         self.block_num_heads = [int(v) for v in block_num_heads]
         self.block_head_dims = [int(v) for v in block_head_dims]
         self.block_mlp_hidden = [int(v) for v in block_mlp_hidden]

@@ -1,0 +1,101 @@
+"""``vitshrink_vit_distilled``: a ``vitshrink_vit`` with DeiT's distillation token and head.
+
+timm's ``VisionTransformerDistilled`` rebuilds only the original DeiT layout (class token, token pooling, the
+position embedding over both tokens); a DeiT III, DINOv2-with-registers, CLIP, qk-norm or average-pooled ViT
+loses its LayerScale, registers, ``norm_pre``, q/k norms or pooling there. This class keeps every
+``vitshrink_vit`` kwarg (so every block variant that model has) and adds:
+
+* ``dist_token``, inserted right after the model's own prefix tokens (class token, registers). It gets no
+  position embedding: a learned token plus a learned constant is just another learned token, and leaving the
+  table alone keeps the teacher-shaped ``pos_embed`` (``no_embed_class`` or not, registers or not);
+* ``head_dist``, reading the distillation token (through ``fc_norm`` and any MLP pre-logits, as the class path).
+
+The class path pools as the model did (class token, average over patch tokens, attention pool); the output
+is the average of the two heads except in distilled training mode, where it is ``(class, distillation)``, as
+timm's DeiT. ``set_distilled_training`` has timm's name, so the DeiT recipe drives both classes the same way.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from vitshrink.models.blockwise_vit import BlockwiseVisionTransformer, _cfg
+
+__all__ = ["DistilledBlockwiseViT", "vitshrink_vit_distilled"]
+
+
+class DistilledBlockwiseViT(BlockwiseVisionTransformer):
+    """``BlockwiseVisionTransformer`` plus a distillation token (after the prefix tokens) and head."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if getattr(self, "head_softmax", False):
+            raise ValueError("vitshrink_vit_distilled: a softmax head has no logits to distil")
+        self.own_prefix_tokens = self.num_prefix_tokens
+        self.num_prefix_tokens += 1  # pooling and intermediates skip the distillation token with the others
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+        trunc_normal_(self.dist_token, std=0.02)
+        width = self.head.in_features if isinstance(self.head, nn.Linear) else self.embed_dim
+        self.head_dist = nn.Linear(width, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        self.distilled_training = False
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        self.distilled_training = enable
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        width = self.head.in_features if isinstance(self.head, nn.Linear) else self.embed_dim
+        self.head_dist = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        # timm's _pos_embed with the model's own prefix count, then the distillation token after the prefix.
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if self.dynamic_img_size:
+            batch, height, width, channels = x.shape
+            pos_embed = None if self.pos_embed is None else resample_abs_pos_embed(
+                self.pos_embed, new_size=(height, width), old_size=self.patch_embed.grid_size,
+                num_prefix_tokens=0 if self.no_embed_class else self.own_prefix_tokens)
+            x = x.view(batch, -1, channels)
+        else:
+            pos_embed = self.pos_embed
+            x = x.view(x.shape[0], -1, x.shape[-1])
+        if pos_embed is None:
+            x = torch.cat(prefix + [x], dim=1)
+        elif self.no_embed_class:
+            x = torch.cat(prefix + [x + pos_embed], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos_embed
+        n = self.own_prefix_tokens
+        x = torch.cat([x[:, :n], self.dist_token.expand(x.shape[0], -1, -1), x[:, n:]], dim=1)
+        return self.pos_drop(x)
+
+    def _head_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head_drop(self.fc_norm(x))
+        pre_logits = getattr(self, "pre_logits", None)  # the MLP head of hand-written ViTs, when present
+        return x if pre_logits is None else pre_logits(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        dist = self._head_features(x[:, self.own_prefix_tokens])
+        cls = self._head_features(self.pool(x))
+        if pre_logits:
+            return (cls + dist) / 2
+        cls, dist = self.head(cls), self.head_dist(dist)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return cls, dist
+        return (cls + dist) / 2
+
+
+# Read by timm's register_model to attach the pretrained_cfg (no weights are published under this name).
+default_cfgs = generate_default_cfgs({"vitshrink_vit_distilled": _cfg()})
+
+
+@register_model
+def vitshrink_vit_distilled(pretrained: bool = False, **kwargs: Any) -> DistilledBlockwiseViT:
+    """``vitshrink_vit`` (any of its kwargs) with a DeiT distillation token and head."""
+    return build_model_with_cfg(DistilledBlockwiseViT, "vitshrink_vit_distilled", pretrained,
+                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
