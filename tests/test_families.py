@@ -161,3 +161,35 @@ def test_full_run_student_exports_reloads_and_is_smaller(family, recipe, images,
         assert reloaded.global_pool == teacher.global_pool
     else:
         assert hasattr(reloaded, "dist_token")
+
+
+def test_inspect_counts_an_attention_pooling_head_and_shows_parallel_branches():
+    from vitshrink.inspection import describe
+
+    siglip = _teacher("siglip")
+    counted = count_flops(siglip, module_depth=2).by_module
+    pool = siglip.attn_pool
+    tokens = (32 // 8) ** 2
+    # The latent query's projections, the keys/values of every patch token, its MLP (no attention: SDPA is
+    # one latent row, 2 * heads * 1 * tokens * head_dim).
+    expected = (48 * 48 + tokens * 48 * 96 + 48 * 48 + 2 * 48 * pool.mlp.fc1.out_features
+                + 2 * tokens * 48)
+    assert counted["attn_pool"] == expected
+    assert describe(siglip)["summary"]["GMACs (batch 1)"] == round(count_flops(siglip).gmacs, 4)
+    summary = describe(_teacher("parallel"))["summary"]
+    assert summary["heads"] == 2 * 3 and summary["mlp hidden"] == 2 * 4 * 48 and summary["parallel branches"] == 2
+    assert describe(_teacher("eva02"))["summary"]["mlp hidden"] == _teacher("eva02").blocks[0].mlp.fc2.in_features
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_base_patch16_rope_224", "beit_base_patch16_224"])
+def test_rope_and_relative_position_files_load_at_another_img_size(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(name, **TINY).eval()
+    save_model(model, tmp_path / "m.safetensors")
+    larger = load_model(tmp_path / "m.safetensors", img_size=48)
+    assert tuple(larger.patch_embed.img_size) == (48, 48) and data_config(larger)["input_size"] == (3, 48, 48)
+    with torch.no_grad():
+        assert larger(torch.randn(2, 3, 48, 48)).shape == (2, 10)
+        same = load_model(tmp_path / "m.safetensors", img_size=32)
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(same(x), model(x))
