@@ -193,3 +193,11 @@ def test_rope_and_relative_position_files_load_at_another_img_size(name, tmp_pat
         same = load_model(tmp_path / "m.safetensors", img_size=32)
         x = torch.randn(2, 3, 32, 32)
         assert torch.equal(same(x), model(x))
+
+
+def test_deit_applies_to_a_rope_teacher_with_a_named_student(images):
+    teacher = _teacher("eva02")
+    spec = "vit_tiny_patch16_224:img_size=32,patch_size=8,embed_dim=48,depth=1,num_heads=3,mlp_ratio=2,num_classes=10"
+    student = get_recipe("deit").build_student(teacher, spec, _ctx("deit", []))
+    assert hasattr(student, "dist_token") and count_flops(student).macs < count_flops(teacher).macs
+    assert student.eval()(images).shape == (16, 10)
