@@ -8,8 +8,9 @@ and a setting that cannot apply is adjusted with a note saying so:
   relative-position-bias (BEiT) and parallel-block ViTs are refused by name; under qk-norm the q/k norm spans the
   whole head, so head-dim pruning (``prune_head_dims``) is switched off with a note; a ``map`` attention-pooling head
   (SigLIP) is kept whole.
-* ``deit`` derives a distillation-token student from the teacher's own blocks: the same families are refused
-  unless ``--student`` names one; a CNN teacher gets DeiT's own DeiT-Tiny-shaped student (its cost checked).
+* ``deit`` derives a distillation-token student from the teacher's own blocks (parallel blocks included): RoPE and
+  relative-position-bias families are refused unless ``--student`` names one; a CNN teacher gets DeiT's own
+  DeiT-Tiny-shaped student (its cost checked).
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from torch import nn
 
 from vitshrink.errors import UserError
 from vitshrink.io import record_of
+
+
+PARALLEL = "a parallel-block ViT"
 
 
 def model_name(model: nn.Module) -> str:
@@ -35,9 +39,9 @@ def other_blocks(model: nn.Module) -> str | None:
     block = blocks[0]
     attn = getattr(block, "attn", None)
     if hasattr(block, "attns") and hasattr(block, "ffns"):
-        return f"a parallel-block ViT ({type(block).__name__}: {len(block.attns)} attention and MLP branches side by side)"
+        return f"{PARALLEL} ({type(block).__name__}: {len(block.attns)} attention and MLP branches side by side)"
     if hasattr(block, "in_proj") and hasattr(block, "mlp_out_proj"):
-        return f"a parallel-block ViT ({type(block).__name__}: attention and MLP in one fused projection)"
+        return f"{PARALLEL} ({type(block).__name__}: attention and MLP in one fused projection)"
     if getattr(model, "rope", None) is not None or "Rope" in type(attn).__name__:
         return f"a ViT with rotary position embeddings ({type(model).__name__}: RoPE inside every attention)"
     if getattr(model, "rel_pos_bias", None) is not None or hasattr(attn, "relative_position_bias_table"):
@@ -74,7 +78,7 @@ def check_deit_applies(teacher: nn.Module, student: Any) -> None:
     if student is not None:
         return  # a named student: add_distillation_token checks it
     family = other_blocks(teacher)
-    if family is not None:
+    if family is not None and not family.startswith(PARALLEL):  # parallel blocks: timm's own ViT takes the token
         raise UserError(f"--recipe deit: {model_name(teacher)} is {family}, whose blocks a distillation-token ViT "
                         "cannot copy; pass --student NAME:key=value,... (a timm ViT smaller than the teacher)")
     if getattr(teacher, "global_pool", None) == "prr":

@@ -276,7 +276,8 @@ def add_distillation_token(student: nn.Module, recipe: str = "deit") -> nn.Modul
 
     The original DeiT layout becomes timm's ``VisionTransformerDistilled``; any other (LayerScale, registers,
     ``norm_pre``, ``no_embed_class``, qk-norm, average or attention pooling, per-block widths) becomes
-    ``vitshrink_vit_distilled``, which keeps all of them. The new distillation token starts as the class token
+    ``vitshrink_vit_distilled``, which keeps all of them; blocks ``vitshrink_vit`` cannot rebuild (parallel blocks)
+    become ``vitshrink_distilled`` around the student's own timm model. The new distillation token starts as the class token
     as the first block sees it (or as a fresh token when there is no class token) and the distillation head as
     a copy of the class head, so both heads start out agreeing (exactly, with a class token and token pooling).
     Shared by the recipes that train a distillation token (``deit``, ``dearkd``); ``recipe`` names the one asking.
@@ -284,10 +285,10 @@ def add_distillation_token(student: nn.Module, recipe: str = "deit") -> nn.Modul
     from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
-    from vitshrink.models.distilled_vit import DistilledBlockwiseViT
+    from vitshrink.models.distilled_vit import DistillationToken
     from vitshrink.prune.surgery import check_sliceable, full_plan, slice_vit
 
-    if isinstance(student, VisionTransformerDistilled | DistilledBlockwiseViT):
+    if isinstance(student, VisionTransformerDistilled | DistillationToken):
         return student
     if not isinstance(student, VisionTransformer):
         raise UserError(f"--recipe {recipe} needs a timm ViT student (a distillation token joins its tokens), got "
@@ -295,19 +296,32 @@ def add_distillation_token(student: nn.Module, recipe: str = "deit") -> nn.Modul
     try:
         check_sliceable(student)
     except UserError as exc:
-        raise UserError(f"--recipe {recipe}: the student cannot take a distillation token: "
-                        f"{str(exc).removeprefix('cannot prune: ')}") from None
+        # Blocks vitshrink_vit cannot rebuild (parallel blocks, RmsNorm): timm builds them by name instead.
+        record = record_of(student)
+        if record is None or record.name.startswith("vitshrink"):
+            raise UserError(f"--recipe {recipe}: the student cannot take a distillation token: "
+                            f"{str(exc).removeprefix('cannot prune: ')}") from None
+        return _with_token(student, "vitshrink_distilled", {"base": record.name, **record.kwargs},
+                           student.state_dict())
     twin = slice_vit(student, full_plan(student))  # the same function as vitshrink_vit, every layout choice kept
     kwargs = dict(record_of(twin).kwargs)
     if _is_plain_deit(kwargs):
         return _timm_distilled(student)
-    distilled = create_model("vitshrink_vit_distilled", **kwargs)
+    return _with_token(student, "vitshrink_vit_distilled", kwargs, twin.state_dict())
+
+
+def _with_token(student: nn.Module, name: str, kwargs: dict[str, Any], state: dict[str, Any]) -> nn.Module:
+    """``name`` built with ``kwargs`` and loaded with ``state`` plus the distillation token and head it adds."""
+    try:
+        distilled = create_model(name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"the student cannot take a distillation token ({exc})") from None
     set_data_config(distilled, input_size=data_config(student)["input_size"])
     copy_data_config(distilled, student)
-    state = twin.state_dict()
+    state = dict(state)
     if "cls_token" in state:
         token = state["cls_token"]
-        if not kwargs.get("no_embed_class") and "pos_embed" in state:
+        if not getattr(student, "no_embed_class", False) and "pos_embed" in state:
             token = token + state["pos_embed"][:, :1]  # the class token as the blocks see it
         state["dist_token"] = token.clone()
     else:

@@ -13,35 +13,30 @@ loses its LayerScale, registers, ``norm_pre``, q/k norms or pooling there. This 
 The class path pools as the model did (class token, average over patch tokens, attention pool); the output
 is the average of the two heads except in distilled training mode, where it is ``(class, distillation)``, as
 timm's DeiT. ``set_distilled_training`` has timm's name, so the DeiT recipe drives both classes the same way.
+
+``vitshrink_distilled`` (kwargs: ``base``, a timm ViT name, and that model's kwargs) gives the same token and head
+to a timm ViT whose blocks ``vitshrink_vit`` cannot rebuild (parallel blocks): the model is built by timm, then
+its class becomes a subclass mixing in ``DistillationToken``.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import timm
 import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitshrink.models.blockwise_vit import BlockwiseVisionTransformer, _cfg
 
-__all__ = ["DistilledBlockwiseViT", "vitshrink_vit_distilled"]
+__all__ = ["DistillationToken", "DistilledBlockwiseViT", "add_token_and_head", "vitshrink_vit_distilled",
+           "vitshrink_distilled"]
 
 
-class DistilledBlockwiseViT(BlockwiseVisionTransformer):
-    """``BlockwiseVisionTransformer`` plus a distillation token (after the prefix tokens) and head."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        if getattr(self, "head_softmax", False):
-            raise ValueError("vitshrink_vit_distilled: a softmax head has no logits to distil")
-        self.own_prefix_tokens = self.num_prefix_tokens
-        self.num_prefix_tokens += 1  # pooling and intermediates skip the distillation token with the others
-        self.dist_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-        trunc_normal_(self.dist_token, std=0.02)
-        width = self.head.in_features if isinstance(self.head, nn.Linear) else self.embed_dim
-        self.head_dist = nn.Linear(width, self.num_classes) if self.num_classes > 0 else nn.Identity()
-        self.distilled_training = False
+class DistillationToken:
+    """The distillation token's methods, mixed into a timm ``VisionTransformer`` (after ``add_token_and_head``)."""
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
@@ -90,8 +85,41 @@ class DistilledBlockwiseViT(BlockwiseVisionTransformer):
         return (cls + dist) / 2
 
 
+def add_token_and_head(model: VisionTransformer) -> None:
+    """Give a built ViT the distillation token (fresh, ``std`` 0.02) and head; the mixin's methods read them."""
+    if getattr(model, "head_softmax", False):
+        raise ValueError("a softmax head has no logits to distil")
+    if getattr(model, "attn_pool", None) is not None and model.global_pool != "map":
+        raise ValueError(f"the {model.global_pool!r} pooling head reads every token, the distillation token too")
+    model.own_prefix_tokens = model.num_prefix_tokens
+    model.num_prefix_tokens += 1  # pooling and intermediates skip the distillation token with the others
+    model.dist_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim))
+    trunc_normal_(model.dist_token, std=0.02)
+    width = model.head.in_features if isinstance(model.head, nn.Linear) else model.embed_dim
+    model.head_dist = nn.Linear(width, model.num_classes) if model.num_classes > 0 else nn.Identity()
+    model.distilled_training = False
+
+
+class DistilledBlockwiseViT(DistillationToken, BlockwiseVisionTransformer):
+    """``BlockwiseVisionTransformer`` plus a distillation token (after the prefix tokens) and head."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        add_token_and_head(self)
+
+
+_DISTILLED_CLASSES: dict[type, type] = {}
+
+
+def _distilled_class(cls: type) -> type:
+    # One subclass per timm class (e.g. VisionTransformer with parallel blocks), made once.
+    if cls not in _DISTILLED_CLASSES:
+        _DISTILLED_CLASSES[cls] = type(f"Distilled{cls.__name__}", (DistillationToken, cls), {})
+    return _DISTILLED_CLASSES[cls]
+
+
 # Read by timm's register_model to attach the pretrained_cfg (no weights are published under this name).
-default_cfgs = generate_default_cfgs({"vitshrink_vit_distilled": _cfg()})
+default_cfgs = generate_default_cfgs({"vitshrink_vit_distilled": _cfg(), "vitshrink_distilled": _cfg()})
 
 
 @register_model
@@ -99,3 +127,17 @@ def vitshrink_vit_distilled(pretrained: bool = False, **kwargs: Any) -> Distille
     """``vitshrink_vit`` (any of its kwargs) with a DeiT distillation token and head."""
     return build_model_with_cfg(DistilledBlockwiseViT, "vitshrink_vit_distilled", pretrained,
                                 feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
+
+
+@register_model
+def vitshrink_distilled(pretrained: bool = False, base: str = "vit_small_patch16_224", **kwargs: Any) -> nn.Module:
+    """Any timm ``VisionTransformer`` built by its name ``base`` with ``kwargs`` (parallel blocks, RmsNorm, ...)
+    plus the distillation token and head: for the layouts ``vitshrink_vit`` cannot rebuild."""
+    if pretrained:
+        raise ValueError("vitshrink_distilled has no pretrained weights; load the base model's into it")
+    model = timm.create_model(base, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"vitshrink_distilled needs a timm VisionTransformer, {base} is {type(model).__name__}")
+    model.__class__ = _distilled_class(type(model))
+    add_token_and_head(model)
+    return model
