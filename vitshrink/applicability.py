@@ -8,8 +8,9 @@ and a setting that cannot apply is adjusted with a note saying so:
   relative-position-bias (BEiT) and parallel-block ViTs are refused by name; under qk-norm the q/k norm spans the
   whole head, so head-dim pruning (``prune_head_dims``) is switched off with a note; a ``map`` attention-pooling head
   (SigLIP) is kept whole.
-* ``deit`` derives a distillation-token student from the teacher's own blocks (parallel blocks included): RoPE and
-  relative-position-bias families are refused unless ``--student`` names one; a CNN teacher gets DeiT's own
+* ``deit`` derives a distillation-token student from the teacher's own blocks (parallel blocks, EVA-02 and RoPE
+  included): relative-position-bias ViTs (BEiT: the bias table has one class-token row) are refused unless
+  ``--student`` names one; a CNN teacher gets DeiT's own
   DeiT-Tiny-shaped student (its cost checked).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from vitshrink.errors import UserError
 from vitshrink.io import record_of
 
 
-PARALLEL = "a parallel-block ViT"
+PARALLEL, ROPE = "a parallel-block ViT", "a ViT with rotary position embeddings"
 
 
 def model_name(model: nn.Module) -> str:
@@ -43,7 +44,7 @@ def other_blocks(model: nn.Module) -> str | None:
     if hasattr(block, "in_proj") and hasattr(block, "mlp_out_proj"):
         return f"{PARALLEL} ({type(block).__name__}: attention and MLP in one fused projection)"
     if getattr(model, "rope", None) is not None or "Rope" in type(attn).__name__:
-        return f"a ViT with rotary position embeddings ({type(model).__name__}: RoPE inside every attention)"
+        return f"{ROPE} ({type(model).__name__}: RoPE inside every attention)"
     if getattr(model, "rel_pos_bias", None) is not None or hasattr(attn, "relative_position_bias_table"):
         return f"a ViT with relative position bias ({type(model).__name__}: a learned bias table in every attention)"
     if type(model).__name__ in ("Eva", "Beit"):
@@ -78,7 +79,7 @@ def check_deit_applies(teacher: nn.Module, student: Any) -> None:
     if student is not None:
         return  # a named student: add_distillation_token checks it
     family = other_blocks(teacher)
-    if family is not None and not family.startswith(PARALLEL):  # parallel blocks: timm's own ViT takes the token
+    if family is not None and not family.startswith((PARALLEL, ROPE)):  # timm's own model takes the token
         raise UserError(f"--recipe deit: {model_name(teacher)} is {family}, whose blocks a distillation-token ViT "
                         "cannot copy; pass --student NAME:key=value,... (a timm ViT smaller than the teacher)")
     if getattr(teacher, "global_pool", None) == "prr":

@@ -276,13 +276,14 @@ def add_distillation_token(student: nn.Module, recipe: str = "deit") -> nn.Modul
 
     The original DeiT layout becomes timm's ``VisionTransformerDistilled``; any other (LayerScale, registers,
     ``norm_pre``, ``no_embed_class``, qk-norm, average or attention pooling, per-block widths) becomes
-    ``vitshrink_vit_distilled``, which keeps all of them; blocks ``vitshrink_vit`` cannot rebuild (parallel blocks)
-    become ``vitshrink_distilled`` around the student's own timm model. The new distillation token starts as the class token
+    ``vitshrink_vit_distilled``, which keeps all of them; blocks ``vitshrink_vit`` cannot rebuild (parallel blocks,
+    EVA-02 / RoPE ViTs) become ``vitshrink_distilled`` around the student's own timm model. The new distillation token starts as the class token
     as the first block sees it (or as a fresh token when there is no class token) and the distillation head as
     a copy of the class head, so both heads start out agreeing (exactly, with a class token and token pooling).
     Shared by the recipes that train a distillation token (``deit``, ``dearkd``); ``recipe`` names the one asking.
     """
     from timm.models.deit import VisionTransformerDistilled
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
 
     from vitshrink.models.distilled_vit import DistillationToken
@@ -290,6 +291,10 @@ def add_distillation_token(student: nn.Module, recipe: str = "deit") -> nn.Modul
 
     if isinstance(student, VisionTransformerDistilled | DistillationToken):
         return student
+    record = record_of(student)
+    if isinstance(student, Eva) and record is not None:  # EVA-02 / RoPE: timm's own Eva takes the token
+        return _with_token(student, "vitshrink_distilled", {"base": record.name, **record.kwargs},
+                           student.state_dict())
     if not isinstance(student, VisionTransformer):
         raise UserError(f"--recipe {recipe} needs a timm ViT student (a distillation token joins its tokens), got "
                         f"{type(student).__name__}")
@@ -297,7 +302,6 @@ def add_distillation_token(student: nn.Module, recipe: str = "deit") -> nn.Modul
         check_sliceable(student)
     except UserError as exc:
         # Blocks vitshrink_vit cannot rebuild (parallel blocks, RmsNorm): timm builds them by name instead.
-        record = record_of(student)
         if record is None or record.name.startswith("vitshrink"):
             raise UserError(f"--recipe {recipe}: the student cannot take a distillation token: "
                             f"{str(exc).removeprefix('cannot prune: ')}") from None

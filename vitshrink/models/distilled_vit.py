@@ -15,8 +15,8 @@ is the average of the two heads except in distilled training mode, where it is `
 timm's DeiT. ``set_distilled_training`` has timm's name, so the DeiT recipe drives both classes the same way.
 
 ``vitshrink_distilled`` (kwargs: ``base``, a timm ViT name, and that model's kwargs) gives the same token and head
-to a timm ViT whose blocks ``vitshrink_vit`` cannot rebuild (parallel blocks): the model is built by timm, then
-its class becomes a subclass mixing in ``DistillationToken``.
+to a timm ViT whose blocks ``vitshrink_vit`` cannot rebuild (parallel blocks; EVA-02 and RoPE ViTs, timm's ``Eva``):
+the model is built by timm, then its class becomes a subclass mixing in ``DistillationToken``.
 """
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ import timm
 import torch
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitshrink.models.blockwise_vit import BlockwiseVisionTransformer, _cfg
 
-__all__ = ["DistillationToken", "DistilledBlockwiseViT", "add_token_and_head", "vitshrink_vit_distilled",
+__all__ = ["DistillationToken", "EvaDistillationToken", "DistilledBlockwiseViT", "add_token_and_head", "vitshrink_vit_distilled",
            "vitshrink_distilled"]
 
 
@@ -85,14 +86,30 @@ class DistillationToken:
         return (cls + dist) / 2
 
 
-def add_token_and_head(model: VisionTransformer) -> None:
+class EvaDistillationToken(DistillationToken):
+    """The same token for timm's ``Eva`` (EVA-02, RoPE ViTs): Eva places its tokens and rotary embedding, then the
+    distillation token goes after the prefix; every attention skips it for RoPE as it skips the class token."""
+
+    def _pos_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, rot_pos_embed = super(DistillationToken, self)._pos_embed(x)  # Eva's own
+        n = self.own_prefix_tokens
+        x = torch.cat([x[:, :n], self.dist_token.expand(x.shape[0], -1, -1), x[:, n:]], dim=1)
+        return x, rot_pos_embed
+
+
+def add_token_and_head(model: nn.Module) -> None:
     """Give a built ViT the distillation token (fresh, ``std`` 0.02) and head; the mixin's methods read them."""
     if getattr(model, "head_softmax", False):
         raise ValueError("a softmax head has no logits to distil")
     if getattr(model, "attn_pool", None) is not None and model.global_pool != "map":
         raise ValueError(f"the {model.global_pool!r} pooling head reads every token, the distillation token too")
+    if isinstance(model, Eva) and model.dynamic_img_size:
+        raise ValueError("a distillation token in an Eva with dynamic_img_size is not supported")
     model.own_prefix_tokens = model.num_prefix_tokens
     model.num_prefix_tokens += 1  # pooling and intermediates skip the distillation token with the others
+    for module in model.blocks.modules():  # Eva's attentions: RoPE applies after the prefix tokens
+        if hasattr(module, "num_prefix_tokens"):
+            module.num_prefix_tokens = model.num_prefix_tokens
     model.dist_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim))
     trunc_normal_(model.dist_token, std=0.02)
     width = model.head.in_features if isinstance(model.head, nn.Linear) else model.embed_dim
@@ -112,9 +129,10 @@ _DISTILLED_CLASSES: dict[type, type] = {}
 
 
 def _distilled_class(cls: type) -> type:
-    # One subclass per timm class (e.g. VisionTransformer with parallel blocks), made once.
+    # One subclass per timm class (VisionTransformer with parallel blocks, Eva), made once.
     if cls not in _DISTILLED_CLASSES:
-        _DISTILLED_CLASSES[cls] = type(f"Distilled{cls.__name__}", (DistillationToken, cls), {})
+        mixin = EvaDistillationToken if issubclass(cls, Eva) else DistillationToken
+        _DISTILLED_CLASSES[cls] = type(f"Distilled{cls.__name__}", (mixin, cls), {})
     return _DISTILLED_CLASSES[cls]
 
 
@@ -131,13 +149,13 @@ def vitshrink_vit_distilled(pretrained: bool = False, **kwargs: Any) -> Distille
 
 @register_model
 def vitshrink_distilled(pretrained: bool = False, base: str = "vit_small_patch16_224", **kwargs: Any) -> nn.Module:
-    """Any timm ``VisionTransformer`` built by its name ``base`` with ``kwargs`` (parallel blocks, RmsNorm, ...)
-    plus the distillation token and head: for the layouts ``vitshrink_vit`` cannot rebuild."""
+    """Any timm ``VisionTransformer`` or ``Eva`` built by its name ``base`` with ``kwargs`` (parallel blocks, RmsNorm,
+    RoPE, ...) plus the distillation token and head: for the layouts ``vitshrink_vit`` cannot rebuild."""
     if pretrained:
         raise ValueError("vitshrink_distilled has no pretrained weights; load the base model's into it")
     model = timm.create_model(base, **kwargs)
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"vitshrink_distilled needs a timm VisionTransformer, {base} is {type(model).__name__}")
+    if not isinstance(model, VisionTransformer | Eva):
+        raise ValueError(f"vitshrink_distilled needs a timm VisionTransformer or Eva, {base} is {type(model).__name__}")
     model.__class__ = _distilled_class(type(model))
     add_token_and_head(model)
     return model

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitshrink.applicability import check_deit_applies
@@ -35,7 +34,7 @@ class DeiT(Recipe):
 
     def build_student(self, teacher: nn.Module, student: nn.Module | str | None, ctx: RecipeContext) -> nn.Module:
         check_deit_applies(teacher, student)
-        if student is None and not isinstance(teacher, VisionTransformer):
+        if student is None and getattr(teacher, "blocks", None) is None:
             # DeiT's own setting: a CNN teacher, a ViT student (paper sec. 5); nothing to copy from the teacher.
             derived, note = deit_tiny_student(teacher)
             ctx.log(note)
