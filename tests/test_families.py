@@ -159,7 +159,10 @@ def test_full_run_student_exports_reloads_and_is_smaller(family, recipe, images,
         assert type(reloaded).__name__ == "BlockwiseVisionTransformer"
         assert reloaded.global_pool == teacher.global_pool
     else:
-        assert hasattr(reloaded, "dist_token") and type(reloaded.blocks[0]) is type(teacher.blocks[0])
+        assert hasattr(reloaded, "dist_token")
+        # Parallel and Eva blocks stay timm's own; timm's plain blocks become vitshrink_vit's (same function).
+        expected = type(teacher.blocks[0]).__name__ if family in ("parallel", "eva02") else "SlimBlock"
+        assert type(reloaded.blocks[0]).__name__ == expected
 
 
 def test_inspect_counts_an_attention_pooling_head_and_shows_parallel_branches():
