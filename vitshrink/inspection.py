@@ -8,20 +8,34 @@ from torch import nn
 from vitshrink.io import data_config, record_of
 
 
-def _block_row(index: int, block: nn.Module) -> dict[str, Any]:
-    attn = getattr(block, "attn", None)
-    mlp = getattr(block, "mlp", None)
-    heads = getattr(attn, "num_heads", 0) if attn is not None else 0
+def _attention_dims(attn: nn.Module | None) -> tuple[int, int]:
+    """(heads, head dim) of one attention module (timm's, Eva's, BEiT's); (0, 0) when there is none."""
+    heads = int(getattr(attn, "num_heads", 0) or 0) if attn is not None else 0
     head_dim = getattr(attn, "head_dim", None)
-    if head_dim is None and attn is not None and hasattr(attn, "qkv") and heads:
+    if head_dim is None and heads and hasattr(attn, "qkv"):
         head_dim = attn.qkv.out_features // (3 * heads)
-    fc1 = getattr(mlp, "fc1", None)
-    return {
-        "block": index,
-        "heads": heads,
-        "head_dim": head_dim or 0,
-        "mlp_hidden": getattr(fc1, "out_features", 0) if fc1 is not None else 0,
-    }
+    if head_dim is None and heads and hasattr(attn, "proj"):
+        head_dim = attn.proj.in_features // heads
+    return heads, int(head_dim or 0)
+
+
+def _mlp_hidden(mlp: nn.Module | None) -> int:
+    # fc2's input is the hidden width for plain and gated (GluMlp, SwiGLU: fc1 is twice as wide) MLPs alike.
+    fc2 = getattr(mlp, "fc2", None) if mlp is not None else None
+    return int(getattr(fc2, "in_features", 0) or 0)
+
+
+def _block_row(index: int, block: nn.Module) -> dict[str, Any]:
+    """Heads, head dim and MLP width of one block; parallel blocks sum their branches (``parallel``: how many)."""
+    if hasattr(block, "attns") and hasattr(block, "ffns"):  # timm ParallelThingsBlock: N attentions, N MLPs
+        dims = [_attention_dims(branch.attn) for branch in block.attns]
+        return {"block": index, "heads": sum(h for h, _ in dims), "head_dim": dims[0][1] if dims else 0,
+                "mlp_hidden": sum(_mlp_hidden(branch.mlp) for branch in block.ffns), "parallel": len(dims)}
+    if hasattr(block, "in_proj") and hasattr(block, "mlp_out_proj"):  # ParallelScalingBlock: one fused projection
+        return {"block": index, "heads": int(block.num_heads), "head_dim": int(block.head_dim),
+                "mlp_hidden": int(block.mlp_out_proj.in_features), "parallel": 2}
+    heads, head_dim = _attention_dims(getattr(block, "attn", None))
+    return {"block": index, "heads": heads, "head_dim": head_dim, "mlp_hidden": _mlp_hidden(getattr(block, "mlp", None))}
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -53,8 +67,10 @@ def describe(model: nn.Module) -> dict[str, Any]:
         mlps = {r["mlp_hidden"] for r in rows}
         summary["heads"] = heads.pop() if len(heads) == 1 else "per block (see table)"
         summary["mlp hidden"] = mlps.pop() if len(mlps) == 1 else "per block (see table)"
+        if "parallel" in rows[0]:
+            summary["parallel branches"] = rows[0]["parallel"]
         summary["prefix tokens"] = getattr(model, "num_prefix_tokens", 0)
-        if len({tuple(r.values()) [1:] for r in rows}) == 1:
+        if len({tuple(r.values())[1:] for r in rows}) == 1:
             rows = []  # uniform model: the summary says it all
     summary["num classes"] = getattr(model, "num_classes", None)
     summary["parameters"] = f"{count_params(model):,}"

@@ -138,6 +138,20 @@ def init_from_teacher(student: nn.Module, teacher: nn.Module, *, strict: bool = 
     return {"copied": copied, "left_as_created": len(s_state) - copied, "wider": len(wider)}
 
 
+def check_student_cost(student: nn.Module, teacher: nn.Module, what: str = "the derived student") -> tuple[float, float]:
+    """Refuse (``UserError`` naming both GMACs) a student that costs more MACs than its teacher; return both GMACs.
+
+    Each model is counted at its own input size (``vitshrink.measure.count_flops``), before any training.
+    """
+    from vitshrink.measure import count_flops
+
+    student_gmacs, teacher_gmacs = count_flops(student).gmacs, count_flops(teacher).gmacs
+    if student_gmacs > teacher_gmacs:
+        raise UserError(f"{what} costs {student_gmacs:.4g} GMACs, more than the teacher's {teacher_gmacs:.4g} GMACs "
+                        "(a student should be smaller); pass --student NAME:key=value,... to choose a smaller one")
+    return student_gmacs, teacher_gmacs
+
+
 def derive_student(teacher: nn.Module, *, depth_ratio: float = 0.5, init: bool = True) -> nn.Module:
     """A student with ``depth_ratio`` of the teacher's blocks (about that share of its FLOPs), same width.
 
@@ -150,6 +164,9 @@ def derive_student(teacher: nn.Module, *, depth_ratio: float = 0.5, init: bool =
         raise UserError(f"cannot derive a student from a {type(teacher).__name__} teacher (not a ViT with "
                         "blocks); pass --student NAME:key=value,...")
     s_depth = max(1, int(round(t_depth * depth_ratio)))
+    if s_depth > t_depth:
+        raise UserError(f"student_depth_ratio {depth_ratio:g} gives {s_depth} blocks, more than the teacher's "
+                        f"{t_depth}: a derived student must be smaller (use a ratio <= 1)")
     kept = kept_blocks(t_depth, s_depth)
     kwargs = dict(record.kwargs)
     per_block = record.name.startswith("vitshrink_vit")  # per-block lists instead of a depth
@@ -167,6 +184,7 @@ def derive_student(teacher: nn.Module, *, depth_ratio: float = 0.5, init: bool =
     copy_data_config(student, teacher)
     if init:
         init_from_teacher(student, teacher)
+    check_student_cost(student, teacher)
     return student
 
 
@@ -187,9 +205,11 @@ def deit_tiny_student(teacher: nn.Module) -> tuple[nn.Module, str]:
                            num_classes=num_classes, embed_dim=192, num_heads=3, depth=12, mlp_ratio=4.0)
     set_data_config(student, input_size=(channels, height, width))
     copy_data_config(student, teacher)
+    student_gmacs, teacher_gmacs = check_student_cost(student, teacher, "the derived DeiT-Tiny-shaped student")
     note = (f"student: the {type(teacher).__name__} teacher has no ViT blocks to copy, so a DeiT-Tiny-shaped ViT "
             f"was derived (width 192, 3 heads, depth 12, MLP ratio 4, patch {patch} at {height}x{width}, "
-            f"{num_classes} classes), trained from its own init; pass --student NAME:key=value,... to choose")
+            f"{num_classes} classes, {student_gmacs:.4g} GMACs vs the teacher's {teacher_gmacs:.4g}), trained from "
+            "its own init; pass --student NAME:key=value,... to choose")
     return student, note
 
 
@@ -236,32 +256,101 @@ def vit_kwargs(model: nn.Module) -> dict[str, Any]:
 
 # timm's registered distilled ViT; the shape kwargs given override the name's defaults.
 DISTILLED_ARCH = "deit_tiny_distilled_patch16_224"
+# vitshrink_vit kwargs at which timm's DeiT layout (class token, token pooling, plain pre-norm blocks) is exact.
+_PLAIN_DEIT = {"global_pool": "token", "class_token": True, "reg_tokens": 0, "no_embed_class": False,
+               "pos_embed": "learn", "pre_norm": False, "final_norm": True, "fc_norm": False,
+               "pool_include_prefix": False, "dynamic_img_size": False, "qkv_bias": True, "qk_norm": False,
+               "proj_bias": True, "init_values": None, "norm_eps": 1e-6, "act_layer": "gelu",
+               "norm_placement": "pre", "shared_norm": False, "head_hidden": 0, "head_act": "tanh",
+               "head_softmax": False, "fixed_pos_embed": False}
+_SHAPE_KEYS = {"img_size", "patch_size", "in_chans", "embed_dim", "num_classes", "block_num_heads",
+               "block_head_dims", "block_mlp_hidden", "kept_blocks"}
 
 
-def add_distillation_token(student: nn.Module, recipe: str = "deit") -> "VisionTransformerDistilled":
-    """The distilled twin of a uniform timm ViT, keeping every weight it has.
+def _is_plain_deit(kwargs: dict[str, Any]) -> bool:
+    """Whether timm's ``VisionTransformerDistilled`` rebuilds this ``vitshrink_vit`` exactly (uniform widths too)."""
+    if set(kwargs) - _SHAPE_KEYS - set(_PLAIN_DEIT) or any(kwargs.get(k, v) != v for k, v in _PLAIN_DEIT.items()):
+        return False
+    heads, dims, hidden = kwargs["block_num_heads"], kwargs["block_head_dims"], kwargs["block_mlp_hidden"]
+    return (len(set(heads)) == len(set(dims)) == len(set(hidden)) == 1 and heads[0] * dims[0] == kwargs["embed_dim"]
+            and heads[0] > 0 and hidden[0] > 0)
 
-    The new distillation token, its position embedding and the distillation head start as copies of the
-    class token, its position embedding and the class head: the two tokens stay equal through every block,
-    so both heads start out agreeing. (The duplicated token is attended to twice, so the logits are close
-    to the original model's, not identical.) Shared by the recipes that train a distillation token
-    (``deit``, ``dearkd``); ``recipe`` names the one asking in the error.
+
+def add_distillation_token(student: nn.Module, recipe: str = "deit") -> nn.Module:
+    """The distilled twin of a timm ViT (or ``vitshrink_vit``), keeping every weight and every layout choice it has.
+
+    The original DeiT layout becomes timm's ``VisionTransformerDistilled``; any other (LayerScale, registers,
+    ``norm_pre``, ``no_embed_class``, qk-norm, average or attention pooling, per-block widths) becomes
+    ``vitshrink_vit_distilled``, which keeps all of them; blocks ``vitshrink_vit`` cannot rebuild (parallel blocks,
+    EVA-02 / RoPE ViTs) become ``vitshrink_distilled`` around the student's own timm model. The new distillation token starts as the class token
+    as the first block sees it (or as a fresh token when there is no class token) and the distillation head as
+    a copy of the class head, so both heads start out agreeing (exactly, with a class token and token pooling).
+    Shared by the recipes that train a distillation token (``deit``, ``dearkd``); ``recipe`` names the one asking.
     """
-    import torch
     from timm.models.deit import VisionTransformerDistilled
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
 
-    if isinstance(student, VisionTransformerDistilled):
+    from vitshrink.models.distilled_vit import DistillationToken
+    from vitshrink.prune.surgery import check_sliceable, full_plan, slice_vit
+
+    if isinstance(student, VisionTransformerDistilled | DistillationToken):
         return student
-    if not isinstance(student, VisionTransformer) or getattr(student, "cls_token", None) is None \
-            or student.num_reg_tokens or student.global_pool != "token":
-        raise UserError(f"--recipe {recipe} needs a timm ViT student with a class token and token pooling, got "
-                        f"{type(student).__name__}")
     record = record_of(student)
-    if record is not None and record.name == "vitshrink_vit":  # keeps its block and head variants
-        distilled = create_model("vitshrink_vit_distilled", **record.kwargs)
+    if isinstance(student, Eva) and record is not None:  # EVA-02 / RoPE: timm's own Eva takes the token
+        return _with_token(student, "vitshrink_distilled", {"base": record.name, **record.kwargs},
+                           student.state_dict())
+    if not isinstance(student, VisionTransformer):
+        raise UserError(f"--recipe {recipe} needs a timm ViT student (a distillation token joins its tokens), got "
+                        f"{type(student).__name__}")
+    try:
+        check_sliceable(student)
+    except UserError as exc:
+        # Blocks vitshrink_vit cannot rebuild (parallel blocks, RmsNorm): timm builds them by name instead.
+        if record is None or record.name.startswith("vitshrink"):
+            raise UserError(f"--recipe {recipe}: the student cannot take a distillation token: "
+                            f"{str(exc).removeprefix('cannot prune: ')}") from None
+        return _with_token(student, "vitshrink_distilled", {"base": record.name, **record.kwargs},
+                           student.state_dict())
+    twin = slice_vit(student, full_plan(student))  # the same function as vitshrink_vit, every layout choice kept
+    kwargs = dict(record_of(twin).kwargs)
+    if _is_plain_deit(kwargs):
+        return _timm_distilled(student)
+    return _with_token(student, "vitshrink_vit_distilled", kwargs, twin.state_dict())
+
+
+def _with_token(student: nn.Module, name: str, kwargs: dict[str, Any], state: dict[str, Any]) -> nn.Module:
+    """``name`` built with ``kwargs`` and loaded with ``state`` plus the distillation token and head it adds."""
+    try:
+        distilled = create_model(name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"the student cannot take a distillation token ({exc})") from None
+    set_data_config(distilled, input_size=data_config(student)["input_size"])
+    copy_data_config(distilled, student)
+    state = dict(state)
+    if "cls_token" in state:
+        token = state["cls_token"]
+        if not getattr(student, "no_embed_class", False) and "pos_embed" in state:
+            token = token + state["pos_embed"][:, :1]  # the class token as the blocks see it
+        state["dist_token"] = token.clone()
     else:
-        distilled = create_model(DISTILLED_ARCH, **vit_kwargs(student))
+        state["dist_token"] = distilled.dist_token.detach().clone()
+    for suffix in ("weight", "bias"):
+        if f"head.{suffix}" in state:
+            state[f"head_dist.{suffix}"] = state[f"head.{suffix}"].clone()
+    distilled.load_state_dict(state)
+    return distilled
+
+
+def _timm_distilled(student: nn.Module) -> "VisionTransformerDistilled":
+    """timm's DeiT twin of a plain ViT: the distillation token and its position embedding copy the class ones.
+
+    The two tokens stay equal through every block, so both heads start out agreeing. (The duplicated token is
+    attended to twice, so the logits are close to the original model's, not identical.)
+    """
+    import torch
+
+    distilled = create_model(DISTILLED_ARCH, **vit_kwargs(student))
     set_data_config(distilled, input_size=data_config(student)["input_size"])
     copy_data_config(distilled, student)
     state = student.state_dict()

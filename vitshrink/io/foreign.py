@@ -18,7 +18,8 @@ from torch import nn
 from vitshrink.errors import UserError
 from vitshrink.io.layouts import Layout, convert_layout
 from vitshrink.io.record import data_config, set_data_config
-from vitshrink.io.weights import (build_and_load, is_vision_transformer, probe, require_timm_name,
+from vitshrink.io.weights import (build_and_load, create_checked, first, is_vision_transformer, probe,
+                                  require_timm_name, resize_rel_pos_tables,
                                   resample_pos_embed)
 
 
@@ -61,6 +62,11 @@ def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options
     if options["norm_eps"] is not None:
         kwargs["norm_eps"] = options["norm_eps"]
     checkpoint_img = kwargs.get("img_size")
+    if options["img_size"] is not None and not is_vision_transformer(arch_probe) and hasattr(arch_probe, "patch_embed"):
+        # EVA-02 / RoPE / BEiT: rebuilt at the new size (pos_embed resampled below, relative-position tables here)
+        kwargs["patch_size"] = kwargs.get("patch_size") or int(first(arch_probe.patch_embed.patch_size))
+        kwargs["img_size"] = options["img_size"]
+        state = resize_rel_pos_tables(state, create_checked(arch, kwargs, path, meta=True), path)
     if options["img_size"] is not None and "pos_embed" in state and checkpoint_img != options["img_size"]:
         no_embed_class = kwargs.get("no_embed_class", bool(getattr(arch_probe, "no_embed_class", False)))
         state = resample_pos_embed(state, options["img_size"], kwargs["patch_size"], no_embed_class, path)

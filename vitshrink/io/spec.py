@@ -18,7 +18,8 @@ from vitshrink.io.readers import TORCH_SUFFIXES, read_safetensors, read_torch_st
 from vitshrink.io.record import (METADATA_KEY, ModelRecord, create_model, data_config, model_from_record,
                                  record_of, set_data_config)
 from vitshrink.io.weights import (check_sizes_against_state, check_state, create_checked, first,
-                                  load_state_checked, probe, require_timm_name, resample_pos_embed)
+                                  load_state_checked, probe, require_timm_name, resample_pos_embed,
+                                  resize_rel_pos_tables)
 
 
 def load_model(
@@ -172,7 +173,8 @@ def _model_from_vitshrink_file(path: Path, state: dict[str, torch.Tensor], recor
     img_size = options["img_size"]
     input_size = list(record.data.get("input_size") or [None, None, None])
     if img_size is not None and input_size[1:] != [img_size, img_size]:
-        if "pos_embed" in state:
+        # Any patch-embedding model is rebuilt for the new grid (RoPE and relative-position ViTs have no pos_embed).
+        if "pos_embed" in state or any(key.startswith("patch_embed.") for key in state):
             kwargs["img_size"] = img_size
             record.kwargs = kwargs
         record.data["input_size"] = [input_size[0] or 3, img_size, img_size]
@@ -185,6 +187,8 @@ def _model_from_vitshrink_file(path: Path, state: dict[str, torch.Tensor], recor
                 and state["pos_embed"].shape != expected["pos_embed"].shape):
             state = resample_pos_embed(state, int(img_size), int(first(shell.patch_embed.patch_size)),
                                        bool(getattr(shell, "no_embed_class", False)), path)
+        if img_size is not None:
+            state = resize_rel_pos_tables(state, shell, path)
         check_state(expected, state, path, name)
     try:
         model = model_from_record(record, path)

@@ -192,6 +192,30 @@ def resample_pos_embed(state: dict[str, torch.Tensor], new_img_size: int, patch_
     return state
 
 
+def resize_rel_pos_tables(state: dict[str, torch.Tensor], shell: nn.Module,
+                          source: Path | str) -> dict[str, torch.Tensor]:
+    """Relative-position bias tables (BEiT) resized to ``shell``'s grid by timm's ``resize_rel_pos_bias_table``.
+
+    ``shell`` is the model at the new ``--img-size`` (a meta build is enough). RoPE frequencies are rebuilt from
+    the grid, never stored; anything else of another shape is left for ``check_state`` to report.
+    """
+    from timm.layers import resize_rel_pos_bias_table
+
+    expected = shell.state_dict()
+    resized = dict(state)
+    for key, value in state.items():
+        if not key.endswith("relative_position_bias_table") or key not in expected \
+                or expected[key].shape == value.shape:
+            continue
+        owner = shell.get_submodule(key.rsplit(".", 1)[0]) if "." in key else shell
+        try:
+            resized[key] = resize_rel_pos_bias_table(value, new_window_size=tuple(owner.window_size),
+                                                     new_bias_shape=tuple(expected[key].shape))
+        except (AssertionError, RuntimeError, ValueError, AttributeError) as exc:
+            raise UserError(f"{source}: cannot resize {key} to the new --img-size ({type(exc).__name__}: {exc})") from None
+    return resized
+
+
 def check_sizes_against_state(where: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     """The sizes a record or config states, compared with the tensors before anything is built."""
     import re

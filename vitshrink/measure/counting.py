@@ -17,10 +17,11 @@ missing kernels are added here with torch's own ``sdpa_flop_count`` formula.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -84,6 +85,24 @@ def _missing_attention_formulas() -> dict[Any, Callable]:
     return mapping
 
 
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Parameters with ``requires_grad`` off for the count, each restored afterwards.
+
+    FlopCounterMode's module tracker hooks the gradients of every module's tensor inputs; under ``no_grad`` a
+    view of a trainable parameter (the latent query a SigLIP attention-pooling head expands) requires grad but
+    has no gradient function, and the tracker fails on it ("Expected gradient function to be set").
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def count_flops(model: nn.Module, input_size: Sequence[int] | None = None, *, module_depth: int = 3) -> FlopCount:
     """MACs (and FLOPs = 2 x MACs) of one eval-mode forward pass at batch size 1.
 
@@ -96,7 +115,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] | None = None, *, mo
     x = torch.randn(1, *size, device=model_device(model), dtype=param.dtype if param is not None else torch.float32)
     counter = flop_counter.FlopCounterMode(display=False, depth=module_depth,
                                            custom_mapping=_missing_attention_formulas())
-    with eval_mode(model), torch.no_grad(), counter:
+    with eval_mode(model), _frozen(model), torch.no_grad(), counter:
         model(x)
     counts = counter.get_flop_counts()
     total_flops = counter.get_total_flops()

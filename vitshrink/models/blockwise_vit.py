@@ -23,12 +23,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, calculate_drop_path_rates, get_act_layer
 from timm.layers.attention import Attention
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-__all__ = ["SlimBlock", "BlockwiseVisionTransformer", "BlockwiseVisionTransformerDistilled", "vitshrink_vit",
-           "vitshrink_vit_distilled", "as_logits"]
+__all__ = ["SlimBlock", "BlockwiseVisionTransformer", "vitshrink_vit", "as_logits"]
 
 
 class SlimBlock(nn.Module):
@@ -149,6 +147,8 @@ class BlockwiseVisionTransformer(VisionTransformer):
         head_act: str = "tanh",
         head_softmax: bool = False,
         fixed_pos_embed: bool = False,
+        pool_num_heads: int = 1,
+        pool_mlp_ratio: float = 4.0,
         **kwargs: Any,
     ):
         depth = len(block_num_heads)
@@ -160,8 +160,8 @@ class BlockwiseVisionTransformer(VisionTransformer):
             raise ValueError(f"kept_blocks has {len(kept_blocks)} entries for {depth} blocks")
         if any(int(v) < 0 for v in (*block_num_heads, *block_head_dims, *block_mlp_hidden)):
             raise ValueError("per-block dims must be >= 0")
-        if global_pool in ("map", "prr"):
-            raise ValueError("vitshrink_vit does not support attention pooling heads ('map', 'prr')")
+        if global_pool == "prr":
+            raise ValueError("vitshrink_vit does not support the 'prr' attention pooling head")
         for key in ("depth", "num_heads", "mlp_ratio", "block_fn", "mlp_layer", "attn_layer"):
             if key in kwargs:
                 raise ValueError(f"vitshrink_vit takes per-block dims, not {key!r}")
@@ -170,7 +170,9 @@ class BlockwiseVisionTransformer(VisionTransformer):
         # Build timm's embedding/pool/head with no blocks, then add the per-block ones.
         super().__init__(embed_dim=embed_dim, depth=0, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
                          init_values=init_values, global_pool=global_pool, norm_layer=norm_layer,
-                         act_layer=act_layer, weight_init="skip", **kwargs)
+                         act_layer=act_layer, weight_init="skip",
+                         # With no blocks here, timm uses num_heads / mlp_ratio only for a 'map' head (kept whole).
+                         num_heads=int(pool_num_heads), mlp_ratio=float(pool_mlp_ratio), **kwargs)
         self.block_num_heads = [int(v) for v in block_num_heads]
         self.block_head_dims = [int(v) for v in block_head_dims]
         self.block_mlp_hidden = [int(v) for v in block_mlp_hidden]
@@ -225,30 +227,6 @@ class BlockwiseVisionTransformer(VisionTransformer):
                     layer.mlp.fc2.weight.div_(scale)
 
 
-class BlockwiseVisionTransformerDistilled(VisionTransformerDistilled, BlockwiseVisionTransformer):
-    """``vitshrink_vit`` with DeiT's distillation token and second head (timm's ``VisionTransformerDistilled``),
-    so that the ``deit`` recipe keeps a teacher's block and head variants (post-norm, shared norms, ...)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        if self.pre_logits is not None and self.num_classes > 0:  # timm sizes it by embed_dim
-            self.head_dist = nn.Linear(self.head_hidden_size, self.num_classes)
-        if self.fixed_pos_embed:  # timm made a new (trainable) table with a row for the distillation token
-            self.pos_embed.requires_grad_(False)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x, x_dist = (self.head_drop(self.fc_norm(t)) for t in (x[:, 0], x[:, 1]))
-        if self.pre_logits is not None:
-            x, x_dist = self.pre_logits(x), self.pre_logits(x_dist)
-        if pre_logits:
-            return (x + x_dist) / 2
-        x, x_dist = self.head(x), self.head_dist(x_dist)
-        if self.distilled_training and self.training:
-            return x, x_dist
-        x = (x + x_dist) / 2
-        return x.softmax(dim=-1) if self.head_softmax and not self.training else x
-
-
 def as_logits(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
     """``model``'s output as logits: the log of a softmax head's probabilities (logits up to a per-image constant,
     which softmax, cross-entropy and KD at any temperature ignore), any other output as it is."""
@@ -274,19 +252,11 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 # Read by timm's register_model to attach the pretrained_cfg (no weights are published under this name).
-default_cfgs = generate_default_cfgs({"vitshrink_vit": _cfg(), "vitshrink_vit_distilled": _cfg(
-    classifier=("head", "head_dist"))})
+default_cfgs = generate_default_cfgs({"vitshrink_vit": _cfg()})
 
 
 @register_model
 def vitshrink_vit(pretrained: bool = False, **kwargs: Any) -> BlockwiseVisionTransformer:
     """ViT with per-block heads / head dims / MLP widths (the output of vitshrink's pruning)."""
     return build_model_with_cfg(BlockwiseVisionTransformer, "vitshrink_vit", pretrained,
-                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
-
-
-@register_model
-def vitshrink_vit_distilled(pretrained: bool = False, **kwargs: Any) -> BlockwiseVisionTransformerDistilled:
-    """``vitshrink_vit`` with a distillation token and head (the ``deit`` recipe's student)."""
-    return build_model_with_cfg(BlockwiseVisionTransformerDistilled, "vitshrink_vit_distilled", pretrained,
                                 feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)

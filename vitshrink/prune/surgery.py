@@ -66,8 +66,8 @@ def check_sliceable(model: nn.Module) -> None:
         raise UserError(f"cannot prune {type(model).__name__}: structured pruning needs a timm VisionTransformer")
     if getattr(model, "dist_token", None) is not None:
         raise UserError("cannot prune a distilled (two-token) ViT; prune the teacher before adding the distillation token")
-    if getattr(model, "attn_pool", None) is not None:
-        raise UserError("cannot prune a ViT with an attention-pooling head (global_pool 'map'/'prr')")
+    if getattr(model, "attn_pool", None) is not None and model.global_pool != "map":
+        raise UserError(f"cannot prune a ViT with the {model.global_pool!r} attention-pooling head (only 'map' is kept)")
     for i, blk in enumerate(model.blocks):
         where = f"blocks.{i}"
         if type(blk) not in (Block, SlimBlock):
@@ -133,6 +133,9 @@ def _arch_kwargs(model: VisionTransformer) -> dict[str, Any]:
     kwargs.update(_variant_kwargs(model))
     if getattr(pe, "dynamic_img_pad", False):
         kwargs["dynamic_img_pad"] = True
+    if getattr(model, "attn_pool", None) is not None:  # a 'map' head: kept whole, rebuilt with its own sizes
+        kwargs["pool_num_heads"] = int(model.attn_pool.num_heads)
+        kwargs["pool_mlp_ratio"] = model.attn_pool.mlp.fc1.out_features / model.embed_dim
     return kwargs
 
 

@@ -1,20 +1,23 @@
 """``deit``: the DeiT distillation token (Touvron et al. 2021). Settings: recipes/deit.yaml.
 
-The student gets a distillation token and a second head (timm's ``VisionTransformerDistilled``); the class
-head learns from the labels, the distillation head from the teacher (a CNN or a ViT). At inference the two
-heads' logits are averaged, so the exported model has one output.
+The student gets a distillation token and a second head (timm's ``VisionTransformerDistilled`` for the original
+DeiT layout, else ``vitshrink_vit_distilled``, which keeps the teacher's LayerScale, registers, ``norm_pre``,
+qk-norm, ``no_embed_class`` and pooling); the class head learns from the labels, the distillation head from the
+teacher (a CNN or a ViT). At inference the two heads' logits are averaged, so the exported model has one output.
+A derived student (no ``--student``) is checked to cost fewer MACs than the teacher before training starts;
+families whose blocks it cannot copy are refused first (``vitshrink.applicability``).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from vitshrink.applicability import check_deit_applies
 from vitshrink.distill.tasks import TokenKDTask
 from vitshrink.errors import UserError
 from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
-from vitshrink.students import add_distillation_token, deit_tiny_student
+from vitshrink.students import add_distillation_token, check_student_cost, deit_tiny_student
 
 
 @register_recipe("deit")
@@ -30,12 +33,17 @@ class DeiT(Recipe):
         return cfg
 
     def build_student(self, teacher: nn.Module, student: nn.Module | str | None, ctx: RecipeContext) -> nn.Module:
-        if student is None and not isinstance(teacher, VisionTransformer):
+        check_deit_applies(teacher, student)
+        if student is None and getattr(teacher, "blocks", None) is None:
             # DeiT's own setting: a CNN teacher, a ViT student (paper sec. 5); nothing to copy from the teacher.
             derived, note = deit_tiny_student(teacher)
             ctx.log(note)
-            return add_distillation_token(derived)
-        return add_distillation_token(super().build_student(teacher, student, ctx))
+            distilled = add_distillation_token(derived)
+        else:
+            distilled = add_distillation_token(super().build_student(teacher, student, ctx))
+        if student is None:  # the distillation token adds a little: the student as trained must still be smaller
+            check_student_cost(distilled, teacher, "the derived DeiT student (with its distillation token)")
+        return distilled
 
     def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]) -> TokenKDTask:
         return TokenKDTask(student, teachers, distill_type=str(cfg["distill_type"]), kd_weight=float(cfg["kd_weight"]),

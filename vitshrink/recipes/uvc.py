@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vitshrink._atomic import atomic_write_text
+from vitshrink.applicability import check_uvc_applies
 from vitshrink.distill.tasks import DistillTask, LogitKDTask
 from vitshrink.distill.teachers import as_teachers
 from vitshrink.errors import UserError
@@ -20,7 +21,7 @@ from vitshrink.io import record_of
 from vitshrink.prune.decisions import magnitude_plan
 from vitshrink.prune.resource import check_target
 from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
-from vitshrink.prune.surgery import check_sliceable, plan_to_json, slice_vit
+from vitshrink.prune.surgery import plan_to_json, slice_vit
 from vitshrink.prune.uvc_objective import OfficialLoss
 from vitshrink.prune.latency_table import check_latency_runtime
 from vitshrink.prune.latency_target import correct_with_measurements, latency_resource, measured_latency
@@ -75,7 +76,7 @@ class UVC(Recipe):
     def build_student(self, teacher: nn.Module, student: nn.Module | str | None, ctx: RecipeContext) -> nn.Module:
         if student is not None:
             raise UserError("--student: the uvc recipe prunes the teacher itself; leave --student out")
-        check_sliceable(teacher)
+        check_uvc_applies(teacher, ctx.cfg, ctx.log)  # before the search: families refused, qk-norm adjusted
         config = uvc_config(ctx.cfg)
         for key, allowed in (("pruning_plan", ("search", "magnitude")), ("posttrain_objective", ("kd", "official"))):
             if ctx.cfg.get(key) is not None and ctx.cfg[key] not in allowed:
