@@ -165,7 +165,7 @@ def test_cli_synthesizes_with_the_patch_similarity_prior(tmp_path, capsys):
     finally:
         sys.argv = old_argv
     out = capsys.readouterr().out
-    assert "patch-sim" in out and "wrote" in out
+    assert "patch-sim" in out and "psaq-vit-deit" in out and "wrote" in out
     files = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png"))
     assert files == ["000/0000000.png", "000/0000004.png", "001/0000001.png", "001/0000005.png", "002/0000002.png",
                      "003/0000003.png"]
