@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.optim as optim
+from cli_support import assert_one_line_error, run_cli
 
 from vitshrink.data.synthesis_settings import SynthesisSettings, settings_for, with_overrides
 from vitshrink.data.synthetic import BestIterate, optimise_batch, synthesize
@@ -276,3 +277,17 @@ def test_the_set_is_chosen_from_the_teacher_and_recorded(kind, expected, tmp_pat
     forced = synthesize(teacher, 2, tmp_path / "forced", iterations=1, batch_size=2, device="cpu", progress=False,
                         settings="deepinversion-imagenet")
     assert forced.settings.name == "deepinversion-imagenet"
+
+
+@pytest.mark.parametrize("flag, value, needle", [("--settings", "deepinversion", "--settings must be"),
+                                                 ("--divergence-weight", "-1", "--divergence-weight")])
+def test_cli_refuses_an_unknown_set_or_a_negative_divergence_weight(flag, value, needle, capsys, tmp_path):
+    from vitshrink.io import create_model, save_model
+
+    vit = create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=24, depth=1, num_heads=3,
+                       num_classes=2)
+    spec = save_model(vit, tmp_path / "vit.safetensors")
+    code, _, err = run_cli(capsys, "synthesize", str(spec), "--num", "2", "--out", str(tmp_path / "out"),
+                           "--device", "cpu", flag, value)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists()
