@@ -291,3 +291,15 @@ def test_cli_refuses_an_unknown_set_or_a_negative_divergence_weight(flag, value,
                            "--device", "cpu", flag, value)
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_data_free_refuses_an_unknown_synth_settings_before_synthesising(tmp_path):
+    from vitshrink.data.data_free import synthetic_training_data
+    from vitshrink.errors import UserError
+    from vitshrink.models.cifar_resnet import cifar_resnet20
+
+    cfg = {"synth_num": 2, "synth_prior": "auto", "synth_settings": "deepinversion", "synth_iterations": None,
+           "synth_batch_size": None, "synth_divergence_weight": None}
+    with pytest.raises(UserError, match="synth_settings must be auto or one of deepinversion-cifar"):
+        synthetic_training_data(cifar_resnet20(num_classes=2), tmp_path / "run", cfg, progress=False)
+    assert not (tmp_path / "run").exists()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vitshrink.data.folders import ImageSplit, LabelledData, _class_names, _open_reader, resolve_data
+from vitshrink.data.synthesis_settings import SETTING_SETS
 from vitshrink.errors import UserError
 
 SYNTHETIC_DIR = "synthetic"
@@ -34,11 +35,14 @@ def synthetic_training_data(teacher: nn.Module, out_dir: str | os.PathLike, cfg:
     num = cfg["synth_num"]
     if not isinstance(num, int) or isinstance(num, bool) or num < 1:
         raise UserError(f"--synth-num must be a positive integer, got {num!r}")
+    settings = str(cfg.get("synth_settings") or "auto")
+    if settings not in ("auto", *SETTING_SETS):
+        raise UserError(f"setting synth_settings must be auto or one of {', '.join(SETTING_SETS)}, got {settings!r}")
     folder = Path(out_dir) / SYNTHETIC_DIR
     result = synthesize(teacher, num, folder, prior=str(cfg["synth_prior"]),
                         iterations=_optional_int(cfg, "synth_iterations"),
                         batch_size=_optional_int(cfg, "synth_batch_size"), device=device, seed=seed,
-                        progress=progress, settings=str(cfg.get("synth_settings") or "auto"),
+                        progress=progress, settings=settings,
                         divergence_weight=_optional_float(cfg, "synth_divergence_weight"))
     synthetic = {"folder": str(folder), "images": num, "prior": result.prior, "settings": result.settings.name,
                  "iterations": result.settings.iterations, "batch_size": result.settings.batch_size,
