@@ -133,9 +133,10 @@ def run_teacher(name: str, args, work: Path) -> dict:
     teacher = load_teacher(name)
     synth_dir = work / name / "synth"
     synth = synthesize(teacher, num, synth_dir, iterations=args.iterations, batch_size=args.synth_batch_size,
-                       device=args.device, seed=args.seed, progress=True)
+                       device=args.device, seed=args.seed, progress=True, settings=args.settings)
     noise_dir = write_noise_images(load_teacher(name), num, work / name / "noise", args.seed)
     row = {"teacher": name, "student": TEACHERS[name]["student"], "images": num, "prior": synth.prior,
+           "synth_settings": synth.settings.name,
            "synth_iterations": args.iterations, "synth_seconds": synth.seconds, "synth_images_per_s": synth.images_per_s,
            "synth_target_agreement": synth.target_agreement}
     sets = {"synth": resolve_data(synth_dir, val_data=args.val_data),
@@ -154,6 +155,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="images per set = 1000 * scale (min 10)")
     parser.add_argument("--iterations", type=int, default=500, help="synthesis iterations per batch")
     parser.add_argument("--synth-batch-size", type=int, default=100)
+    parser.add_argument("--settings", default="auto", help="synthesis settings set (vitshrink synthesize --settings)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("-b", "--batch-size", type=int, default=None, help="distillation batch (default: preset)")
     parser.add_argument("-j", "--workers", type=int, default=None)

@@ -91,7 +91,8 @@ def data_notes(labelled: LabelledData) -> list[str]:
     notes = []
     if labelled.synthetic is not None:
         notes.append(f"Data-free: this run saw no real training image; it trained on {labelled.synthetic['images']} "
-                     f"images synthesised from the teacher ({labelled.synthetic['prior']} prior) in "
+                     f"images synthesised from the teacher ({labelled.synthetic['prior']} prior, "
+                     f"{labelled.synthetic.get('settings', 'custom')} settings) in "
                      f"{labelled.synthetic['folder']}.")
     if labelled.val is None:
         notes.append("No accuracy was measured: there is no labelled validation set (pass --val-data DIR); the "

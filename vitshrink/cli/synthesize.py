@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from vitshrink.cli import (ArchOpt, ImgSizeOpt, InChansOpt, KeyMapOpt, MeanOpt, NormEpsOpt, NumClassesOpt, NumHeadsOpt,
                            PretrainedOpt, StdOpt, _device, app, console, load_spec)
+from vitshrink.data.synthesis_settings import SETTINGS_HELP
 
 
 @app.command()
@@ -18,8 +19,13 @@ def synthesize(
     out: Annotated[Path, typer.Option("--out", help="output folder: OUT/<class>/*.png + manifest.csv")],
     prior: Annotated[str, typer.Option("--prior", help="auto|bn|patch-sim (auto: bn for BatchNorm teachers, "
                                                        "patch-sim for ViTs)")] = "auto",
-    iterations: Annotated[int, typer.Option("--iterations", help="optimisation steps per batch")] = 1000,
-    batch_size: Annotated[int, typer.Option("-b", "--batch-size", help="images optimised together")] = 64,
+    settings: Annotated[str, typer.Option("--settings", help=f"official settings set: {SETTINGS_HELP}")] = "auto",
+    iterations: Annotated[Optional[int], typer.Option(
+        "--iterations", help="optimisation steps per batch (default: the settings set's)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "-b", "--batch-size", help="images optimised together (default: the settings set's)")] = None,
+    divergence_weight: Annotated[Optional[float], typer.Option(
+        "--divergence-weight", help="weight of DearKD's intra-divergence term (default: the set's, 0)")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda")] = "auto",
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
@@ -32,13 +38,16 @@ def synthesize(
     model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
                       key_map=key_map, norm_eps=norm_eps)
     result = run_synthesize(model, num, out, prior=prior, iterations=iterations, batch_size=batch_size,
-                            device=_device(device), seed=seed, progress=True)
+                            device=_device(device), seed=seed, progress=True, settings=settings,
+                            divergence_weight=divergence_weight)
     table = Table(title=f"synthesize: {teacher} -> {out}", show_header=False)
     table.add_row("prior", result.prior)
+    table.add_row("settings", f"{result.settings.name} (batch {result.settings.batch_size}, divergence weight "
+                              f"{result.settings.divergence_weight:g})")
     table.add_row("images", f"{result.num} ({result.batches_made} batches made, "
                             f"{result.batches_skipped} finished earlier)")
     if result.images_per_s is not None:
-        table.add_row("speed", f"{result.images_per_s:.2f} images/s ({iterations} iterations each)")
+        table.add_row("speed", f"{result.images_per_s:.2f} images/s ({result.settings.iterations} iterations each)")
     table.add_row("teacher top-1 = target", f"{result.target_agreement:.1%}")
     console.print(table)
     console.print(f"wrote {out}/<class>/*.png and {out / 'manifest.csv'}")

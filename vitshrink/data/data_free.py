@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vitshrink.data.folders import ImageSplit, LabelledData, _class_names, _open_reader, resolve_data
+from vitshrink.data.synthesis_settings import SETTING_SETS
 from vitshrink.errors import UserError
 
 SYNTHETIC_DIR = "synthetic"
@@ -34,11 +35,18 @@ def synthetic_training_data(teacher: nn.Module, out_dir: str | os.PathLike, cfg:
     num = cfg["synth_num"]
     if not isinstance(num, int) or isinstance(num, bool) or num < 1:
         raise UserError(f"--synth-num must be a positive integer, got {num!r}")
+    settings = str(cfg.get("synth_settings") or "auto")
+    if settings not in ("auto", *SETTING_SETS):
+        raise UserError(f"setting synth_settings must be auto or one of {', '.join(SETTING_SETS)}, got {settings!r}")
     folder = Path(out_dir) / SYNTHETIC_DIR
-    result = synthesize(teacher, num, folder, prior=str(cfg["synth_prior"]), iterations=int(cfg["synth_iterations"]),
-                        batch_size=int(cfg["synth_batch_size"]), device=device, seed=seed, progress=progress)
-    synthetic = {"folder": str(folder), "images": num, "prior": result.prior,
-                 "iterations": int(cfg["synth_iterations"]),
+    result = synthesize(teacher, num, folder, prior=str(cfg["synth_prior"]),
+                        iterations=_optional_int(cfg, "synth_iterations"),
+                        batch_size=_optional_int(cfg, "synth_batch_size"), device=device, seed=seed,
+                        progress=progress, settings=settings,
+                        divergence_weight=_optional_float(cfg, "synth_divergence_weight"))
+    synthetic = {"folder": str(folder), "images": num, "prior": result.prior, "settings": result.settings.name,
+                 "iterations": result.settings.iterations, "batch_size": result.settings.batch_size,
+                 "divergence_weight": result.settings.divergence_weight,
                  "images_per_s": result.images_per_s, "batches_made": result.batches_made,
                  "batches_resumed": result.batches_skipped, "teacher_agreement": result.target_agreement}
     in_chans = int(data_config(teacher)["input_size"][0])
@@ -53,3 +61,22 @@ def synthetic_training_data(teacher: nn.Module, out_dir: str | os.PathLike, cfg:
     return LabelledData(train, None, _class_names(reader),
                         f"{num} images synthesised from the teacher ({result.prior} prior; no validation set)",
                         synthetic=synthetic)
+
+
+def _optional_int(cfg: dict[str, Any], key: str) -> int | None:
+    """``cfg[key]`` as an int, None (absent or null: the chosen settings set's value) kept."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"setting {key} must be an integer or null, got {value!r}")
+    return value
+
+
+def _optional_float(cfg: dict[str, Any], key: str) -> float | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"setting {key} must be a number or null, got {value!r}")
+    return float(value)

@@ -6,12 +6,14 @@ images is optimised with (DeepInversion, Yin et al. CVPR 2020; PSAQ-ViT, Li et a
 CVPR 2022):
 
     CE(teacher(jitter(flip(x))), target) + w_prior * prior + w_tv_l1 * TV_l1 + w_tv_l2 * TV_l2 + w_l2 * ||x||
-    + w_div * intra_divergence(teacher embedding, target)
+    + w_tv_range * |TV_l2 - target TV| + w_div * intra_divergence(teacher embedding, target)
 
 where the prior is BatchNorm statistics (BN teachers) or patch-similarity entropy (ViT teachers), see
-``vitshrink.distill.priors``. Work is resumable batch by batch: a finished batch (its images and its part of the
-manifest, written atomically) is never redone, and every batch's noise and jitter come from its own seed, so a
-resumed run writes the same images an uninterrupted one would.
+``vitshrink.distill.priors``. The weights, lr, schedule, jitter stages and which iterate is kept come from an
+official script's settings chosen from the teacher (``vitshrink.data.synthesis_settings``). Work is resumable
+batch by batch: a finished batch (its images and its part of the manifest, written atomically) is never redone,
+and every batch's noise and jitter come from its own seed, so a resumed run writes the same images an
+uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitshrink._atomic import atomic_path, atomic_write_text
+from vitshrink.data.synthesis_settings import SynthesisSettings, settings_for, with_overrides
 from vitshrink.distill.priors import choose_prior, image_l2, intra_divergence_loss, make_prior, total_variation_l1, \
-    total_variation_l2
+    total_variation_l2, total_variation_range
 from vitshrink.errors import UserError
 from vitshrink.io import record_of
 from vitshrink.validate import check_output_dir
@@ -42,42 +45,6 @@ SETTINGS_FILE = "synthesis.json"
 MANIFEST = "manifest.csv"
 PROGRESS_DIR = ".progress"  # per-batch manifest parts; no images, so ImageFolder readers skip it
 MANIFEST_FIELDS = ("file", "target", "teacher_top1", "confidence")
-
-
-@dataclass
-class SynthesisSettings:
-    """The optimisation's settings; every default cites its source or says it is ours."""
-
-    # Adam on the pixels, lr 0.25 with betas (0.5, 0.9): DeepInversion imagenet_inversion.py setting 0/1
-    # (betas) and PSAQ-ViT generate_data.py (lr 0.25 for Swin, 0.20 for DeiT).
-    lr: float = 0.25
-    betas: tuple[float, float] = (0.5, 0.9)
-    # Cosine lr with linear warm-up (DeepInversion utils.lr_cosine_policy, warm-up 100 iterations); ours: the
-    # warm-up is capped at a tenth of the iterations so short runs leave it.
-    warmup_iterations: int = 100
-    # Weight of the cross-entropy to the target: DeepInversion main_loss_multiplier 1.0; PSAQ-ViT 1.0.
-    ce_weight: float = 1.0
-    # BatchNorm statistics weight: DeepInversion imagenet_inversion.py --r_feature 0.05 with
-    # --first_bn_multiplier 10.
-    bn_weight: float = 0.05
-    first_bn_multiplier: float = 10.0
-    # Patch-similarity entropy weight: PSAQ-ViT generate_data.py (loss_entropy enters with weight 1); Gaussian
-    # KDE bandwidth 0.01 (PSAQ-ViT utils/kde.py GaussianKernel default).
-    patch_sim_weight: float = 1.0
-    kde_bandwidth: float = 0.01
-    # Image priors: DeepInversion imagenet_inversion.py defaults --tv_l1 0, --tv_l2 1e-4, --l2 1e-5.
-    tv_l1_weight: float = 0.0
-    tv_l2_weight: float = 1e-4
-    l2_weight: float = 1e-5
-    # Boundary-preserving intra-divergence (DearKD): weight, margin and boundary weight are ours (the paper's
-    # values could not be read); small enough that CE still puts >= 90% of images on their target.
-    divergence_weight: float = 0.1
-    divergence_margin: float = 0.1
-    # Random shift of up to size/16 pixels (DeepInversion's CIFAR script: 2 px at 32 px) and horizontal flips
-    # with p = 0.5 (DeepInversion --do_flip; PSAQ-ViT).
-    jitter_fraction: float = 1 / 16
-    flip: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +57,7 @@ class SynthesisResult:
     seconds: float
     images_per_s: float | None  # over the images made in this call
     target_agreement: float  # share of all images the teacher classifies as their target
+    settings: SynthesisSettings  # the set used (its ``name``: which official set) with any overrides
 
 
 def class_folder_names(teacher: nn.Module, num_classes: int) -> list[str]:
@@ -152,10 +120,28 @@ def _prepare_out_dir(out_dir: Path, record: dict[str, Any]) -> None:
 
 
 def _lr_at(settings: SynthesisSettings, step: int, iterations: int) -> float:
-    warmup = max(1, min(settings.warmup_iterations, iterations // 10))
+    """The lr at ``step`` of a stage of ``iterations`` steps (DeepInversion utils.lr_cosine_policy, or constant)."""
+    if settings.lr_schedule == "constant":
+        return settings.lr
+    warmup = max(1, min(settings.warmup_iterations, iterations // 5))
     if step < warmup:
         return settings.lr * (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, iterations - warmup))) * settings.lr
+
+
+class BestIterate:
+    """DeepInversion's best-image bookkeeping (NVlabs/DeepInversion deepinversion.py, ``get_images``): after each
+    step and clip, ``if best_cost > loss.item() or iteration == 1: best_inputs = inputs.data.clone();
+    best_cost = loss.item()``, with ``best_cost`` starting at 1e4. As there, the cost is the whole batch's total
+    loss from the forward pass before the step, and the images kept are those after it."""
+
+    def __init__(self) -> None:
+        self.cost, self.iteration, self.images = 1e4, 0, None
+
+    def update(self, loss: float, images: torch.Tensor) -> None:
+        self.iteration += 1
+        if self.cost > loss or self.iteration == 1:
+            self.images, self.cost = images.detach().clone(), loss
 
 
 def _classifier_input_hook(teacher: nn.Module, store: dict[str, torch.Tensor]):
@@ -167,10 +153,47 @@ def _classifier_input_hook(teacher: nn.Module, store: dict[str, torch.Tensor]):
     return head.register_forward_pre_hook(lambda module, inputs: store.__setitem__("embedding", inputs[0]))
 
 
+def _jitter(images: torch.Tensor, limit: int, settings: SynthesisSettings, rng: random.Random) -> torch.Tensor:
+    """Random roll by up to ``limit`` pixels and, with ``settings.flip``, a horizontal flip with p = 0.5, drawing
+    from ``rng`` in the official order (offsets, then the flip)."""
+    if settings.jitter_same_offset:
+        offset = rng.randint(-limit, limit)
+        shifts = (offset, offset)
+    else:
+        shifts = (rng.randint(-limit, limit), rng.randint(-limit, limit))
+    shifted = torch.roll(images, shifts=shifts, dims=(2, 3))
+    if settings.flip and rng.random() > 0.5:
+        shifted = torch.flip(shifted, dims=(3,))
+    return shifted
+
+
+def _batch_loss(logits: torch.Tensor, shifted: torch.Tensor, targets: torch.Tensor, prior, store: dict,
+                settings: SynthesisSettings, tv_target: float | None) -> torch.Tensor:
+    """The total loss of one step (see the module doc); terms with weight 0 are skipped."""
+    loss = settings.ce_weight * F.cross_entropy(logits.float(), targets)
+    if prior is not None:
+        weight = settings.bn_weight if hasattr(prior, "first_multiplier") else settings.patch_sim_weight
+        loss = loss + weight * prior.loss()
+    if settings.tv_l1_weight:
+        loss = loss + settings.tv_l1_weight * total_variation_l1(shifted)
+    if settings.tv_l2_weight:
+        loss = loss + settings.tv_l2_weight * total_variation_l2(shifted)
+    if settings.l2_weight:
+        loss = loss + settings.l2_weight * image_l2(shifted)
+    if tv_target is not None:
+        loss = loss + settings.tv_range_weight * total_variation_range(shifted, tv_target)
+    if settings.divergence_weight:
+        embedding = store.pop("embedding", logits)
+        loss = loss + settings.divergence_weight * intra_divergence_loss(embedding, targets,
+                                                                         margin=settings.divergence_margin)
+    return loss
+
+
 def optimise_batch(teacher: nn.Module, prior, targets: torch.Tensor, *, input_size: Sequence[int],
-                   mean: torch.Tensor, std: torch.Tensor, iterations: int, settings: SynthesisSettings,
-                   seed: int, on_step=None) -> torch.Tensor:
-    """Optimise one batch of normalised images from Gaussian noise toward ``targets``; returns images in [0, 1].
+                   mean: torch.Tensor, std: torch.Tensor, settings: SynthesisSettings, seed: int,
+                   on_step=None) -> torch.Tensor:
+    """Optimise one batch of normalised images from Gaussian noise toward ``targets`` for ``settings.iterations``
+    steps (split over the jitter stages); returns the kept images (``settings.keep``: best or last) in [0, 1].
 
     ``prior`` is an entered ``BNStatisticsPrior`` / ``PatchSimilarityPrior`` (or None), read after each forward.
     """
@@ -180,44 +203,36 @@ def optimise_batch(teacher: nn.Module, prior, targets: torch.Tensor, *, input_si
     images = torch.randn((len(targets), *input_size), generator=generator).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([images], lr=settings.lr, betas=settings.betas, eps=1e-8)
     low, high = (0 - mean) / std, (1 - mean) / std  # the valid pixel range, normalised
-    limit = max(1, int(round(input_size[-1] * settings.jitter_fraction)))
+    tv_target = settings.tv_range_target(images.numel(), rng.random()) if settings.tv_range_weight else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     store: dict[str, torch.Tensor] = {}
     handle = _classifier_input_hook(teacher, store) if settings.divergence_weight else None
+    best = BestIterate()
     try:
-        for step in range(iterations):
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(settings, step, iterations)
-            shifted = torch.roll(images, shifts=(rng.randint(-limit, limit), rng.randint(-limit, limit)), dims=(2, 3))
-            if settings.flip and rng.random() > 0.5:
-                shifted = torch.flip(shifted, dims=(3,))
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                logits = teacher(shifted)
-            loss = settings.ce_weight * F.cross_entropy(logits.float(), targets)
-            if prior is not None:
-                weight = settings.bn_weight if hasattr(prior, "first_multiplier") else settings.patch_sim_weight
-                loss = loss + weight * prior.loss()
-            if settings.tv_l1_weight:
-                loss = loss + settings.tv_l1_weight * total_variation_l1(shifted)
-            if settings.tv_l2_weight:
-                loss = loss + settings.tv_l2_weight * total_variation_l2(shifted)
-            if settings.l2_weight:
-                loss = loss + settings.l2_weight * image_l2(shifted)
-            if settings.divergence_weight:
-                embedding = store.pop("embedding", logits)
-                loss = loss + settings.divergence_weight * intra_divergence_loss(
-                    embedding, targets, margin=settings.divergence_margin)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():  # keep pixels in range (DeepInversion's clip)
-                images.data = torch.maximum(torch.minimum(images.data, high), low)
-            if on_step is not None:
-                on_step()
+        for fraction, count in zip(settings.jitter_stages, settings.stage_iterations()):
+            limit = max(1, int(round(input_size[-1] * fraction)))
+            for step in range(count):
+                for group in optimizer.param_groups:
+                    group["lr"] = _lr_at(settings, step, count)
+                shifted = _jitter(images, limit, settings, rng)
+                optimizer.zero_grad(set_to_none=True)
+                with autocast:
+                    logits = teacher(shifted)
+                loss = _batch_loss(logits, shifted, targets, prior, store, settings, tv_target)
+                loss.backward()
+                optimizer.step()
+                if settings.clip:  # keep pixels in range (DeepInversion's / PSAQ-ViT's clip)
+                    with torch.no_grad():
+                        images.data = torch.maximum(torch.minimum(images.data, high), low)
+                if settings.keep == "best":
+                    best.update(loss.item(), images.data)
+                if on_step is not None:
+                    on_step()
     finally:
         if handle is not None:
             handle.remove()
-    return (images.detach() * std + mean).clamp(0, 1)
+    kept = best.images if settings.keep == "best" and best.images is not None else images.detach()
+    return (kept * std + mean).clamp(0, 1)
 
 
 def _quantise(images: torch.Tensor) -> torch.Tensor:
@@ -271,34 +286,47 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 
 
 def synthesize(teacher: nn.Module, num: int, out_dir: str | os.PathLike, *, prior: str = "auto",
-               iterations: int = 1000, batch_size: int = 64, device: str | torch.device = "auto", seed: int = 0,
-               progress: bool = True, settings: SynthesisSettings | None = None) -> SynthesisResult:
+               iterations: int | None = None, batch_size: int | None = None, device: str | torch.device = "auto",
+               seed: int = 0, progress: bool = True, settings: str | SynthesisSettings = "auto",
+               divergence_weight: float | None = None) -> SynthesisResult:
     """Synthesise ``num`` images balanced over the teacher's classes into ``out_dir`` (see the module doc).
 
+    ``settings``: a ``SynthesisSettings`` or the name of an official set (``auto``: chosen from the teacher by
+    ``settings_for``); ``iterations``, ``batch_size`` and ``divergence_weight`` override the set's when given.
     The teacher is put in eval mode on ``device``; its parameters are frozen while the images are optimised and
     made trainable again afterwards."""
     from vitshrink.validate import check_batch_size, check_finite_weights, check_int, check_seed
 
     check_int(num, "--num", low=1, high=10**8)
-    check_int(iterations, "--iterations", low=1, high=10**7)
-    check_batch_size(batch_size)
+    if iterations is not None:
+        check_int(iterations, "--iterations", low=1, high=10**7)
+    if batch_size is not None:
+        check_batch_size(batch_size)
+    if divergence_weight is not None and not (math.isfinite(divergence_weight) and divergence_weight >= 0):
+        raise UserError(f"--divergence-weight must be a finite number >= 0, got {divergence_weight}")
     check_seed(seed)
     check_finite_weights(teacher, "teacher")
-    settings = settings or SynthesisSettings()
     out_dir, device = Path(out_dir), _resolve_device(device)
+    chosen = choose_prior(teacher, prior)
+    if not isinstance(settings, SynthesisSettings):
+        from vitshrink.io import data_config
+
+        settings = settings_for(chosen, data_config(teacher)["input_size"], str(settings))
+    settings = with_overrides(settings, iterations=iterations, batch_size=batch_size,
+                              divergence_weight=divergence_weight)
     teacher = teacher.to(device).eval()
     trainable = [p for p in teacher.parameters() if p.requires_grad]
     try:
         for parameter in trainable:  # only the images are optimised
             parameter.requires_grad_(False)
-        return _synthesize(teacher, num, out_dir, prior, iterations, batch_size, device, seed, progress, settings)
+        return _synthesize(teacher, num, out_dir, chosen, device, seed, progress, settings)
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
 
 
-def _synthesize(teacher: nn.Module, num: int, out_dir: Path, prior: str, iterations: int, batch_size: int,
-                device: torch.device, seed: int, progress: bool, settings: SynthesisSettings) -> SynthesisResult:
+def _synthesize(teacher: nn.Module, num: int, out_dir: Path, chosen: str, device: torch.device, seed: int,
+                progress: bool, settings: SynthesisSettings) -> SynthesisResult:
     from vitshrink.io import data_config
 
     cfg = data_config(teacher)
@@ -306,9 +334,9 @@ def _synthesize(teacher: nn.Module, num: int, out_dir: Path, prior: str, iterati
     shape = (1, input_size[0], 1, 1)
     mean = torch.tensor(cfg["mean"], dtype=torch.float32, device=device).reshape(shape)
     std = torch.tensor(cfg["std"], dtype=torch.float32, device=device).reshape(shape)
-    chosen = choose_prior(teacher, prior)
     num_classes = _num_classes(teacher, input_size, device)
     names = class_folder_names(teacher, num_classes)
+    iterations, batch_size = settings.iterations, settings.batch_size
     record = {"num": num, "prior": chosen, "iterations": iterations, "batch_size": batch_size, "seed": seed,
               "input_size": list(input_size), "class_names": names, "teacher": _teacher_fingerprint(teacher),
               "settings": json.loads(json.dumps(asdict(settings)))}
@@ -319,13 +347,13 @@ def _synthesize(teacher: nn.Module, num: int, out_dir: Path, prior: str, iterati
     made_images, started = 0, time.perf_counter()
     with _progress_bar(progress) as bar, make_prior(teacher, chosen, first_bn_multiplier=settings.first_bn_multiplier,
                                                     bandwidth=settings.kde_bandwidth) as hooks:
-        task = bar.add_task(f"synthesize ({chosen})", total=sum(e - s for _, s, e in todo), rate="") if bar else None
+        task = bar.add_task(f"synthesize ({chosen}, {settings.name})", total=sum(e - s for _, s, e in todo),
+                            rate="") if bar else None
         for b, first, end in todo:
             targets = torch.arange(first, end, device=device) % num_classes  # balanced: class = index mod classes
             step = _step_callback(bar, task, (end - first) / iterations, started)
             images = optimise_batch(teacher, hooks, targets, input_size=input_size, mean=mean, std=std,
-                                    iterations=iterations, settings=settings, seed=seed * 1_000_003 + b,
-                                    on_step=step)
+                                    settings=settings, seed=seed * 1_000_003 + b, on_step=step)
             pixels = _quantise(images)
             top1, confidence = _teacher_view(teacher, pixels, mean, std, device)
             _write_batch(out_dir, b, first, pixels, targets.tolist(), names, top1, confidence)
@@ -338,7 +366,7 @@ def _synthesize(teacher: nn.Module, num: int, out_dir: Path, prior: str, iterati
     seconds = time.perf_counter() - started
     agreement = sum(int(r["target"]) == int(r["teacher_top1"]) for r in rows) / len(rows)
     return SynthesisResult(out_dir, num, chosen, len(todo), len(done), seconds,
-                           made_images / seconds if made_images else None, agreement)
+                           made_images / seconds if made_images else None, agreement, settings)
 
 
 def _step_callback(bar, task, images_per_step: float, started: float):

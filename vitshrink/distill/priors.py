@@ -5,7 +5,8 @@ internals, a context manager that installs forward hooks and sums the per-layer 
 
 * BatchNorm statistics (DeepInversion, Yin et al. CVPR 2020, NVlabs/DeepInversion ``DeepInversionFeatureHook``):
   ``||var_batch - running_var||_2 + ||mean_batch - running_mean||_2`` on each BatchNorm2d input.
-* Total variation, l1 and l2 forms, and the image l2 norm (DeepInversion ``get_image_prior_losses``).
+* Total variation, l1 and l2 forms, and the image l2 norm (DeepInversion ``get_image_prior_losses``); PSAQ-ViT's
+  TV-range prior ``|TV_l2 - target|`` (zkkli/PSAQ-ViT ``generate_data.py``).
 * Patch-similarity entropy (PSAQ-ViT, Li et al. ECCV 2022, zkkli/PSAQ-ViT ``generate_data.py``): the
   differential entropy of the cosine similarities between patch features of each MHSA output, estimated with
   a Gaussian kernel density; synthesis maximises it (the loss is its negative).
@@ -118,6 +119,14 @@ def total_variation_l1(images: torch.Tensor) -> torch.Tensor:
 def total_variation_l2(images: torch.Tensor) -> torch.Tensor:
     """Sum over the four directions of the Frobenius norm of the neighbour differences (whole batch)."""
     return sum(torch.linalg.vector_norm(d) for d in _neighbour_differences(images))
+
+
+def total_variation_range(images: torch.Tensor, target: float) -> torch.Tensor:
+    """PSAQ-ViT's image prior (zkkli/PSAQ-ViT ``generate_data.py``: ``torch.norm(get_image_prior_losses(img_jit)
+    - var_pred)``): the distance of the batch's ``total_variation_l2`` to a target value, so images are pulled
+    toward a given smoothness rather than to flat colour. The official target is drawn from U(2500, 3000) once
+    per batch (``SynthesisSettings.tv_range_target``)."""
+    return (total_variation_l2(images) - target).abs()
 
 
 def image_l2(images: torch.Tensor) -> torch.Tensor:
@@ -282,4 +291,4 @@ __all__: Sequence[str] = ["PRIORS", "BNStatisticsPrior", "HookedPrior", "PatchSi
                           "batchnorm_layers", "bn_statistics_loss", "choose_prior", "differential_entropy",
                           "gaussian_kde", "image_l2", "intra_divergence_loss", "make_prior",
                           "patch_similarity_entropy", "total_variation_l1", "total_variation_l2",
-                          "vit_attention_layers"]
+                          "total_variation_range", "vit_attention_layers"]
