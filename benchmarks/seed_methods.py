@@ -45,7 +45,7 @@ def run_one(group: str, recipe: str, student: str | None, seed: int, args: argpa
     started = time.perf_counter()
     result = distill(teacher, recipe, student=student, data=str(TRAIN), val_data=str(args.val_data),
                      out_dir=args.out / f"{group}_{recipe}_seed{seed}", epochs=args.epochs, lr=lr, seed=seed,
-                     device="cpu", progress=False, overrides={"bench_batch_sizes": [1]})
+                     device="cpu", workers=0, progress=False, overrides={"bench_batch_sizes": [1]})
     summary = list(csv.DictReader((result.out_dir / "summary.csv").open()))
     return {"group": group, "recipe": recipe, "student": student or "derived half-depth ViT", "seed": seed,
             "final_top1": float(summary[-1]["eval_top1"]) / 100, "best_top1": result.report["student"]["top1"],
