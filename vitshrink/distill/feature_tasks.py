@@ -131,7 +131,8 @@ class TargetAwareTask(DistillTask):
                  kd_weight: float, temperature: float, tat_weight: float, smoothing: float = 0.0, **student_kwargs):
         super().__init__(TargetAwareStudent(student, **student_kwargs), teachers)
         self.teacher_point, self.teacher_grid = teacher_point, tuple(teacher_grid)
-        self.kd_weight, self.temperature, self.tat_weight, self.smoothing = kd_weight, temperature, tat_weight, smoothing
+        self.kd_weight, self.temperature = kd_weight, temperature
+        self.tat_weight, self.smoothing = tat_weight, smoothing
 
     def forward(self, input: torch.Tensor, target: torch.Tensor | None = None,
                 extras: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
