@@ -159,6 +159,22 @@ def test_multi_view_erases_a_square_and_adds_noise_to_the_chosen_images():
     assert torch.equal(multi_view(images, 0.0, 0.25, 0.1), images)
 
 
+def test_presets_cite_a_source_for_every_key_and_the_recipes_are_listed():
+    import re
+
+    from vitshrink.config import PRESETS
+    from vitshrink.recipes import recipe_names
+
+    assert {"manifold", "tat", "crossarch"} <= set(recipe_names())
+    for preset in ("manifold", "tat", "crossarch"):
+        lines = (PRESETS / f"{preset}.yaml").read_text().splitlines()
+        for i in (i for i, line in enumerate(lines) if re.match(r"^[a-z_]+:", line)):
+            j = i - 1
+            while j >= 0 and re.match(r"^[a-z_]+:", lines[j]):
+                j -= 1
+            assert j >= 0 and lines[j].startswith("#"), f"{preset}.yaml: {lines[i]!r} has no comment above"
+
+
 def test_settings_are_checked_before_any_work():
     with pytest.raises(UserError, match="--student-points and --teacher-points"):
         resolve_run_settings("manifold", flags={"student_points": ["blocks.0"]})
