@@ -80,17 +80,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--val-data", type=Path, default=TEST)
-    parser.add_argument("--only", default=None, help="comma-separated group:recipe rows to run (default: all)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated group:recipe rows to run, in this order (default: all, table order)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the runs already in --json and skip them (continue an interrupted benchmark)")
     parser.add_argument("--out", type=Path, default=Path("output/seed_methods"))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/seed_methods_cpu.json"))
     args = parser.parse_args()
-    rows: list[dict] = []
-    wanted = None if args.only is None else set(args.only.split(","))
+    rows: list[dict] = json.loads(args.json.read_text())["runs"] if args.keep and args.json.exists() else []
+    order = [f"{group}:{recipe}" for group, recipe, _, _ in ROWS] if args.only is None else args.only.split(",")
+    students = {f"{group}:{recipe}": student for group, recipe, student, _ in ROWS}
     for seed in (int(s) for s in args.seeds.split(",")):
-        for group, recipe, student, _ in ROWS:
-            if wanted is not None and f"{group}:{recipe}" not in wanted:
+        for name in order:
+            group, recipe = name.split(":")
+            if any((r["group"], r["recipe"], r["seed"]) == (group, recipe, seed) for r in rows):
                 continue
-            rows.append(run_one(group, recipe, student, seed, args))
+            rows.append(run_one(group, recipe, students[name], seed, args))
             print(json.dumps(rows[-1]), flush=True)
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({
