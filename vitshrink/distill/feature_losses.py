@@ -63,8 +63,9 @@ def manifold_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence
                   ) -> ManifoldTerms:
     """Weighted terms averaged over the layer pairs (``mf_loss``); returns each weighted term.
 
-    Student tokens beyond the teacher's count are dropped from the front (a distillation token the teacher
-    lacks); both sides otherwise keep every token, the class token included, as the official code does.
+    When the student has more tokens than the teacher, that many are dropped from its front, as the official
+    code does (a DeiT student's class token goes; its distillation token then lines up with the teacher's class
+    token); both sides otherwise keep every token, the class token included.
     """
     if not student_feats or len(student_feats) != len(teacher_feats):
         raise ValueError("manifold loss: need as many student as teacher features (at least one)")
