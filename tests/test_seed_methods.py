@@ -227,6 +227,11 @@ def test_vit_recipe_steps_and_exports_with_parity(tmp_path, recipe_name, options
     for _ in range(2):
         out = task(images, targets)
         assert torch.isfinite(out["loss"]) and float(out[term]) > 0
+        # The total is the preset's combination of the terms reported (manifold: kd_weight 1, beta folded in;
+        # tat: 0.5 CE + 0.5 T^2 KL + 0.1 TaT).
+        weights = {"manifold_loss": (0.0, 1.0, 1.0), "tat_loss": (0.5, 0.5, 0.1)}[term]
+        total = weights[0] * out["task_loss"] + weights[1] * out["kd_loss"] + weights[2] * out[term]
+        torch.testing.assert_close(out["loss"].detach(), total, rtol=1e-5, atol=1e-6)
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
