@@ -55,7 +55,8 @@ def run_one(group: str, recipe: str, student: str | None, seed: int, args: argpa
 
 def verdicts(rows: list[dict]) -> list[dict]:
     """Per method row: its mean final top-1 over the seeds that completed, against each baseline's mean over
-    the same seeds; ``beat`` only when it is above every baseline."""
+    the same seeds; ``beat`` True when above every baseline, False when not above one of those measured, None
+    while a baseline is missing and none is above it."""
     out = []
     for group, recipe, _, baselines in ROWS:
         if not baselines:
@@ -69,8 +70,10 @@ def verdicts(rows: list[dict]) -> list[dict]:
                           if (r["group"], r["recipe"]) == (group, base) and r["seed"] in mine}
                 if len(theirs) == len(mine):
                     entry["vs"][base] = round((entry["top1"] - statistics.mean(theirs.values())) * 100, 2)
-            if len(entry["vs"]) == len(baselines):
-                entry["beat"] = all(gain > 0 for gain in entry["vs"].values())
+            if any(gain <= 0 for gain in entry["vs"].values()):
+                entry["beat"] = False  # already not above one baseline
+            elif len(entry["vs"]) == len(baselines):
+                entry["beat"] = True
         out.append(entry)
     return out
 
@@ -86,7 +89,12 @@ def main() -> None:
                         help="keep the runs already in --json and skip them (continue an interrupted benchmark)")
     parser.add_argument("--out", type=Path, default=Path("output/seed_methods"))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/seed_methods_cpu.json"))
+    parser.add_argument("--rescore", action="store_true", help="only recompute the verdicts of --json")
     args = parser.parse_args()
+    if args.rescore:
+        saved = json.loads(args.json.read_text())
+        args.json.write_text(json.dumps({**saved, "verdicts": verdicts(saved["runs"])}, indent=2))
+        return
     rows: list[dict] = json.loads(args.json.read_text())["runs"] if args.keep and args.json.exists() else []
     order = [f"{group}:{recipe}" for group, recipe, _, _ in ROWS] if args.only is None else args.only.split(",")
     students = {f"{group}:{recipe}": student for group, recipe, student, _ in ROWS}
