@@ -6,9 +6,11 @@ with a suffix:
 * ``"NAME"`` -- the module's output;
 * ``"NAME:input"`` -- the module's (first) input;
 * ``"blocks.N:attn"`` -- the attention map (B, heads, N, N) of block N's timm ``Attention``;
-* ``"blocks.N:cls_attn"`` -- the class token's attention row (B, heads, N) of that block.
+* ``"blocks.N:cls_attn"`` -- the class token's attention row (B, heads, N) of that block;
+* ``"blocks.N:qkv"`` -- that block's query, key and value, stacked (3, B, heads, N, head_dim), q and k after
+  the block's ``q_norm`` / ``k_norm`` (what its softmax sees).
 
-timm's ``Attention`` runs a fused kernel that returns no weights, so the two attention points hook the
+timm's ``Attention`` runs a fused kernel that returns no weights, so the attention points hook the
 block's ``attn.qkv`` projection and recompute the softmax from the q and k it already produced: no extra
 projection and no change to the forward. Losses receive the dict of features, never the model.
 
@@ -24,7 +26,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-ATTENTION_SUFFIXES = ("attn", "cls_attn")
+ATTENTION_SUFFIXES = ("attn", "cls_attn", "qkv")
 _BLOCK = re.compile(r"^blocks\.(\d+)$")
 
 
@@ -33,18 +35,22 @@ def parse_point(point: str) -> tuple[str, str]:
     name, _, suffix = point.partition(":")
     suffix = suffix or "output"
     if suffix not in ("output", "input", *ATTENTION_SUFFIXES):
-        raise ValueError(f"feature point {point!r}: unknown suffix {suffix!r} (output, input, attn, cls_attn)")
+        raise ValueError(f"feature point {point!r}: unknown suffix {suffix!r} (output, input, attn, cls_attn, qkv)")
     return name, suffix
 
 
-def _attention_from_qkv(attn: nn.Module, qkv: torch.Tensor, class_row: bool) -> torch.Tensor:
+def split_qkv(attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """The output of a timm ``Attention``'s fused ``qkv`` as (3, B, heads, N, head_dim), q and k normed."""
     batch, tokens, width = qkv.shape
     heads = attn.num_heads
-    head_dim = width // (3 * heads)
-    qkv = qkv.reshape(batch, tokens, 3, heads, head_dim)
-    q = qkv[:, :1, 0] if class_row else qkv[:, :, 0]
-    q, k = attn.q_norm(q.transpose(1, 2)), attn.k_norm(qkv[:, :, 1].transpose(1, 2))
-    scale = getattr(attn, "scale", head_dim ** -0.5)
+    q, k, v = qkv.reshape(batch, tokens, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4)
+    return torch.stack([attn.q_norm(q), attn.k_norm(k), v])
+
+
+def _attention_from_qkv(attn: nn.Module, qkv: torch.Tensor, class_row: bool) -> torch.Tensor:
+    q, k, _ = split_qkv(attn, qkv)
+    q = q[:, :, :1] if class_row else q
+    scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
     weights = ((q.float() @ k.float().transpose(-2, -1)) * scale).softmax(dim=-1)
     return weights.squeeze(2) if class_row else weights
 
@@ -79,8 +85,10 @@ class FeatureTaps(dict):
                 raise ValueError(f"feature point {point!r}: {name} has no timm attention with a fused qkv")
             class_row = suffix == "cls_attn"
 
-            def record_attention(_m, _inputs, qkv, point=point, attn=attn, class_row=class_row):
-                self._store(point, _attention_from_qkv(attn, qkv.detach() if self.detach else qkv, class_row))
+            def record_attention(_m, _inputs, qkv, point=point, attn=attn, class_row=class_row, suffix=suffix):
+                qkv = qkv.detach() if self.detach else qkv
+                self._store(point, split_qkv(attn, qkv) if suffix == "qkv"
+                            else _attention_from_qkv(attn, qkv, class_row))
             self._handles.append(attn.qkv.register_forward_hook(record_attention))
         elif suffix == "input":
             self._handles.append(module.register_forward_pre_hook(
