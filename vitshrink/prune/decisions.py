@@ -12,7 +12,7 @@ from vitshrink.prune.importance import block_groups
 from vitshrink.prune.plan import BlockKeep, Plan
 from vitshrink.prune.resource import ResourceModel, allowed_widths
 
-__all__ = ["Decisions", "magnitude_plan"]
+__all__ = ["Decisions", "magnitude_plan", "decided_ratio"]
 
 
 class Decisions:
@@ -25,13 +25,9 @@ class Decisions:
         self.margin = margin  # gate logit margin keep - skip: the search's confidence in each block
         self.groups = [block_groups(b, s) for b, s in zip(model.blocks, scales)]
         self.kept = list(kept)
-        # Allowed kept counts per block and kind: any head count; head dims and MLP widths on the M grid.
-        self.widths = [[list(range(1, d.num_heads + 1)) or [0], allowed_widths(d.head_dim, dim_multiple),
-                        allowed_widths(d.mlp_hidden, dim_multiple)] for d in self.dims]
-        # Number kept per block: heads, dims per head, MLP units (the nearest allowed value to what the search
-        # kept; at least one of each while the block lives).
-        self.n = [[_nearest(w[0], d.num_heads - c[0]), _nearest(w[1], d.head_dim - c[1]),
-                   _nearest(w[2], d.mlp_hidden - c[2])] for d, c, w in zip(self.dims, counts, self.widths)]
+        self.moves = 0  # greedy moves made by ``adjust`` (blocks re-enabled or skipped, width steps)
+        self.widths = _allowed(self.dims, dim_multiple)
+        self.n = _kept_counts(self.dims, counts, self.widths)
 
     def _per_block(self):
         return [(n[0], n[1], n[2]) if k else None for n, k in zip(self.n, self.kept)]
@@ -100,6 +96,7 @@ class Decisions:
                     self.kept[i] = False
                 else:
                     changed = True
+                    self.moves += 1
         changed |= self._trim_units(target, tol) if within else False
         if self.ratio() > target and skip:
             for i in sorted((i for i, k in enumerate(self.kept) if k), key=lambda i: self.margin[i]):
@@ -107,6 +104,7 @@ class Decisions:
                     break
                 self.kept[i] = False
                 changed = True
+                self.moves += 1
             if within:
                 self._trim_units(target, tol)
         return changed
@@ -123,6 +121,7 @@ class Decisions:
             self.n[move[0]][move[1]] = move[2]
             r = self.ratio()
             changed = True
+            self.moves += 1
         while r < target - tol:
             moves = [(s, m) for i in live for s, m in self._moves(i, remove=False) if r + self._cost(m) <= target]
             if not moves:
@@ -131,6 +130,7 @@ class Decisions:
             self.n[move[0]][move[1]] = move[2]
             r = self.ratio()
             changed = True
+            self.moves += 1
         return changed
 
     def plan(self) -> Plan:
@@ -164,6 +164,25 @@ def magnitude_plan(model: nn.Module, target: float, tolerance: float = 0.02,
     state = Decisions(model, resource, scales, [True] * depth, [[0, 0, 0]] * depth, [0.0] * depth, dim_multiple)
     state.adjust(target, tolerance, within=True, skip=False)
     return state.plan()
+
+
+def _allowed(dims, dim_multiple: int) -> list[list[list[int]]]:
+    """Allowed kept counts per block and kind: any head count; head dims and MLP widths on the M grid."""
+    return [[list(range(1, d.num_heads + 1)) or [0], allowed_widths(d.head_dim, dim_multiple),
+             allowed_widths(d.mlp_hidden, dim_multiple)] for d in dims]
+
+
+def _kept_counts(dims, counts, widths) -> list[list[int]]:
+    """Number kept per block: heads, dims per head, MLP units (the nearest allowed value to what the search kept;
+    at least one of each while the block lives)."""
+    return [[_nearest(w[0], d.num_heads - c[0]), _nearest(w[1], d.head_dim - c[1]),
+             _nearest(w[2], d.mlp_hidden - c[2])] for d, c, w in zip(dims, counts, widths)]
+
+
+def decided_ratio(resource: ResourceModel, kept: list[bool], counts: list[list[int]], dim_multiple: int = 1) -> float:
+    """R of hard decisions as ``Decisions`` rounds them, before any greedy adjustment (cheap: no group norms)."""
+    n = _kept_counts(resource.dims, counts, _allowed(resource.dims, dim_multiple))
+    return resource.ratio_of(tuple(c) if k else None for c, k in zip(n, kept))
 
 
 def _nearest(grid: list[int], value: int) -> int:
