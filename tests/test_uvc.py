@@ -142,6 +142,11 @@ def test_uvc_recipe_end_to_end(tiny_teacher_path, tmp_path):
     plan = json.loads((out / "uvc_plan.json").read_text())
     assert plan["flops_target"] == 0.5 and 0.48 <= plan["flops_ratio"] <= 0.5
     assert result.report["onnx"]["passed"]
+    # The search's health reaches report.json (traces) and the run folder (uvc_search.png).
+    search = result.report["pruning"]["search"]
+    assert len(search["trace"]["resource"]) == search["steps_run"] == len(search["trace"]["z"]) <= 6
+    assert search["search_resource"] == pytest.approx(plan["search_resource"])
+    assert (out / "uvc_search.png").stat().st_size > 0 and "Pruning search:" in (out / "report.md").read_text()
 
 
 def test_cli_refuses_bad_target_with_one_line(tiny_teacher_path, tmp_path):

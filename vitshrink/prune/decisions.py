@@ -5,6 +5,9 @@ With ``dim_multiple`` M > 1 every pruned head dim and MLP width is a multiple of
 the greedy moves those widths M units at a time, so heads x head dim is a multiple of M too."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -12,7 +15,7 @@ from vitshrink.prune.importance import block_groups
 from vitshrink.prune.plan import BlockKeep, Plan
 from vitshrink.prune.resource import ResourceModel, allowed_widths
 
-__all__ = ["Decisions", "magnitude_plan", "decided_ratio"]
+__all__ = ["Decisions", "SearchResult", "magnitude_plan", "decided_ratio"]
 
 
 class Decisions:
@@ -146,6 +149,31 @@ class Decisions:
             mlp = sorted(torch.topk(g.mlp, n[2]).indices.tolist()) if d.mlp_hidden else []
             plan.append(BlockKeep(heads=heads, mlp=mlp, head_dims=head_dims))
         return plan
+
+
+@dataclass
+class SearchResult:
+    plan: Plan
+    resource: float  # analytic R of the plan (equals the counter's R of the sliced model)
+    search_resource: float  # R of the rounded search decisions before any greedy adjustment
+    adjusted: bool  # True if the greedy adjustment changed the search's decisions
+    model: nn.Module  # the searched (fine-tuned, proximally shrunk) copy of the teacher, same shape
+    history: list[dict[str, float]] = field(default_factory=list)
+    decisions: Decisions | None = None  # the final decisions; ``redecide`` moves them to another band
+    health: dict[str, Any] = field(default_factory=dict)  # uvc_health.search_health: traces, band, greedy, restarts
+
+    def redecide(self, target: float, tolerance: float, *, within: bool = True, skip: bool = True) -> Plan:
+        """Move the final decisions into ``[target - tolerance, target]`` (same greedy) and take that plan."""
+        self.decisions.adjust(target, tolerance, within=within, skip=skip)
+        self.plan = self.decisions.plan()
+        self.resource = self.decisions.resource.plan_ratio(self.plan)
+        return self.plan
+
+    def summary(self) -> dict[str, Any]:
+        kept = [k for k in self.plan if k is not None]
+        return {"resource": self.resource, "search_resource": self.search_resource, "adjusted": self.adjusted,
+                "kept_blocks": [i for i, k in enumerate(self.plan) if k is not None],
+                "heads": [len(k.heads) for k in kept], "mlp": [len(k.mlp) for k in kept]}
 
 
 def magnitude_plan(model: nn.Module, target: float, tolerance: float = 0.02,

@@ -13,39 +13,35 @@ github.com/VITA-Group/UVC, ``uvc_utils.py`` / ``uvc_optimizer.py``), re-derived 
   (qkv, Q@K^T, attn@V, proj, fc1, fc2 per block; embedding and head fixed), so the search's R is the
   counter's R for the sliced model. Constraint ``R <= B`` (``flops_target``). With ``latency_target``, R is the
   predicted latency ratio of a fitted ``vitshrink.prune.latency_fit.LatencyModel`` (same interface) instead.
-* Search loss (``search_objective``, see ``vitshrink.prune.uvc_objective``): ``official`` is UVC's DeiT soft
-  loss (alpha 0.1, KL summed / numel, T = 1) plus label-smoothed CE on mixup/cutmix batches, after a warm-up
-  that trains the weights with every gate fixed at 0.5; ``kd`` is pure ``T^2 KL`` at T = 4 from the start.
-* Primal-dual steps (UVC's minimax): a weight step on the search loss (AdamW, weight decay per objective), then
-  a proximal shrink ``W_g /= 1 + 2 * lr * y`` of every group currently marked for removal; a step on the
-  fractions with gradient ``y * (norm of the next group to go) + z * dR/dfraction`` (max-norm clipped, as UVC);
-  a gate step on ``task grad + z * gating_weight * dR/dgate`` (``official``: UVC's weighted mean over
-  ``gate_interval`` steps, SGD weight decay 1e-4, and the gates also in AdamW); dual ascent
-  ``z <- z + eta_z * clip(R - B)`` and ``y <- max(0, y + eta_y * (sum of the norms marked for removal))``.
-* Then hard decisions and, if the rounded decisions miss the band ``B - tol <= R <= B``, a deterministic
-  greedy adjustment (remove the unit with the smallest norm per MAC saved, or add back the largest that
-  fits) so that the sliced model lands in the band. ``SearchResult.adjusted`` says whether that happened.
-  With ``dim_multiple`` M the decisions are rounded to, and the greedy moves along, widths that are multiples of M.
+* Search loss (``search_objective``, ``vitshrink.prune.uvc_objective``): ``official`` is UVC's DeiT soft loss
+  (alpha 0.1, KL summed / numel, T = 1) plus label-smoothed CE on mixup/cutmix batches, after a warm-up with every
+  gate fixed at 0.5; ``kd`` is a KL from the teacher made scale-free by the teacher's own logit statistics.
+* Primal-dual steps (UVC's minimax): a weight step (AdamW), a proximal shrink ``W_g /= 1 + 2 * lr * y`` of the
+  groups marked for removal, a step on the fractions with gradient ``y * (norm of the next group to go) + p *
+  dR/dfraction`` (max-norm clipped, as UVC), a gate step on ``task grad + p * gating_weight * dR/dgate``, dual
+  ascent on ``z`` (``uvc_health.dual_step``) and ``y <- max(0, y + eta_y * (sum of the norms marked))``. UVC's
+  pressure is ``p = z``.
+* Then hard decisions and, if they miss the band ``B - tol <= R <= B``, a deterministic greedy adjustment
+  (``vitshrink.prune.decisions``); ``SearchResult.adjusted`` / ``health`` say whether and how much.
   ``sliced_student(restore=True)`` slices the teacher's own weights with the plan.
 
-Differences from the official code, and why (the full table: docs/FIDELITY.md): the dual z is two-sided
-(``two_sided_dual``; UVC clamps it at 0, which let R run far below the target on a real model);
-counts are parametrised as fractions of each block's
-upper bound (so one learning rate suits every width and a short CPU search moves them), and their step
-is annealed (cosine) so the primal-dual oscillation around ``R = B`` settles within a short search (UVC's
-"rising" z schedule, ``PresetLRScheduler``, writes a key no optimizer reads, so its z step is constant too);
-every kept head of a block keeps the same number of dims (one head width per block keeps the sliced tensors
-regular, each head still chooses its own dims); group norms are the full coupled groups (q, k, v rows and
-``proj`` columns; ``fc1`` rows and ``fc2`` columns) and are normalised so that each unit type sums to 1 in the
-average block at the start, so ``y`` has one scale for every unit type and width; R uses the gates' softmax
-(expected cost) where UVC draws a Gumbel sample; the official code masks but never slices — here the plan
-goes to ``vitshrink.prune.surgery.slice_vit``.
+What holds the ``kd`` search on any teacher (issue 23; ``official`` keeps UVC's dynamics): ``z`` is bounded and
+restarts from 0 when R crosses its aim (the band's middle); the pressure adds an augmented-Lagrangian term
+``p = z + z_penalty * (R - aim)`` that damps the oscillation of counts (which integrate p) around the budget;
+the count step sees ``y / mean(y)`` and ``dR/dfraction / max|dR/dfraction|``, both O(1) on any width or depth
+(UVC's raw ``y`` grows without bound and forces ``z`` to wind up with it); the search stops once its own
+decisions have stayed in the band ``patience`` steps, and restarts from its last healthy snapshot with halved
+count, gate and dual steps when its loss or R diverges (``uvc_health.SearchWatch``).
+
+Other differences from the official code (the full table: docs/FIDELITY.md): two-sided z; counts as fractions of
+each block's upper bound, their step cosine-annealed; one head width per block; full coupled group norms,
+normalised per unit type; R from the gates' softmax, not a Gumbel sample; the plan is sliced, not masked.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -53,9 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitshrink.errors import UserError
-from vitshrink.prune.decisions import Decisions, decided_ratio
+from vitshrink.prune.decisions import Decisions, SearchResult, decided_ratio
 from vitshrink.prune.importance import block_groups, next_norm, norm_scale, removal_sets
-from vitshrink.prune.plan import Plan
 from vitshrink.prune.resource import ResourceModel, check_flops_target, check_target
 from vitshrink.prune.surgery import check_sliceable, slice_vit
 from vitshrink.prune.uvc_gates import GatedBlock, cycle, shrink_groups, ste_ceil
@@ -122,31 +117,6 @@ class UVCConfig:
         implied["warmup_steps"] = int(round(fraction * steps))
         given = {k: v for k, v in settings.items() if v is not None}
         return cls(objective=objective, **{**implied, **given})
-
-
-@dataclass
-class SearchResult:
-    plan: Plan
-    resource: float  # analytic R of the plan (equals the counter's R of the sliced model)
-    search_resource: float  # R of the rounded search decisions before any greedy adjustment
-    adjusted: bool  # True if the greedy adjustment changed the search's decisions
-    model: nn.Module  # the searched (fine-tuned, proximally shrunk) copy of the teacher, same shape
-    history: list[dict[str, float]] = field(default_factory=list)
-    decisions: Decisions | None = None  # the final decisions; ``redecide`` moves them to another band
-    health: dict[str, Any] = field(default_factory=dict)  # uvc_health.search_health: traces, band, greedy, restarts
-
-    def redecide(self, target: float, tolerance: float, *, within: bool = True, skip: bool = True) -> Plan:
-        """Move the final decisions into ``[target - tolerance, target]`` (same greedy) and take that plan."""
-        self.decisions.adjust(target, tolerance, within=within, skip=skip)
-        self.plan = self.decisions.plan()
-        self.resource = self.decisions.resource.plan_ratio(self.plan)
-        return self.plan
-
-    def summary(self) -> dict[str, Any]:
-        kept = [k for k in self.plan if k is not None]
-        return {"resource": self.resource, "search_resource": self.search_resource, "adjusted": self.adjusted,
-                "kept_blocks": [i for i, k in enumerate(self.plan) if k is not None],
-                "heads": [len(k.heads) for k in kept], "mlp": [len(k.mlp) for k in kept]}
 
 
 # --------------------------------------------------------------------------------------------------
