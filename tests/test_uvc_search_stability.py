@@ -41,9 +41,9 @@ def test_dual_step_follows_its_formula(z, gap, kw, expected):
 
 
 def test_watch_stops_after_patience_steps_in_band_and_smooths_the_loss():
-    watch = SearchWatch(target=0.5, tolerance=0.02, patience=3, loss_limit=1.0, runaway=0.2)
-    assert [watch.should_stop(r) for r in (0.49, 0.495, 0.51, 0.48, 0.5, 0.485)] == [
-        False, False, False, False, False, True]  # 0.51 breaks the run; 0.48, 0.5, 0.485 make three
+    watch = SearchWatch(target=0.5, tolerance=0.02, patience=4, loss_limit=1.0, runaway=0.2)  # window ceil(5)
+    assert [watch.should_stop(r) for r in (0.49, 0.495, 0.51, 0.48, 0.5, 0.6, 0.485)] == [
+        False, False, False, False, True, False, False]  # 4 of the last 5 at 0.5; 0.6 is out; then 3 of 5
     assert watch.divergence(0.9, 0.5) is None
     assert watch.divergence(1.4, 0.5) is None  # one spike: EMA 0.8 * 0.9 + 0.2 * 1.4 = 1.0, not above 1
     assert watch.loss_ema == pytest.approx(1.0)
@@ -109,8 +109,9 @@ def test_search_on_a_hard_teacher_ends_in_the_band_without_divergence(hard_teach
     assert len(trace["resource"]) == len(trace["loss"]) == len(trace["z"]) == health["steps_run"]
     assert min(trace["resource"]) >= target - 0.2 and max(trace["loss"]) < 1.0
     assert max(abs(z) for z in trace["z"]) <= config.z_bound
-    # Not the old runaway: the last 20 decisions all sat in the band.
-    assert all(target - 0.02 - 1e-9 <= r <= target + 1e-9 for r in trace["decided"][-20:])
+    # Not the old runaway: at least 20 of the last 25 decisions sat in the band, the last one too.
+    inside = [target - 0.02 - 1e-9 <= r <= target + 1e-9 for r in trace["decided"][-25:]]
+    assert sum(inside) >= 20 and inside[-1]
 
 
 def test_divergence_restores_the_snapshot_and_halves_the_steps(hard_teacher):

@@ -5,7 +5,8 @@
   the target (issue 23: on a 4-block MNIST ViT R swung 0.998 -> 0.26 while z went from 88 to -106; the bundled
   teacher ended its search at R 0.107 for 0.5). Here ``z`` restarts from 0 when R crosses the target (the sign of
   ``R - B`` disagrees with ``z``'s) and stays within ``[-bound, bound]``.
-* ``SearchWatch``: the stop (R of the search's own hard decisions inside the band for ``patience`` steps in a row)
+* ``SearchWatch``: the stop (R of the search's own hard decisions inside the band now and in ``patience`` of the
+  last ``1.25 * patience`` steps)
   and the divergence test (the scale-free loss above ``loss_limit``, or R more than ``runaway`` below the
   target), on which the search restores its last healthy snapshot and halves its count, gate and dual steps.
 * ``search_health``: what ``uvc_plan.json`` and report.json carry: traces of R, the decisions' R, the loss and z,
@@ -42,11 +43,12 @@ class SearchWatch:
     patience: int  # steps in a row with the decisions' R in the band before the search stops (0: never stops)
     loss_limit: float  # scale-free search loss (1 = a constant guess) above which the search has diverged
     runaway: float  # R this far below the target: the search has run away
-    in_band_steps: int = 0
+    in_band_steps: int = 0  # of the last ``window`` steps
     loss_ema: float | None = None  # the loss, smoothed: one Gumbel sample that skips a vital block is not divergence
+    recent: list[bool] = field(default_factory=list)  # in the band or not, the last ``window`` steps
 
     def reset(self) -> None:
-        self.in_band_steps, self.loss_ema = 0, None
+        self.in_band_steps, self.loss_ema, self.recent = 0, None, []
 
     def healthy(self, record: dict[str, float]) -> bool:
         """A state worth restarting from: loss well under the limit, R not below the band."""
@@ -57,9 +59,12 @@ class SearchWatch:
         return self.target - self.tolerance - 1e-9 <= ratio <= self.target + 1e-9
 
     def should_stop(self, decided_ratio: float) -> bool:
-        """Count the steps in a row with the hard decisions in the band; True once there are ``patience``."""
-        self.in_band_steps = self.in_band_steps + 1 if self.in_band(decided_ratio) else 0
-        return self.patience > 0 and self.in_band_steps >= self.patience
+        """True once the hard decisions are in the band now and were in ``patience`` of the last
+        ``window = ceil(1.25 * patience)`` steps (a count flickering across the band's edge does not reset it)."""
+        inside = self.in_band(decided_ratio)
+        self.recent = (self.recent + [inside])[-math.ceil(1.25 * self.patience):]
+        self.in_band_steps = sum(self.recent)
+        return self.patience > 0 and inside and self.in_band_steps >= self.patience
 
     def divergence(self, loss: float, ratio: float) -> str | None:
         """Why the search has diverged at this step, or None (the loss test is on its moving average, 0.8/0.2)."""

@@ -30,8 +30,8 @@ restarts from 0 when R crosses its aim (the band's middle); the pressure adds an
 ``p = z + z_penalty * (R - aim)`` that damps the oscillation of counts (which integrate p) around the budget;
 the count step sees ``y / mean(y)`` and ``dR/dfraction / max|dR/dfraction|``, both O(1) on any width or depth
 (UVC's raw ``y`` grows without bound and forces ``z`` to wind up with it); the search stops once its own
-decisions have stayed in the band ``patience`` steps, and restarts from its last healthy snapshot with halved
-count, gate and dual steps when its loss or R diverges (``uvc_health.SearchWatch``).
+decisions sit in the band (now, and ``patience`` of the last ``1.25 * patience`` steps), and restarts from its
+last healthy snapshot with halved count, gate and dual steps when its loss or R diverges (``SearchWatch``).
 
 Other differences from the official code (the full table: docs/FIDELITY.md): two-sided z; counts as fractions of
 each block's upper bound, their step cosine-annealed; one head width per block; full coupled group norms,
@@ -87,7 +87,7 @@ class UVCConfig:
     two_sided_dual: bool = True  # z may go negative while R < target (vitshrink; UVC clamps z >= 0)
     z_bound: float = 10.0  # |z| <= z_bound (vitshrink; UVC: unbounded)
     z_reset: bool = True  # z restarts from 0 when R crosses the target (anti-windup; vitshrink)
-    patience: int = 20  # stop once the decisions' R has been in the band this many steps in a row (0: never)
+    patience: int = 20  # stop: decisions in the band now and in this many of the last 1.25x steps (0: never)
     loss_limit: float = 1.0  # search loss (EMA) above this: diverged (kd: 1 = a constant guess's loss)
     runaway: float = 0.2  # R this far below the target: diverged
     z_penalty: float = 20.0  # augmented-Lagrangian weight on R - aim in the primal steps (vitshrink; UVC: 0)
@@ -423,7 +423,7 @@ def search_uvc(teacher: nn.Module, train_loader: Iterable | Callable[[], Iterabl
         if not warm and reason is None and watch.should_stop(record["decided"]):
             health.stopped_at = step
             if log is not None:
-                log(f"UVC search: decisions in the band for {config.patience} steps; stopped at step {step}")
+                log(f"UVC search: decisions in the band ({config.patience} of the last steps); stopped at step {step}")
             break
     if task is not None:
         progress.remove_task(task)
