@@ -395,7 +395,7 @@ def search_uvc(teacher: nn.Module, train_loader: Iterable | Callable[[], Iterabl
     batches = iter(cycle(train_loader if callable(train_loader) else (lambda: train_loader)))
     watch = SearchWatch(target, config.tolerance, config.patience, config.loss_limit, config.runaway)
     health, history = SearchHealth(), []
-    snapshot = search.snapshot(0)
+    snapshot = search.snapshot(0) if config.max_restarts > 0 else None  # no restart: no snapshot to keep
     # ``stats`` is the extra text column of the engine's progress bar.
     task = progress.add_task("UVC search", total=config.steps, stats="") if progress is not None else None
     for step in range(config.steps):
@@ -413,7 +413,7 @@ def search_uvc(teacher: nn.Module, train_loader: Iterable | Callable[[], Iterabl
             if log is not None:
                 log(f"UVC search step {step}: {reason}; restarting from step {snapshot['step']} with "
                     f"{search.rate:g}x the count, gate and dual steps")
-        elif watch.healthy(record) and step % max(config.snapshot_every, 1) == 0:
+        elif snapshot is not None and watch.healthy(record) and step % max(config.snapshot_every, 1) == 0:
             snapshot = search.snapshot(step)
         if log is not None and config.log_every and (step % config.log_every == 0 or step == config.steps - 1):
             log(f"UVC search step {step}: loss {record['loss']:.4f}, R {record['resource']:.3f}, decisions "
