@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from distill_support import small_data, train_tiny_teacher  # noqa: E402
+from distill_support import eval_view_loader, train_hard_teacher, train_tiny_teacher  # noqa: E402
 
 from vitshrink._atomic import atomic_write_text  # noqa: E402
-from vitshrink.data import build_transform, make_loader  # noqa: E402
-from vitshrink.io import create_model, data_config, load_model, save_model, set_data_config  # noqa: E402
+from vitshrink.io import load_model, save_model  # noqa: E402
 from vitshrink.prune.uvc_search import UVCConfig, search_uvc  # noqa: E402
 
 UVC_DYNAMICS = dict(z_bound=math.inf, z_reset=False, z_penalty=0.0, relative_duals=False, patience=0,
@@ -37,25 +36,8 @@ UVC_DYNAMICS = dict(z_bound=math.inf, z_reset=False, z_penalty=0.0, relative_dua
 
 def hard_teacher(path: Path):
     if not path.exists():
-        torch.manual_seed(0)
-        model = create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=1,
-                             mlp_ratio=2.0, num_classes=10)
-        set_data_config(model, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        model.train()
-        for images, targets, _ in loader_for(model, 512, 64):
-            loss = torch.nn.functional.cross_entropy(model(images), targets)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        save_model(model.eval(), path)
+        save_model(train_hard_teacher(img_size=32, patch_size=8, n_train=512, batch=64), path)
     return load_model(path)
-
-
-def loader_for(model, n: int, batch: int):
-    data = small_data(n_train=n, n_val=16)
-    data.train.transform = build_transform(data_config(model), is_training=False)
-    return make_loader(data.train, batch, shuffle=True, workers=0, drop_last=True)
 
 
 def run(teacher, dynamics: str, steps: int, target: float, seed: int) -> dict:
@@ -63,7 +45,7 @@ def run(teacher, dynamics: str, steps: int, target: float, seed: int) -> dict:
     extra = UVC_DYNAMICS if dynamics == "uvc" else {}
     config = UVCConfig.for_objective("kd", flops_target=target, steps=steps, log_every=0, **extra)
     start = time.process_time()
-    result = search_uvc(teacher, loader_for(teacher, 320, 32), config)
+    result = search_uvc(teacher, eval_view_loader(teacher, n=320, batch=32), config)
     health = result.health
     return {"dynamics": dynamics, "target": target, "seed": seed, "cpu_s": round(time.process_time() - start, 1),
             **{k: v for k, v in health.items() if k != "trace"},

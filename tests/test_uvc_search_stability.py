@@ -7,11 +7,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from distill_support import small_data
-from vitshrink.data import build_transform, make_loader
-from vitshrink.io import create_model, data_config, set_data_config
+from distill_support import eval_view_loader, train_hard_teacher
 from vitshrink.prune.uvc_health import SearchWatch, dual_step
 from vitshrink.prune.uvc_objective import TeacherScale, relative_kd_loss
 from vitshrink.prune.uvc_search import UVCConfig, search_uvc
@@ -74,32 +71,15 @@ def test_relative_kd_loss_is_scale_free_and_one_for_a_constant_guess():
 
 @pytest.fixture(scope="module")
 def hard_teacher():
-    """2 blocks, ONE head of width 32, 16 px (16 patches of 4 px), trained for one pass over 256 real images."""
-    torch.manual_seed(0)
-    model = create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=1,
-                         mlp_ratio=2.0, num_classes=10)
-    set_data_config(model, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for images, targets, _ in _loader(model, n=256, batch=32):
-        loss = F.cross_entropy(model(images), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
-def _loader(model, *, n: int, batch: int):
-    data = small_data(n_train=n, n_val=16)
-    data.train.transform = build_transform(data_config(model), is_training=False)
-    return make_loader(data.train, batch, shuffle=True, workers=0, drop_last=True)
+    """2 blocks, ONE head of width 32, 16 px (16 patches of 4 px), one pass over 256 real images."""
+    return train_hard_teacher(img_size=16, patch_size=4, n_train=256, batch=32)
 
 
 @pytest.mark.parametrize("target", [0.5, 0.3])
 def test_search_on_a_hard_teacher_ends_in_the_band_without_divergence(hard_teacher, target):
     torch.manual_seed(0)
     config = UVCConfig.for_objective("kd", flops_target=target, steps=200, log_every=0)  # default safeguards
-    result = search_uvc(hard_teacher, _loader(hard_teacher, n=256, batch=16), config)
+    result = search_uvc(hard_teacher, eval_view_loader(hard_teacher, n=256, batch=16), config)
     health = result.health
     assert health["restarts"] == [], health["restarts"]  # never diverged
     assert health["decisions_in_band"], health["search_resource"]  # the search's own decisions, no greedy
@@ -118,7 +98,7 @@ def test_divergence_restores_the_snapshot_and_halves_the_steps(hard_teacher):
     torch.manual_seed(0)
     # A loss limit no search can keep under: every step diverges until the restarts are spent.
     config = UVCConfig.for_objective("kd", flops_target=0.5, steps=8, log_every=0, loss_limit=-1.0, max_restarts=2)
-    result = search_uvc(hard_teacher, _loader(hard_teacher, n=64, batch=16), config)
+    result = search_uvc(hard_teacher, eval_view_loader(hard_teacher, n=64, batch=16), config)
     restarts = result.health["restarts"]
     assert [r["step"] for r in restarts] == [0, 1] and [r["rate_factor"] for r in restarts] == [0.5, 0.25]
     assert all(r["restored_step"] == 0 and "above" in r["reason"] for r in restarts)
