@@ -1,6 +1,8 @@
 """The ``uvc`` recipe: search to a FLOPs target, slice physically, reload, export; bad targets refused."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -126,9 +128,25 @@ def test_unreachable_target_is_refused(teacher, loader):
         check_flops_target(resource.fixed / resource.total / 2, resource)
 
 
-# The recipe end to end (search, slice, plan, export) is checked on the command-line run of
-# tests/test_settings.py::test_uvc_set_flops_target_reaches_the_search, and through the library API
-# (distill(flops_target=...)) by tests/test_prune_widths.py::test_recipe_dim_multiple_flag.
+def test_uvc_recipe_end_to_end(tiny_teacher_path, tmp_path):
+    from vitshrink.pipeline import distill
+
+    out = tmp_path / "run"
+    result = distill(load_model(tiny_teacher_path), "uvc", data=small_data(n_train=128, n_val=64), out_dir=out,
+                     epochs=1, batch_size=32, progress=False, flops_target=0.5, workers=0,
+                     overrides={"search_steps": 6, "search_batch_size": 32, "bench_batch_sizes": [1]})
+    student = load_model(out / "student.safetensors")
+    assert type(student).__name__ == "BlockwiseVisionTransformer"
+    teacher = load_model(tiny_teacher_path)
+    assert 0.48 <= _ratio(student, teacher) <= 0.5
+    plan = json.loads((out / "uvc_plan.json").read_text())
+    assert plan["flops_target"] == 0.5 and 0.48 <= plan["flops_ratio"] <= 0.5
+    assert result.report["onnx"]["passed"]
+    # The search's health reaches report.json (traces) and the run folder (uvc_search.png).
+    search = result.report["pruning"]["search"]
+    assert len(search["trace"]["resource"]) == search["steps_run"] == len(search["trace"]["z"]) <= 6
+    assert search["search_resource"] == pytest.approx(plan["search_resource"])
+    assert (out / "uvc_search.png").stat().st_size > 0 and "Pruning search:" in (out / "report.md").read_text()
 
 
 def test_cli_refuses_bad_target_with_one_line(capsys, tiny_teacher_path, tmp_path):

@@ -138,8 +138,11 @@ def test_search_stays_near_its_target(objective, official_search, teacher, loade
         result = search_uvc(teacher, loader, UVCConfig.for_objective("kd", flops_target=0.5, steps=steps,
                                                                      log_every=0))
     resource = [h["resource"] for h in result.history]
-    assert len(resource) == steps
-    last_half = resource[steps // 2:]
+    # official runs every step; kd may stop early, once its decisions have sat in the band (search_patience).
+    assert len(resource) == steps if objective == "official" else len(resource) <= steps
+    if len(resource) < steps:
+        assert result.health["stopped_at"] == len(resource) - 1 and result.health["decisions_in_band"]
+    last_half = resource[len(resource) // 2:]
     assert 0.5 - 0.1 <= min(last_half) and max(last_half) <= 1.0, (min(last_half), max(last_half))
     assert abs(result.search_resource - 0.5) <= 0.1
 

@@ -83,6 +83,38 @@ def plot_training_curves(summary_csv: str | Path, path: str | Path, *,
     return {key: columns[key] for key in ("epoch", "train_loss", "eval_loss", "eval_top1") if key in columns}
 
 
+# ---------------------------------------------------------------------------------------- uvc search health
+def plot_search_traces(health: dict[str, Any], path: str | Path) -> dict[str, list[float]]:
+    """UVC's search (``vitshrink.prune.uvc_health.search_health``): R (expected, and of the hard decisions) against
+    the band, and the scale-free loss and the dual z per step, with restarts and the stop marked."""
+    trace = health["trace"]
+    steps = trace["step"]
+    figure = new_figure(9, 3.4)
+    r_axes, loss_axes = figure.subplots(1, 2)
+    low, high = health["band"]
+    r_axes.axhspan(low, high, color=TEACHER_COLOR, alpha=0.15, label=f"band [{low:.2f}, {high:.2f}]")
+    r_axes.plot(steps, trace["resource"], "-", color=STUDENT_COLOR, label="R (expected)")
+    if "decided" in trace:
+        r_axes.plot(steps, trace["decided"], "-", color=OTHER_COLOR, lw=0.8, label="R of the hard decisions")
+    r_axes.set(title="Budget R per search step", xlabel="step", ylabel="R (pruned / teacher)")
+    loss_axes.plot(steps, trace["loss"], "-", color=STUDENT_COLOR, label="search loss")
+    loss_axes.set(title="Search loss and dual z", xlabel="step", ylabel="loss")
+    z_axes = loss_axes.twinx()
+    z_axes.plot(steps, trace["z"], "-", color=TEACHER_COLOR, lw=0.8, label="z")
+    z_axes.set_ylabel("z")
+    for axes in (r_axes, loss_axes):
+        for restart in health.get("restarts", []):
+            axes.axvline(restart["step"], color="red", linestyle=":", lw=1)
+        if health.get("stopped_at") is not None:
+            axes.axvline(health["stopped_at"], color="black", linestyle="--", lw=1)
+        axes.grid(alpha=0.3)
+    r_axes.legend(fontsize=8)
+    loss_axes.legend(fontsize=8, loc="upper left")
+    z_axes.legend(fontsize=8, loc="upper right")
+    save_png(figure, path)
+    return {key: list(trace[key]) for key in ("step", "resource", "loss", "z") if key in trace}
+
+
 # ----------------------------------------------------------------------------------- teacher vs student bars
 def teacher_student_metrics(report: dict[str, Any]) -> list[tuple[str, float | None, float | None]]:
     """(label, teacher value, student value) per bar panel: top-1 %, params M, GMACs, ORT p50 ms per batch."""

@@ -110,6 +110,15 @@ def _pruning_lines(pruning: dict[str, Any] | None, final_top1: float | None) -> 
         gain = (final_top1 - after) * 100 if None not in (after, final_top1) else None
         lines += ["", f"Top-1 right after pruning, before fine-tuning: {_fmt(after, '.2%')}; after fine-tuning: "
                       f"{_fmt(final_top1, '.2%')} (recovered {_fmt(gain, '+.2f')} pt)."]
+    search = pruning.get("search")
+    if search:
+        stop = (f", stopped in the band at step {search['stopped_at']}" if search.get("stopped_at") is not None
+                else "")
+        lines += ["", f"Pruning search: {search['steps_run']} steps{stop}, {len(search['restarts'])} restart(s); its own "
+                      f"decisions {'reached' if search['decisions_in_band'] else 'missed'} the band "
+                      f"[{search['band'][0]:g}, {search['band'][1]:g}] (R {search['search_resource']:.4f}), and the "
+                      f"greedy adjustment made {search['greedy_moves']} move(s) (R changed by "
+                      f"{search['greedy_change']:.4f}). Traces: uvc_search.png, report.json `pruning.search.trace`."]
     latency = pruning.get("latency")
     if latency:
         lines += ["", f"| latency ratio ({latency['runtime']}, batch {latency['batch_size']}) | target | predicted | "

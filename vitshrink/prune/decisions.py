@@ -5,6 +5,9 @@ With ``dim_multiple`` M > 1 every pruned head dim and MLP width is a multiple of
 the greedy moves those widths M units at a time, so heads x head dim is a multiple of M too."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -12,7 +15,7 @@ from vitshrink.prune.importance import block_groups
 from vitshrink.prune.plan import BlockKeep, Plan
 from vitshrink.prune.resource import ResourceModel, allowed_widths
 
-__all__ = ["Decisions", "magnitude_plan"]
+__all__ = ["Decisions", "SearchResult", "magnitude_plan", "decided_ratio"]
 
 
 class Decisions:
@@ -25,13 +28,9 @@ class Decisions:
         self.margin = margin  # gate logit margin keep - skip: the search's confidence in each block
         self.groups = [block_groups(b, s) for b, s in zip(model.blocks, scales)]
         self.kept = list(kept)
-        # Allowed kept counts per block and kind: any head count; head dims and MLP widths on the M grid.
-        self.widths = [[list(range(1, d.num_heads + 1)) or [0], allowed_widths(d.head_dim, dim_multiple),
-                        allowed_widths(d.mlp_hidden, dim_multiple)] for d in self.dims]
-        # Number kept per block: heads, dims per head, MLP units (the nearest allowed value to what the search
-        # kept; at least one of each while the block lives).
-        self.n = [[_nearest(w[0], d.num_heads - c[0]), _nearest(w[1], d.head_dim - c[1]),
-                   _nearest(w[2], d.mlp_hidden - c[2])] for d, c, w in zip(self.dims, counts, self.widths)]
+        self.moves = 0  # greedy moves made by ``adjust`` (blocks re-enabled or skipped, width steps)
+        self.widths = _allowed(self.dims, dim_multiple)
+        self.n = _kept_counts(self.dims, counts, self.widths)
 
     def _per_block(self):
         return [(n[0], n[1], n[2]) if k else None for n, k in zip(self.n, self.kept)]
@@ -100,6 +99,7 @@ class Decisions:
                     self.kept[i] = False
                 else:
                     changed = True
+                    self.moves += 1
         changed |= self._trim_units(target, tol) if within else False
         if self.ratio() > target and skip:
             for i in sorted((i for i, k in enumerate(self.kept) if k), key=lambda i: self.margin[i]):
@@ -107,6 +107,7 @@ class Decisions:
                     break
                 self.kept[i] = False
                 changed = True
+                self.moves += 1
             if within:
                 self._trim_units(target, tol)
         return changed
@@ -123,6 +124,7 @@ class Decisions:
             self.n[move[0]][move[1]] = move[2]
             r = self.ratio()
             changed = True
+            self.moves += 1
         while r < target - tol:
             moves = [(s, m) for i in live for s, m in self._moves(i, remove=False) if r + self._cost(m) <= target]
             if not moves:
@@ -131,6 +133,7 @@ class Decisions:
             self.n[move[0]][move[1]] = move[2]
             r = self.ratio()
             changed = True
+            self.moves += 1
         return changed
 
     def plan(self) -> Plan:
@@ -146,6 +149,31 @@ class Decisions:
             mlp = sorted(torch.topk(g.mlp, n[2]).indices.tolist()) if d.mlp_hidden else []
             plan.append(BlockKeep(heads=heads, mlp=mlp, head_dims=head_dims))
         return plan
+
+
+@dataclass
+class SearchResult:
+    plan: Plan
+    resource: float  # analytic R of the plan (equals the counter's R of the sliced model)
+    search_resource: float  # R of the rounded search decisions before any greedy adjustment
+    adjusted: bool  # True if the greedy adjustment changed the search's decisions
+    model: nn.Module  # the searched (fine-tuned, proximally shrunk) copy of the teacher, same shape
+    history: list[dict[str, float]] = field(default_factory=list)
+    decisions: Decisions | None = None  # the final decisions; ``redecide`` moves them to another band
+    health: dict[str, Any] = field(default_factory=dict)  # uvc_health.search_health: traces, band, greedy, restarts
+
+    def redecide(self, target: float, tolerance: float, *, within: bool = True, skip: bool = True) -> Plan:
+        """Move the final decisions into ``[target - tolerance, target]`` (same greedy) and take that plan."""
+        self.decisions.adjust(target, tolerance, within=within, skip=skip)
+        self.plan = self.decisions.plan()
+        self.resource = self.decisions.resource.plan_ratio(self.plan)
+        return self.plan
+
+    def summary(self) -> dict[str, Any]:
+        kept = [k for k in self.plan if k is not None]
+        return {"resource": self.resource, "search_resource": self.search_resource, "adjusted": self.adjusted,
+                "kept_blocks": [i for i, k in enumerate(self.plan) if k is not None],
+                "heads": [len(k.heads) for k in kept], "mlp": [len(k.mlp) for k in kept]}
 
 
 def magnitude_plan(model: nn.Module, target: float, tolerance: float = 0.02,
@@ -164,6 +192,25 @@ def magnitude_plan(model: nn.Module, target: float, tolerance: float = 0.02,
     state = Decisions(model, resource, scales, [True] * depth, [[0, 0, 0]] * depth, [0.0] * depth, dim_multiple)
     state.adjust(target, tolerance, within=True, skip=False)
     return state.plan()
+
+
+def _allowed(dims, dim_multiple: int) -> list[list[list[int]]]:
+    """Allowed kept counts per block and kind: any head count; head dims and MLP widths on the M grid."""
+    return [[list(range(1, d.num_heads + 1)) or [0], allowed_widths(d.head_dim, dim_multiple),
+             allowed_widths(d.mlp_hidden, dim_multiple)] for d in dims]
+
+
+def _kept_counts(dims, counts, widths) -> list[list[int]]:
+    """Number kept per block: heads, dims per head, MLP units (the nearest allowed value to what the search kept;
+    at least one of each while the block lives)."""
+    return [[_nearest(w[0], d.num_heads - c[0]), _nearest(w[1], d.head_dim - c[1]),
+             _nearest(w[2], d.mlp_hidden - c[2])] for d, c, w in zip(dims, counts, widths)]
+
+
+def decided_ratio(resource: ResourceModel, kept: list[bool], counts: list[list[int]], dim_multiple: int = 1) -> float:
+    """R of hard decisions as ``Decisions`` rounds them, before any greedy adjustment (cheap: no group norms)."""
+    n = _kept_counts(resource.dims, counts, _allowed(resource.dims, dim_multiple))
+    return resource.ratio_of(tuple(c) if k else None for c, k in zip(n, kept))
 
 
 def _nearest(grid: list[int], value: int) -> int:

@@ -13,39 +13,35 @@ github.com/VITA-Group/UVC, ``uvc_utils.py`` / ``uvc_optimizer.py``), re-derived 
   (qkv, Q@K^T, attn@V, proj, fc1, fc2 per block; embedding and head fixed), so the search's R is the
   counter's R for the sliced model. Constraint ``R <= B`` (``flops_target``). With ``latency_target``, R is the
   predicted latency ratio of a fitted ``vitshrink.prune.latency_fit.LatencyModel`` (same interface) instead.
-* Search loss (``search_objective``, see ``vitshrink.prune.uvc_objective``): ``official`` is UVC's DeiT soft
-  loss (alpha 0.1, KL summed / numel, T = 1) plus label-smoothed CE on mixup/cutmix batches, after a warm-up
-  that trains the weights with every gate fixed at 0.5; ``kd`` is pure ``T^2 KL`` at T = 4 from the start.
-* Primal-dual steps (UVC's minimax): a weight step on the search loss (AdamW, weight decay per objective), then
-  a proximal shrink ``W_g /= 1 + 2 * lr * y`` of every group currently marked for removal; a step on the
-  fractions with gradient ``y * (norm of the next group to go) + z * dR/dfraction`` (max-norm clipped, as UVC);
-  a gate step on ``task grad + z * gating_weight * dR/dgate`` (``official``: UVC's weighted mean over
-  ``gate_interval`` steps, SGD weight decay 1e-4, and the gates also in AdamW); dual ascent
-  ``z <- z + eta_z * clip(R - B)`` and ``y <- max(0, y + eta_y * (sum of the norms marked for removal))``.
-* Then hard decisions and, if the rounded decisions miss the band ``B - tol <= R <= B``, a deterministic
-  greedy adjustment (remove the unit with the smallest norm per MAC saved, or add back the largest that
-  fits) so that the sliced model lands in the band. ``SearchResult.adjusted`` says whether that happened.
-  With ``dim_multiple`` M the decisions are rounded to, and the greedy moves along, widths that are multiples of M.
+* Search loss (``search_objective``, ``vitshrink.prune.uvc_objective``): ``official`` is UVC's DeiT soft loss
+  (alpha 0.1, KL summed / numel, T = 1) plus label-smoothed CE on mixup/cutmix batches, after a warm-up with every
+  gate fixed at 0.5; ``kd`` is a KL from the teacher made scale-free by the teacher's own logit statistics.
+* Primal-dual steps (UVC's minimax): a weight step (AdamW), a proximal shrink ``W_g /= 1 + 2 * lr * y`` of the
+  groups marked for removal, a step on the fractions with gradient ``y * (norm of the next group to go) + p *
+  dR/dfraction`` (max-norm clipped, as UVC), a gate step on ``task grad + p * gating_weight * dR/dgate``, dual
+  ascent on ``z`` (``uvc_health.dual_step``) and ``y <- max(0, y + eta_y * (sum of the norms marked))``. UVC's
+  pressure is ``p = z``.
+* Then hard decisions and, if they miss the band ``B - tol <= R <= B``, a deterministic greedy adjustment
+  (``vitshrink.prune.decisions``); ``SearchResult.adjusted`` / ``health`` say whether and how much.
   ``sliced_student(restore=True)`` slices the teacher's own weights with the plan.
 
-Differences from the official code, and why (the full table: docs/FIDELITY.md): the dual z is two-sided
-(``two_sided_dual``; UVC clamps it at 0, which let R run far below the target on a real model);
-counts are parametrised as fractions of each block's
-upper bound (so one learning rate suits every width and a short CPU search moves them), and their step
-is annealed (cosine) so the primal-dual oscillation around ``R = B`` settles within a short search (UVC's
-"rising" z schedule, ``PresetLRScheduler``, writes a key no optimizer reads, so its z step is constant too);
-every kept head of a block keeps the same number of dims (one head width per block keeps the sliced tensors
-regular, each head still chooses its own dims); group norms are the full coupled groups (q, k, v rows and
-``proj`` columns; ``fc1`` rows and ``fc2`` columns) and are normalised so that each unit type sums to 1 in the
-average block at the start, so ``y`` has one scale for every unit type and width; R uses the gates' softmax
-(expected cost) where UVC draws a Gumbel sample; the official code masks but never slices — here the plan
-goes to ``vitshrink.prune.surgery.slice_vit``.
+What holds the ``kd`` search on any teacher (issue 23; ``official`` keeps UVC's dynamics): ``z`` is bounded and
+restarts from 0 when R crosses its aim (the band's middle); the pressure adds an augmented-Lagrangian term
+``p = z + z_penalty * (R - aim)`` that damps the oscillation of counts (which integrate p) around the budget;
+the count step sees ``y / mean(y)`` and ``dR/dfraction / max|dR/dfraction|``, both O(1) on any width or depth
+(UVC's raw ``y`` grows without bound and forces ``z`` to wind up with it); the search stops once its own
+decisions sit in the band (now, and ``patience`` of the last ``1.25 * patience`` steps), and restarts from its
+last healthy snapshot with halved count, gate and dual steps when its loss or R diverges (``SearchWatch``).
+
+Other differences from the official code (the full table: docs/FIDELITY.md): two-sided z; counts as fractions of
+each block's upper bound, their step cosine-annealed; one head width per block; full coupled group norms,
+normalised per unit type; R from the gates' softmax, not a Gumbel sample; the plan is sliced, not masked.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -54,13 +50,13 @@ from torch import nn
 
 from vitshrink.errors import UserError
 from vitshrink.models.blockwise_vit import as_logits
-from vitshrink.prune.decisions import Decisions
+from vitshrink.prune.decisions import Decisions, SearchResult, decided_ratio
 from vitshrink.prune.importance import block_groups, next_norm, norm_scale, removal_sets
-from vitshrink.prune.plan import Plan
 from vitshrink.prune.resource import ResourceModel, check_flops_target, check_target
 from vitshrink.prune.surgery import check_sliceable, slice_vit
 from vitshrink.prune.uvc_gates import GatedBlock, cycle, shrink_groups, ste_ceil
-from vitshrink.prune.uvc_objective import SEARCH_OBJECTIVES, OfficialLoss, kd_search_loss
+from vitshrink.prune.uvc_health import Restart, SearchHealth, SearchWatch, dual_step, search_health
+from vitshrink.prune.uvc_objective import SEARCH_OBJECTIVES, OfficialLoss, TeacherScale, kd_search_loss
 
 __all__ = ["UVCConfig", "SearchResult", "ResourceModel", "search_uvc", "sliced_student", "check_flops_target"]
 
@@ -90,9 +86,18 @@ class UVCConfig:
     z_lr: float = 10.0  # UVC --zlr_schedule_list starts at 10
     z_clip: float = 0.5  # UVC --z_grad_clip 0.5
     two_sided_dual: bool = True  # z may go negative while R < target (vitshrink; UVC clamps z >= 0)
+    z_bound: float = 10.0  # |z| <= z_bound (vitshrink; UVC: unbounded)
+    z_reset: bool = True  # z restarts from 0 when R crosses the target (anti-windup; vitshrink)
+    patience: int = 20  # stop: decisions in the band now and in this many of the last 1.25x steps (0: never)
+    loss_limit: float = 1.0  # search loss (EMA) above this: diverged (kd: 1 = a constant guess's loss)
+    runaway: float = 0.2  # R this far below the target: diverged
+    z_penalty: float = 20.0  # augmented-Lagrangian weight on R - aim in the primal steps (vitshrink; UVC: 0)
+    relative_duals: bool = True  # count step on y / mean(y) and dR/dfrac / max|dR/dfrac| (scale-free; vitshrink)
+    max_restarts: int = 3  # restarts from the last healthy snapshot, each halving the count/gate/dual steps
+    snapshot_every: int = 10
     y_lr: float = 0.5
     kd_weight: float = 1.0
-    temperature: float = 4.0
+    temperature: float = 1.0  # kd objective: relative temperature on the teacher-scaled logits
     alpha: float = 0.1  # official objective: --distillation-alpha 0.1
     tau: float = 1.0  # official objective: --distillation-tau 1.0
     skip: bool = True  # learn block skip gates (False: --no-skip)
@@ -115,30 +120,6 @@ class UVCConfig:
         return cls(objective=objective, **{**implied, **given})
 
 
-@dataclass
-class SearchResult:
-    plan: Plan
-    resource: float  # analytic R of the plan (equals the counter's R of the sliced model)
-    search_resource: float  # R of the rounded search decisions before any greedy adjustment
-    adjusted: bool  # True if the greedy adjustment changed the search's decisions
-    model: nn.Module  # the searched (fine-tuned, proximally shrunk) copy of the teacher, same shape
-    history: list[dict[str, float]] = field(default_factory=list)
-    decisions: Decisions | None = None  # the final decisions; ``redecide`` moves them to another band
-
-    def redecide(self, target: float, tolerance: float, *, within: bool = True, skip: bool = True) -> Plan:
-        """Move the final decisions into ``[target - tolerance, target]`` (same greedy) and take that plan."""
-        self.decisions.adjust(target, tolerance, within=within, skip=skip)
-        self.plan = self.decisions.plan()
-        self.resource = self.decisions.resource.plan_ratio(self.plan)
-        return self.plan
-
-    def summary(self) -> dict[str, Any]:
-        kept = [k for k in self.plan if k is not None]
-        return {"resource": self.resource, "search_resource": self.search_resource, "adjusted": self.adjusted,
-                "kept_blocks": [i for i, k in enumerate(self.plan) if k is not None],
-                "heads": [len(k.heads) for k in kept], "mlp": [len(k.mlp) for k in kept]}
-
-
 # --------------------------------------------------------------------------------------------------
 # The search
 
@@ -148,6 +129,8 @@ class _Search:
     def __init__(self, teacher: nn.Module, config: UVCConfig, resource: ResourceModel, target: float,
                  device: torch.device):
         self.config, self.resource, self.target, self.device = config, resource, target, device
+        # The dual aims at the band's middle: the z-driven oscillation then straddles it, not its top edge.
+        self.aim = target - config.tolerance / 2 if config.z_reset else target
         self.teacher = teacher.to(device).eval()
         self.model = copy.deepcopy(teacher).to(device).train()
         for p in self.model.parameters():
@@ -171,7 +154,9 @@ class _Search:
         self.gates.requires_grad_(config.skip)
         self.gate_grads: list[torch.Tensor] = []  # UVC accumulates gate gradients between gate steps
         self.y = torch.full((self.depth, 3), 1e-3, device=device)  # sparsity duals (UVC y/p init 1e-3)
-        self.z = torch.tensor(1e-3, device=device)  # budget dual (UVC z_init 1e-3)
+        self.z = 1e-3  # budget dual (UVC z_init 1e-3)
+        self.rate = 1.0  # factor on the count, gate and dual steps (halved by each restart)
+        self.scale: TeacherScale | None = None  # the teacher's logit statistics (kd objective), from the 1st batch
         self.weights = list(self.model.parameters())
         groups = [{"params": self.weights}]
         if config.skip and config.gates_in_weight_optimizer:
@@ -199,31 +184,64 @@ class _Search:
         During the warm-up (UVC: 5 of 30 epochs) only the weights move, with every gate fixed; no proximal,
         count, gate or dual step (UVC's proximal step there marks nothing, since no count has moved yet).
         """
-        warmup = step < self.config.warmup_steps
+        config = self.config
+        warmup = step < config.warmup_steps
         loss = self._weight_step(images, targets, warmup)
         r_value, grad_frac, grad_gate = self._resource_grads()
-        if warmup:
-            return {"step": step, "loss": float(loss), "resource": float(r_value.detach()), "z": float(self.z)}
-        sparsity_grad = self._proximal_step()
-        if self.config.within:
-            self._count_step(sparsity_grad + self.z * grad_frac, step)
-        if self.gate_opt is not None:
-            self._gate_step(grad_gate, step)
-        # Dual ascent on the budget. One-sided (UVC) lets z sit at 0 while R < B, and R can then run far
-        # below the target on momentum and the proximal shrink; two-sided, z < 0 pulls R back up.
+        if not warmup:
+            # Augmented Lagrangian (vitshrink): the primal steps see z + penalty * (R - aim), which damps the
+            # oscillation of counts that integrate z, itself an integral of R - B (UVC: z alone).
+            pressure = self.z + config.z_penalty * (float(r_value.detach()) - self.aim)
+            sparsity_grad = self._proximal_step()
+            if config.within:
+                if config.relative_duals:  # both terms O(1) on any teacher: only z's sign and size matter
+                    sparsity_grad = sparsity_grad / self.y.mean().clamp_min(1e-12)
+                    grad_frac = grad_frac / grad_frac.abs().max().clamp_min(1e-12)
+                self._count_step(sparsity_grad + pressure * grad_frac, step)
+            if self.gate_opt is not None:
+                self._gate_step(pressure * grad_gate, step)
+            # Dual ascent on the budget, bounded and reset when R crosses its aim (uvc_health.dual_step). Two-sided:
+            # z < 0 pulls R back up while R < B (UVC clamps z >= 0).
+            self.z = dual_step(self.z, float(r_value.detach()) - self.aim, lr=config.z_lr * self.rate,
+                               clip=config.z_clip, bound=config.z_bound, two_sided=config.two_sided_dual,
+                               reset_on_cross=config.z_reset)
+        return {"step": step, "loss": float(loss), "resource": float(r_value.detach()), "decided": self.decided(),
+                "z": float(self.z)}
+
+    def decided(self) -> float:
+        """R of the hard decisions now (gate margin >= 0 keeps a block, ceil counts), before any greedy."""
+        kept = ((self.gates[:, 1] >= self.gates[:, 0]).tolist() if self.config.skip else [True] * self.depth)
+        return decided_ratio(self.resource, kept, self.counts().tolist(), self.config.dim_multiple)
+
+    def snapshot(self, step: int) -> dict[str, Any]:
+        """Everything a restart restores: weights, fractions, gates, duals and the optimizers' states."""
+        return copy.deepcopy({"step": step, "model": self.model.state_dict(), "frac": self.frac.detach(),
+                              "gates": self.gates.detach(), "y": self.y, "z": self.z,
+                              "optimizer": self.optimizer.state_dict(),
+                              "gate_opt": self.gate_opt.state_dict() if self.gate_opt is not None else None})
+
+    def restore(self, snapshot: dict[str, Any], rate_factor: float) -> None:
+        """Go back to ``snapshot`` and multiply the count, gate and dual steps by ``rate_factor``."""
+        snapshot = copy.deepcopy(snapshot)
+        self.model.load_state_dict(snapshot["model"])
         with torch.no_grad():
-            gap = (r_value.detach() - self.target).clamp(-self.config.z_clip, self.config.z_clip)
-            self.z = self.z + self.config.z_lr * gap
-            if not self.config.two_sided_dual:
-                self.z = self.z.clamp_min(0)
-        return {"step": step, "loss": float(loss), "resource": float(r_value.detach()), "z": float(self.z)}
+            self.frac.copy_(snapshot["frac"])
+            self.gates.copy_(snapshot["gates"])
+        self.y, self.z = snapshot["y"], snapshot["z"]
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.gate_grads = []
+        self.rate *= rate_factor
+        if self.gate_opt is not None:
+            self.gate_opt.load_state_dict(snapshot["gate_opt"])
+            for group in self.gate_opt.param_groups:
+                group["lr"] = self.config.gate_lr * self.rate
 
     def _gate_step(self, grad_gate: torch.Tensor, step: int) -> None:
-        """``task grad + z * gating_weight * dR/dgate``; with ``gate_interval > 1`` as UVC's uvc_optimizer:
+        """``task grad + gating_weight * grad_gate`` (``grad_gate``: the pressure times dR/dgate); with ``gate_interval > 1`` as UVC's uvc_optimizer:
         gradients weighted by ``global_step % interval`` are averaged, and the gates step every ``interval``."""
         config = self.config
         task_grad = self.gates.grad if self.gates.grad is not None else torch.zeros_like(self.gates)
-        grad = task_grad + self.z * config.gating_weight * grad_gate
+        grad = task_grad + config.gating_weight * grad_gate
         if config.gate_interval <= 1:
             self.gates.grad = grad
             self.gate_opt.step()
@@ -252,8 +270,10 @@ class _Search:
         if self.objective is not None:
             loss = self.objective(logits, teacher_logits, soft_targets)["loss"]
         else:
+            if self.scale is None:  # the teacher's own logit statistics make the loss scale-free
+                self.scale = TeacherScale.of(teacher_logits, config.temperature)
             loss = kd_search_loss(logits, teacher_logits, targets, kd_weight=config.kd_weight,
-                                  temperature=config.temperature)["loss"]
+                                  scale=self.scale)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         if self.gate_opt is not None:
             self.gate_opt.zero_grad(set_to_none=True)
@@ -305,7 +325,7 @@ class _Search:
                                next_norm(groups.mlp, counts[i, 2])])
             sparsity_grad[i] = y[i] * nxt * self.ub[i]
             with torch.no_grad():
-                y[i] = (y[i] + self.config.y_lr * removed.to(self.device)).clamp_min(0)
+                y[i] = (y[i] + self.config.y_lr * self.rate * removed.to(self.device)).clamp_min(0)
         return sparsity_grad
 
     def _count_step(self, grad: torch.Tensor, step: int) -> None:
@@ -318,7 +338,8 @@ class _Search:
         # Anneal the count step (cosine to 0) so the primal-dual oscillation around R = B settles by the end of
         # a short search (our choice; the official code keeps its step constant).
         for group in self.count_opt.param_groups:
-            group["lr"] = self.config.count_lr * 0.5 * (1 + math.cos(math.pi * step / max(self.config.steps, 1)))
+            group["lr"] = self.config.count_lr * self.rate * 0.5 * (
+                1 + math.cos(math.pi * step / max(self.config.steps, 1)))
         self.frac.grad = grad
         self.count_opt.step()
         with torch.no_grad():
@@ -373,7 +394,9 @@ def search_uvc(teacher: nn.Module, train_loader: Iterable | Callable[[], Iterabl
     device = torch.device(device)
     search = _Search(teacher, config, resource, target, device)
     batches = iter(cycle(train_loader if callable(train_loader) else (lambda: train_loader)))
-    history: list[dict[str, float]] = []
+    watch = SearchWatch(target, config.tolerance, config.patience, config.loss_limit, config.runaway)
+    health, history = SearchHealth(), []
+    snapshot = search.snapshot(0) if config.max_restarts > 0 else None  # no restart: no snapshot to keep
     # ``stats`` is the extra text column of the engine's progress bar.
     task = progress.add_task("UVC search", total=config.steps, stats="") if progress is not None else None
     for step in range(config.steps):
@@ -382,13 +405,32 @@ def search_uvc(teacher: nn.Module, train_loader: Iterable | Callable[[], Iterabl
             continue
         record = search.step(images.to(device), targets.to(device), step)
         history.append(record)
+        warm = step < config.warmup_steps
+        reason = None if warm else watch.divergence(record["loss"], record["resource"])
+        if reason is not None and len(health.restarts) < config.max_restarts:
+            search.restore(snapshot, 0.5)
+            watch.reset()
+            health.restarts.append(Restart(step, reason, search.rate, snapshot["step"]))
+            if log is not None:
+                log(f"UVC search step {step}: {reason}; restarting from step {snapshot['step']} with "
+                    f"{search.rate:g}x the count, gate and dual steps")
+        elif snapshot is not None and watch.healthy(record) and step % max(config.snapshot_every, 1) == 0:
+            snapshot = search.snapshot(step)
         if log is not None and config.log_every and (step % config.log_every == 0 or step == config.steps - 1):
-            log(f"UVC search step {step}: loss {record['loss']:.4f}, R {record['resource']:.3f} "
-                f"(target {target:g}), z {record['z']:.3g}")
+            log(f"UVC search step {step}: loss {record['loss']:.4f}, R {record['resource']:.3f}, decisions "
+                f"{record['decided']:.3f} (target {target:g}), z {record['z']:.3g}")
         if task is not None:
             progress.update(task, advance=1, stats=f"R {record['resource']:.3f} (target {target:g})")
+        if not warm and reason is None and watch.should_stop(record["decided"]):
+            health.stopped_at = step
+            if log is not None:
+                log(f"UVC search: decisions in the band ({config.patience} of the last steps); stopped at step {step}")
+            break
     if task is not None:
         progress.remove_task(task)
     result = search.decide()
     result.history = history
+    result.health = search_health(history, target=target, tolerance=config.tolerance,
+                                  search_resource=result.search_resource, final_resource=result.resource,
+                                  greedy_moves=result.decisions.moves, health=health)
     return result

@@ -56,8 +56,13 @@ def uvc_config(cfg: dict[str, Any]) -> UVCConfig:
         gate_init=_optional(cfg, "gate_init", float), gate_interval=_optional(cfg, "gate_interval", int),
         gate_weight_decay=_optional(cfg, "gate_weight_decay", float), gumbel_tau=float(cfg["gumbel_tau"]),
         gating_weight=float(cfg["gating_weight"]), z_lr=float(cfg["z_lr"]), z_clip=float(cfg["z_clip"]),
-        two_sided_dual=bool(cfg.get("two_sided_dual", True)),
-        y_lr=float(cfg["y_lr"]), kd_weight=float(cfg["search_kd_weight"]), temperature=float(cfg["temperature"]),
+        two_sided_dual=bool(cfg.get("two_sided_dual", True)), z_bound=_optional(cfg, "z_bound", float),
+        z_reset=_optional(cfg, "z_reset", bool), patience=_optional(cfg, "search_patience", int),
+        loss_limit=_optional(cfg, "search_loss_limit", float), runaway=_optional(cfg, "search_runaway", float),
+        max_restarts=_optional(cfg, "search_restarts", int), z_penalty=_optional(cfg, "z_penalty", float),
+        relative_duals=_optional(cfg, "relative_duals", bool),
+        y_lr=float(cfg["y_lr"]), kd_weight=float(cfg["search_kd_weight"]),
+        temperature=float(cfg.get("search_temperature") or 1.0),
         skip=not cfg.get("no_skip", False), within=not cfg.get("skip_only", False),
         head_dims=bool(cfg.get("prune_head_dims", True)), tolerance=float(cfg["flops_tolerance"]),
         dim_multiple=int(cfg.get("dim_multiple") or 1),
@@ -112,12 +117,13 @@ class UVC(Recipe):
             restore = bool(ctx.cfg.get("restore_kept", True))
             sliced = sliced_student(student, result, restore=restore).to(ctx.device)
             plan, summary = result.plan, {**result.summary(), "restore_kept": restore,
-                                          "search_objective": config.objective}
+                                          "search_objective": config.objective, "search": result.health}
             if abs(result.search_resource - target) > FAR_FROM_TARGET:
                 summary["warning"] = (f"the UVC search ended at R {result.search_resource:.3f}, far from the target "
                                       f"{target:g}; the greedy adjustment by group norm, not the "
                                       f"search, chose most of what was removed")
                 ctx.log(f"warning: {summary['warning']}")
+            self._log_health(result.health, ctx)
         measured = count_flops(sliced).macs / count_flops(teacher).macs
         if resource is None:
             self._check_band(measured, config, ctx, summary, method)
@@ -138,6 +144,22 @@ class UVC(Recipe):
         if ctx.out_dir is not None and ctx.rank == 0:
             atomic_write_text(ctx.out_dir / "uvc_plan.json", json.dumps(summary, indent=2) + "\n")
         return sliced
+
+    @staticmethod
+    def _log_health(health: dict[str, Any], ctx: RecipeContext) -> None:
+        """One line on the search's health, and its traces as uvc_search.png in the run folder."""
+        ctx.log(f"UVC search: {health['steps_run']} steps"
+                + (f" (stopped in the band at step {health['stopped_at']})" if health["stopped_at"] is not None
+                   else "") + f", {len(health['restarts'])} restart(s); its own decisions "
+                f"{'reached' if health['decisions_in_band'] else 'missed'} the band "
+                f"(R {health['search_resource']:.4f}); the greedy made {health['greedy_moves']} move(s)")
+        if ctx.out_dir is not None and ctx.rank == 0 and health["trace"]:
+            from vitshrink.plots import plot_search_traces
+
+            try:
+                plot_search_traces(health, ctx.out_dir / "uvc_search.png")
+            except Exception as exc:  # noqa: BLE001 - a picture must never cost the run
+                ctx.log(f"warning: uvc_search.png not drawn: {type(exc).__name__}: {exc}")
 
     @staticmethod
     def _check_band(measured: float, config: UVCConfig, ctx: RecipeContext, summary: dict[str, Any],
@@ -195,7 +217,7 @@ class UVC(Recipe):
             return {}
         plan = json.loads(path.read_text())
         fields = {key: plan[key] for key in ("top1_after_pruning", "flops_target", "flops_ratio", "dim_multiple",
-                                             "latency") if key in plan}
+                                             "latency", "search") if key in plan}
         return {"pruning": fields}
 
     def report_notes(self, out_dir) -> list[str]:
