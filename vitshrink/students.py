@@ -18,6 +18,8 @@ from torch import nn
 
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, load_model, record_of, set_data_config
+from vitshrink.io.record import check_kwargs
+from vitshrink.io.weights import require_timm_name
 
 if TYPE_CHECKING:
     from timm.models.deit import VisionTransformerDistilled
@@ -202,6 +204,8 @@ def resolve_student(spec: str | nn.Module | None, teacher: nn.Module, *, init: b
             raise UserError(f"--student {spec}: file not found")
         return load_model(spec)
     name, kwargs = parse_student_spec(spec)
+    check_kwargs(f"--student {spec}", kwargs)  # shapes only: never pretrained weights, a URL or a file
+    require_timm_name(name, "--student model (a timm model name; vitshrink does not download)")
     kwargs.setdefault("num_classes", getattr(teacher, "num_classes", None) or kwargs.get("num_classes"))
     try:
         student = create_model(name, **kwargs)

@@ -62,7 +62,14 @@ def train_teacher(arch: str, *, data: str | os.PathLike | LabelledData | None = 
     Settings: the ``ce`` recipe's (recipes/base.yaml < recipes/ce.yaml < ``config`` < arguments < ``overrides``).
     """
     from vitshrink.data import resolve_data
+    from vitshrink.io.record import check_kwargs
+    from vitshrink.io.weights import require_timm_name
+    from vitshrink.validate import MAX_IMG_SIZE, check_int
 
+    # Before any work: a registered timm name (a hub id would reach the network), sizes in range.
+    require_timm_name(arch, "ARCH (a timm model name; vitshrink does not download)")
+    check_int(img_size, "--img-size", low=1, high=MAX_IMG_SIZE, optional=True)
+    check_kwargs("model_kwargs", dict(model_kwargs or {}))
     ddp = init_distributed(device)
     try:
         flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "workers": workers}

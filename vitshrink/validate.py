@@ -15,7 +15,7 @@ from vitshrink.errors import UserError
 
 # ------------------------------------------------------------------------------------------ numbers
 # Upper bounds that are generous but stop absurd values (e.g. --img-size 10**9) before allocating.
-MAX_IMG_SIZE = 8192
+MAX_IMG_SIZE = 4096  # = vitshrink.io.record.MAX_SIDE
 MAX_HEADS = 4096
 MAX_CHANNELS = 4096
 MAX_CLASSES = 10**6

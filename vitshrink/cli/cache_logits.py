@@ -33,15 +33,17 @@ def cache_logits_command(
     from vitshrink.data import resolve_data
     from vitshrink.data.logit_cache import bytes_per_image_epoch, cache_logits
     from vitshrink.io import data_config
+    from vitshrink.guard import check_outputs_apart, run_lock
     from vitshrink.pipeline import resolve_run_settings
 
+    check_outputs_apart(out_dirs={"--out": out}, inputs={"TEACHER": teacher, "--data": data, "--config": config})
     model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
                       key_map=key_map, norm_eps=norm_eps)
     flags = {"batch_size": batch_size} if batch_size is not None else {}
     _, settings = resolve_run_settings(recipe, config=config, flags=flags)
     labelled = resolve_data(data, val_split=val_split, seed=seed, in_chans=int(data_config(model)["input_size"][0]))
     n_images = len(labelled.train)
-    with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with run_lock(out), Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[rate]:.1f} images/s"), TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task("cache", total=epochs * n_images, epoch=0, rate=0.0)
 

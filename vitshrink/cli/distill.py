@@ -107,8 +107,12 @@ def distill(
     """
     import yaml
 
+    from vitshrink.guard import check_outputs_apart, run_lock
     from vitshrink.validate import check_run_options
 
+    check_outputs_apart(out_dirs={"--out": out}, inputs={
+        "TEACHER": teacher, "--student": student, "--data": data, "--val-data": val_data, "--config": config,
+        **{f"--logit-cache {role}": path for role, path in parse_logit_caches(logit_cache).items()}})
     # Before the teacher loads (seconds); the pipeline checks them again for Python callers.
     check_run_options(seed=seed, val_split=val_split, workers=workers, epochs=epochs, batch_size=batch_size, lr=lr,
                       out_dir=out)
@@ -136,11 +140,12 @@ def distill(
     else:
         model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
                           key_map=key_map, norm_eps=norm_eps)
-    result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out, epochs=epochs,
-                         batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
-                         config=config, overrides=overrides, workers=workers, compile=compile_model,
-                         progress=progress, val_split=val_split, options=options,
-                         logit_cache=parse_logit_caches(logit_cache), data_free=data_free, synth_num=synth_num)
+    with run_lock(out):
+        result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out,
+                             epochs=epochs, batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume,
+                             seed=seed, config=config, overrides=overrides, workers=workers, compile=compile_model,
+                             progress=progress, val_split=val_split, options=options,
+                             logit_cache=parse_logit_caches(logit_cache), data_free=data_free, synth_num=synth_num)
     if result.report:
         console.print((result.out_dir / "report.md").read_text())
         console.print(f"wrote {result.out_dir}: " + ", ".join(sorted(p.name for p in result.paths.values())))

@@ -36,6 +36,7 @@ from vitshrink.distill.priors import choose_prior, image_l2, intra_divergence_lo
     total_variation_l2
 from vitshrink.errors import UserError
 from vitshrink.io import record_of
+from vitshrink.guard import LOCK_NAME
 from vitshrink.validate import check_output_dir
 
 SETTINGS_FILE = "synthesis.json"
@@ -144,7 +145,7 @@ def _prepare_out_dir(out_dir: Path, record: dict[str, Any]) -> None:
             raise UserError(f"{out_dir}: holds a synthesis with other settings ({', '.join(changed)} differ); "
                             "resume with the same settings or choose another --out")
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
         raise UserError(f"{out_dir}: exists and is not a synthesis folder (no {SETTINGS_FILE}); choose an empty "
                         "or new --out")
     out_dir.mkdir(parents=True, exist_ok=True)
