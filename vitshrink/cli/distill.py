@@ -23,9 +23,7 @@ def parse_setting_flags(args: list[str], recipe: str) -> tuple[dict[str, Any], l
     A setting whose default is true/false may stand alone (``--no-skip``: true). Unknown names are left for the
     settings merge, which names the known ones.
     """
-    import yaml
-
-    from vitshrink.config import load_preset
+    from vitshrink.config import load_preset, parse_yaml
 
     defaults = load_preset(recipe)
     options: dict[str, Any] = {}
@@ -42,17 +40,23 @@ def parse_setting_flags(args: list[str], recipe: str) -> tuple[dict[str, Any], l
         following = args[i] if i < len(args) and not args[i].startswith("--") else None
         if not sep and isinstance(defaults.get(key), bool):
             value = "true"
-            if following is not None and isinstance(yaml.safe_load(following), bool):
+            if following is not None and _is_bool(following):
                 value, i = following, i + 1
         elif not sep:
             if following is None:
                 raise UserError(f"--{name}: expected a value")
             value, i = following, i + 1
-        try:
-            options[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"--{name} {value!r}: not a value") from None
+        options[key] = parse_yaml(value, f"--{name} {value!r:.60}")
     return options, positionals
+
+
+def _is_bool(text: str) -> bool:
+    from vitshrink.config import parse_yaml
+
+    try:
+        return isinstance(parse_yaml(text, "value"), bool)
+    except UserError:  # not YAML at all: a positional argument (the TEACHER), not this flag's value
+        return False
 
 
 def parse_logit_caches(items: Optional[list[str]]) -> dict[str, str]:
@@ -105,8 +109,7 @@ def distill(
 
     Any setting of the recipe is also a flag, --kebab-name VALUE (see `vitshrink recipes show NAME`).
     """
-    import yaml
-
+    from vitshrink.config import parse_overrides
     from vitshrink.guard import check_outputs_apart, run_lock
     from vitshrink.validate import check_run_options
 
@@ -129,12 +132,7 @@ def distill(
         teacher, positionals = positionals[0], positionals[1:]
     if positionals:
         raise UserError(f"unexpected argument {positionals[0]!r} (settings are flags: --name VALUE)")
-    overrides: dict[str, Any] = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = parse_overrides(set_)
     if teacher is None:
         model = load_bundled_teacher()
     else:

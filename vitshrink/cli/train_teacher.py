@@ -27,19 +27,12 @@ def train_teacher(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="any ce setting: KEY=VALUE (repeatable)")] = None,
 ) -> None:
     """Train ARCH from scratch on --data's labels; writes model.safetensors, model.onnx and a report in --out."""
-    import yaml
-
-    from vitshrink.errors import UserError
+    from vitshrink.config import parse_overrides
     from vitshrink.guard import check_outputs_apart, run_lock
     from vitshrink.supervised import train_teacher as run_train_teacher
 
     check_outputs_apart(out_dirs={"--out": out}, inputs={"--data": data, "--val-data": val_data})
-    overrides = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = parse_overrides(set_)
 
     with run_lock(out):
         result = run_train_teacher(arch, data=data, val_data=val_data, out_dir=out, epochs=epochs,
