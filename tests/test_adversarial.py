@@ -558,3 +558,280 @@ def test_a_nan_loss_at_the_first_step_does_not_blame_the_learning_rate(capsys, t
                                                                       tmp_path):
     code, _, err = _distill(capsys, two_class_vit, labelled_folder, tmp_path / "run", "--std", "1e-39")
     assert_error_line(code, err, "first step", "a lower --lr will not help")
+
+
+# ======================================================================================================
+# Issue 21: a model file is data, never a command; outputs never replace inputs; bounded work.
+# Every case: exit 2, one line naming the file or flag, and nothing outside --out changed.
+# ======================================================================================================
+def forged(source: Path, target: Path, edit) -> Path:
+    """A copy of ``source`` whose vitshrink record is edited by ``edit(dict)`` (tensors unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(source), framework="pt") as handle:
+        raw = json.loads(handle.metadata()["vitshrink"])
+    edit(raw)
+    save_file(load_file(str(source)), str(target), metadata={"vitshrink": json.dumps(raw)})
+    return target
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Every outgoing connection attempt is recorded and fails at once."""
+    import socket
+
+    attempts: list[object] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[1:2] or args[:1])
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
+
+
+def _kwargs(**extra):
+    return lambda raw: raw["kwargs"].update(extra)
+
+
+FORGED_RECORDS = {
+    "pretrained": (_kwargs(pretrained=True), "kwargs.pretrained"),
+    "url overlay": (_kwargs(pretrained=True, pretrained_cfg_overlay={"url": "http://127.0.0.1:9/w.pth"}),
+                    "kwargs.pretrained"),
+    "url overlay alone": (_kwargs(pretrained_cfg_overlay={"url": "http://127.0.0.1:9/w.pth"}),
+                          "kwargs.pretrained_cfg_overlay"),
+    "file overlay": (_kwargs(pretrained_cfg_overlay={"file": "/etc/passwd"}), "kwargs.pretrained_cfg_overlay"),
+    "checkpoint_path": (_kwargs(checkpoint_path="/etc/passwd"), "kwargs.checkpoint_path"),
+    "hub id cfg": (_kwargs(pretrained_cfg={"hf_hub_id": "timm/vit_tiny_patch16_224.augreg_in21k"}),
+                   "kwargs.pretrained_cfg"),
+    "cache_dir": (_kwargs(cache_dir="/tmp"), "kwargs.cache_dir"),
+    "act_layer path": (_kwargs(act_layer="os.system"), "kwargs.act_layer"),
+    "hf-hub model": (lambda raw: raw.update(model="hf-hub:timm/vit_tiny_patch16_224"), "field model"),
+    "hub path model": (lambda raw: raw.update(model="timm/vit_tiny_patch16_224"), "field model"),
+}
+
+
+@pytest.mark.parametrize("label", list(FORGED_RECORDS))
+def test_a_record_cannot_reach_the_network_or_a_file(capsys, vit_file, tmp_path, no_network, label):
+    edit, needle = FORGED_RECORDS[label]
+    model = forged(vit_file, tmp_path / "forged.safetensors", edit)
+    before = tree_digest(tmp_path)
+    code, out, err = run_cli(capsys, "inspect", str(model))
+    assert_one_line_error(code, err, "forged.safetensors", needle)
+    assert no_network == [] and tree_digest(tmp_path) == before
+
+
+LOADING_COMMANDS = {
+    "evaluate": ["evaluate", "{m}", "--data", "{pool}", "-j", "0"],
+    "export": ["export", "{m}", "-o", "{out}/m.onnx"],
+    "benchmark": ["benchmark", "{m}", "--min-time", "0"],
+    "distill": ["distill", "{m}", "--data", "{pool}", "--out", "{out}", "--epochs", "1", "--device", "cpu"],
+    "distill --student": ["distill", "{vit}", "--student", "{m}", "--data", "{data3}", "--out", "{out}",
+                          "--device", "cpu", "-b", "2"],
+    "select-wild": ["select-wild", "--teacher", "{m}", "--pool", "{pool}", "--num", "2", "--out", "{out}"],
+    "synthesize": ["synthesize", "{m}", "--num", "2", "--out", "{out}", "--iterations", "1", "--device", "cpu"],
+    "cache-logits": ["cache-logits", "{m}", "--epochs", "1", "--data", "{pool}", "--out", "{out}", "--device", "cpu"],
+    "convert": ["convert", "{m}", "-o", "{out}/c.safetensors"],
+}
+
+
+@pytest.fixture(scope="module")
+def data3(tmp_path_factory) -> Path:
+    """Labelled images of vit_file's three classes."""
+    root = tmp_path_factory.mktemp("data3")
+    for index, name in enumerate(("cat", "dog", "fish")):
+        write_images(root / name, 2, seed=index)
+    return root
+
+
+@pytest.mark.parametrize("command", list(LOADING_COMMANDS))
+def test_every_loading_command_refuses_a_record_that_asks_for_the_network(capsys, vit_file, pool, data3, tmp_path,
+                                                                          no_network, command):
+    model = forged(vit_file, tmp_path / "forged.safetensors",
+                   _kwargs(pretrained=True, pretrained_cfg_overlay={"url": "http://127.0.0.1:9/w.pth"}))
+    before = tree_digest(tmp_path)
+    args = [a.format(m=model, vit=vit_file, pool=pool, out=tmp_path / "out", data3=data3)
+            for a in LOADING_COMMANDS[command]]
+    code, _, err = run_cli(capsys, *args)
+    assert_error_line(code, err, "forged.safetensors", "kwargs.pretrained")  # (after a note on the data split)
+    assert no_network == []
+    assert {k: v for k, v in tree_digest(tmp_path).items() if not k.startswith("out")} == before
+
+
+def test_pretrained_timm_names_and_student_specs_never_connect(capsys, vit_file, data3, tmp_path, no_network,
+                                                               monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # even a user's opt-in does not make vitshrink download
+    code, _, err = run_cli(capsys, "inspect", "vit_tiny_patch16_224", "--pretrained")
+    assert_one_line_error(code, err, "vit_tiny_patch16_224", "does not download")
+    for student in ("vit_tiny_patch16_224:pretrained=true", "vit_tiny_patch16_224:checkpoint_path=/etc/passwd"):
+        code, _, err = run_cli(capsys, "distill", str(vit_file), "--student", student, "--data", str(data3),
+                               "--out", str(tmp_path / "run"), "--device", "cpu")
+        assert_error_line(code, err, "--student", "not an architecture field")
+    code, _, err = run_cli(capsys, "train-teacher", "hf-hub:timm/resnet18.a1_in1k", "--data", str(data3),
+                           "--out", str(tmp_path / "teacher"), "--device", "cpu")
+    assert_one_line_error(code, err, "hf-hub:timm/resnet18.a1_in1k", "ARCH")
+    assert no_network == []
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "torch").exists()
+
+
+def _hf_directory(folder: Path, shard: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 16, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2, "image_size": 16, "patch_size": 8}))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": shard}}))
+    return folder
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/abs/outside.safetensors", "sub/../../x.safetensors",
+                                   "link.safetensors"])
+def test_hf_shard_index_paths_stay_in_the_folder(capsys, tmp_path, shard):
+    from safetensors.torch import save_file
+
+    save_file({"a.weight": torch.zeros(2)}, str(tmp_path / "outside.safetensors"))
+    folder = _hf_directory(tmp_path / "hf", shard)
+    (folder / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    code, _, err = run_cli(capsys, "inspect", str(folder))
+    assert_one_line_error(code, err, "model.safetensors.index.json", repr(shard))
+
+
+# --- outputs never replace inputs ----------------------------------------------------------------------
+def test_no_command_writes_over_its_input(capsys, vit_file, pool, tmp_path):
+    import shutil
+
+    model = tmp_path / "m.safetensors"
+    shutil.copy(vit_file, model)
+    run1 = tmp_path / "run1"
+    run1.mkdir()
+    shutil.copy(vit_file, run1 / "student.safetensors")
+    (run1 / "report.json").write_text(json.dumps(_report()))
+    data = tmp_path / "data"
+    write_images(data / "cat", 2)
+    write_images(data / "dog", 2, seed=1)
+    cases = [
+        (["inspect", model, "--json", model], "--json"),
+        (["export", model, "-o", model], "--output"),
+        (["export", model, "--data", data, "-o", data / "cat" / "m.onnx"], "--output"),
+        (["benchmark", model, "--json", model], "--json"),
+        (["convert", model, "-o", model], "--output"),
+        (["compare", run1, "--plot", run1 / "report.json"], "--plot"),
+        (["distill", run1 / "student.safetensors", "--data", data, "--out", run1], "--out"),
+        (["distill", model, "--data", data, "--out", data], "--out"),
+        (["distill", model, "--data", data, "--out", data / "cat"], "--out"),
+        (["distill", model, "--data", data, "--out", tmp_path], "--out"),
+        (["distill", model, "--data", data, "--out", ""], "--out"),
+        (["train-teacher", "cifar_resnet20", "--data", data, "--out", data], "--out"),
+        (["synthesize", model, "--num", "2", "--out", tmp_path], "--out"),
+        (["cache-logits", model, "--epochs", "1", "--data", data, "--out", data], "--out"),
+        (["select-wild", "--teacher", run1 / "student.safetensors", "--pool", pool, "--num", "2", "--out", run1],
+         "--out"),
+    ]
+    before = tree_digest(tmp_path)
+    for args, flag in cases:
+        code, out, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, flag)
+        assert tree_digest(tmp_path) == before, args
+
+
+def test_a_run_folder_is_locked_while_its_run_lives(capsys, vit_file, tmp_path):
+    import subprocess
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".vitshrink.lock"
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.write_text(f"{other.pid}\n")
+        args = ["synthesize", str(vit_file), "--num", "3", "--out", str(out), "--iterations", "1", "-b", "3",
+                "--device", "cpu"]
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, "--out", f"pid {other.pid}")
+        assert sorted(p.name for p in out.iterdir()) == [".vitshrink.lock"]
+    finally:
+        other.kill()
+        other.wait()
+    code, _, err = run_cli(capsys, *args)  # the holder died: its stale lock is taken over
+    assert code == 0, err
+    assert not lock.exists() and (out / "synthesis.json").exists()
+
+
+# --- bounded work ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,needle", [
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9)),
+     "aliases"),
+    ("lr: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+    ("lr: " + "{a: " * 100 + "1" + "}" * 100 + "\n", "nested"),
+])
+def test_settings_yaml_is_bounded(capsys, vit_file, pool, tmp_path, text, needle):
+    import time
+
+    config = tmp_path / "bomb.yaml"
+    config.write_text(text)
+    start = time.monotonic()
+    code, _, err = run_cli(capsys, "distill", str(vit_file), "--data", str(pool), "--out", str(tmp_path / "run"),
+                           "-c", str(config), "--device", "cpu")
+    assert_one_line_error(code, err, "bomb.yaml", needle)
+    assert time.monotonic() - start < 20
+
+
+def test_elongated_images_are_skipped_before_decoding(capsys, two_class_vit, tmp_path):
+    import time
+
+    data = tmp_path / "data"
+    write_images(data / "cat", 2)
+    write_images(data / "dog", 2, seed=1)
+    Image.new("L", (1_000_000, 1)).save(data / "cat" / "strip.png")  # a few KB on disk
+    Image.new("RGB", (1, 60_000)).save(data / "dog" / "tall.png")
+    start = time.monotonic()
+    code, out, err = run_cli(capsys, "evaluate", str(two_class_vit), "--data", str(data), "-j", "0")
+    assert code == 0, err
+    assert "4 images, 2 unreadable skipped" in " ".join(out.split())
+    assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda raw: raw.update(crop_pct=0.001), "crop_pct"),
+    (lambda raw: raw.update(input_size=[3, 100000, 100000]), "input_size"),
+    (lambda raw: raw["kwargs"].update(img_size=100000), "kwargs.img_size"),
+])
+def test_record_preprocessing_is_bounded(capsys, vit_file, tmp_path, edit, needle):
+    model = forged(vit_file, tmp_path / "forged.safetensors", edit)
+    code, _, err = run_cli(capsys, "inspect", str(model))
+    assert_one_line_error(code, err, "forged.safetensors", needle)
+
+
+def test_deeply_nested_record_is_one_line(capsys, vit_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "deep.safetensors"
+    save_file(load_file(str(vit_file)), str(target), metadata={"vitshrink": "[" * 100000 + "]" * 100000})
+    code, _, err = run_cli(capsys, "inspect", str(target))
+    assert_one_line_error(code, err, "deep.safetensors")
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["inspect", "{vit}", "--img-size", "8192"], "--img-size"),
+    (["inspect", "{vit}", "--img-size", "4096"], "tokens"),  # patch 8: 262144 tokens
+    (["inspect", "vit_tiny_patch16_224", "--img-size", "4000"], "tokens"),
+    (["train-teacher", "cifar_resnet20", "--img-size", "100000", "--out", "{tmp}/t"], "--img-size"),
+    (["inspect", "{vit}", "--key-map", "(a+)+$=x"], "--key-map"),
+    (["inspect", "{vit}", "--key-map", "(blocks)\\1=x"], "--key-map"),
+    (["inspect", "{vit}", "--key-map", "(a|ab)*c=x"], "--key-map"),
+    (["inspect", "{vit}", "--key-map", "a*b*c*d*e=x"], "--key-map"),
+])
+def test_sizes_and_patterns_are_bounded(capsys, vit_file, tmp_path, args, flag):
+    import time
+
+    start = time.monotonic()
+    code, _, err = run_cli(capsys, *[a.format(vit=vit_file, tmp=tmp_path) for a in args])
+    assert_one_line_error(code, err, flag)
+    assert time.monotonic() - start < 20
