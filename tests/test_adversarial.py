@@ -520,7 +520,10 @@ def test_resume_refuses_another_run_and_a_damaged_checkpoint(capsys, two_class_v
     write_images(other_data / "dog", 12, seed=6)
     last = (out / "last.pt").read_bytes()
     for extra, needle in ((["--seed", "1"], "seed (0 in last.pt, 1 now)"), (["-b", "4"], "batch_size"),
-                          (["--recipe", "ce"], "recipe ('vanilla' in last.pt, 'ce' now)")):
+                          (["--recipe", "ce"], "recipe ('vanilla' in last.pt, 'ce' now)"),
+                          (["--student", "vit_tiny_patch16_224:img_size=16,patch_size=8,embed_dim=16,depth=1,"
+                                         "num_heads=2,num_classes=2"], "student ('derived from the teacher'"),
+                          (["--mean", "0.1"], "normalisation")):
         code, _, err = _distill(capsys, two_class_vit, labelled_folder, out, "--resume", *extra)
         assert_error_line(code, err, "--resume", needle)
     code, _, err = _distill(capsys, two_class_vit, other_data, out, "--resume")
@@ -835,3 +838,93 @@ def test_sizes_and_patterns_are_bounded(capsys, vit_file, tmp_path, args, flag):
     code, _, err = run_cli(capsys, *[a.format(vit=vit_file, tmp=tmp_path) for a in args])
     assert_one_line_error(code, err, flag)
     assert time.monotonic() - start < 20
+
+
+# --- no silent wrong result -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def always_dog(tmp_path_factory) -> Path:
+    """A model that predicts class 0 for every image, whose record names its classes dog, cat, fish."""
+    model = tiny_vit()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+    path = tmp_path_factory.mktemp("models") / "always_dog.safetensors"
+    save_model(model, path, class_names=["dog", "cat", "fish"])
+    return path
+
+
+def test_classes_are_matched_by_name_not_folder_order(capsys, always_dog, tmp_path):
+    data = tmp_path / "data"  # folders sort as cat, dog, fish: by index the model's "dog" would be cat
+    write_images(data / "cat", 1)
+    write_images(data / "dog", 3, seed=1)
+    write_images(data / "fish", 2, seed=2)
+    code, out, err = run_cli(capsys, "evaluate", str(always_dog), "--data", str(data), "-j", "0")
+    assert code == 0, err
+    assert "top-1 0.5000" in out  # the 3 dog images of 6
+    (data / "fish").rename(data / "horse")
+    code, _, err = run_cli(capsys, "evaluate", str(always_dog), "--data", str(data), "-j", "0")
+    assert_one_line_error(code, err, "[cat, dog, horse]", "[dog, cat, fish]")
+    write_images(data / "fish", 1, seed=3)
+    code, _, err = run_cli(capsys, "evaluate", str(always_dog), "--data", str(data), "-j", "0")
+    assert_one_line_error(code, err, "4 classes but the model has 3")
+
+
+def test_training_labels_follow_the_teachers_class_names(always_dog, tmp_path):
+    from vitshrink.io import load_model
+    from vitshrink.pipeline import load_data
+
+    data = tmp_path / "data"
+    for index, name in enumerate(("cat", "dog", "fish")):
+        write_images(data / name, 3, seed=index)
+    labelled = load_data(data, None, teacher=load_model(always_dog), val_split=0.34, seed=0)
+    assert labelled.class_names == ["dog", "cat", "fish"]
+    for split in (labelled.train, labelled.val):
+        for index, target in enumerate(split.targets):
+            assert labelled.class_names[target] == Path(split.filename(index)).parent.name
+
+
+def test_symlinked_images_count_once_and_other_formats_are_read(capsys, two_class_vit, tmp_path):
+    data = tmp_path / "data"
+    write_images(data / "cat", 2)
+    write_images(data / "dog", 2, seed=1)
+    (data / "cat" / "loop").symlink_to(data)  # a loop back to the root
+    (data / "dog" / "again.png").symlink_to(data / "dog" / "img000.png")
+    outside = tmp_path / "outside"
+    write_images(outside, 2, seed=4)
+    (data / "dog" / "escape").symlink_to(outside)
+    rng = np.random.default_rng(0)
+    for suffix in (".tif", ".gif", ".webp", ".bmp"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / "cat" / f"x{suffix}")
+    code, out, err = run_cli(capsys, "evaluate", str(two_class_vit), "--data", str(data), "-j", "0")
+    assert code == 0, err
+    assert "(8 images, 0 unreadable skipped)" in " ".join(out.split())  # 4 png + 4 other formats, each once
+
+
+def test_every_class_with_two_images_keeps_a_training_and_a_validation_image():
+    from vitshrink.data.folders import stratified_holdout
+
+    train, val = stratified_holdout([0, 0, 1, 2, 2, 2], 0.9, seed=0)
+    assert sorted(train + val) == list(range(6))
+    assert {0, 1} & set(train) and {0, 1} & set(val)  # class 0: one of each
+    assert 2 in train  # the one-image class trains
+    assert sum(i in val for i in (3, 4, 5)) == 2 and sum(i in train for i in (3, 4, 5)) == 1
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["distill", "{vit}", "--recipe", "uvc", "--set", "search_steps=-5"], "search_steps"),
+    (["distill", "{vit}", "--recipe", "uvc", "--search-steps", "0"], "--search-steps"),
+    (["distill", "{vit}", "--recipe", "uvc", "--set", "gate_momentum=2"], "gate_momentum"),
+    (["cache-logits", "{vit}", "--epochs", "1", "--seed", "-1"], "--seed"),
+    (["cache-logits", "{vit}", "--epochs", "0"], "--epochs"),
+])
+def test_every_numeric_setting_has_a_range(capsys, vit_file, tmp_path, args, flag):
+    args = [a.format(vit=vit_file) for a in args] + ["--out", str(tmp_path / "run")]
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, flag)
+
+
+def test_a_fraction_that_selects_nothing_is_refused(capsys, vit_file, pool, tmp_path):
+    code, _, err = run_cli(capsys, "select-wild", "--teacher", str(vit_file), "--pool", str(pool), "--fraction",
+                           "1e-9", "--criterion", "confidence", "-j", "0", "--device", "cpu", "--mode", "list",
+                           "--out", str(tmp_path / "sel"))
+    assert_error_line(code, err, "--fraction", "selects none")  # (after the scoring progress bar)

@@ -146,6 +146,21 @@ _SETTING_RANGES: dict[str, tuple[float | None, float | None, bool, str]] = {
     "cutmix": (0.0, 100.0, False, "float"),
     "mixup_prob": (0.0, 1.0, False, "float"),
     "mixup_switch_prob": (0.0, 1.0, False, "float"),
+    # recipe options (presets/NAME.yaml): counts and sizes >= 1, weights and rates >= 0, shares in [0, 1]
+    "search_steps": (1, 10_000_000, False, "int"), "search_batch_size": (1, MAX_BATCH, False, "int"),
+    "latency_corrections": (0, 100, False, "int"), "synth_batch_size": (1, MAX_BATCH, False, "int"),
+    "synth_iterations": (1, 10_000_000, False, "int"), "synth_num": (1, 100_000_000, False, "int"),
+    "cit_depth": (1, 512, False, "int"), "cit_embed_dim": (1, 16384, False, "int"),
+    "cit_num_heads": (1, 1024, False, "int"),
+    "search_lr": (0.0, None, False, "float"), "count_lr": (0.0, None, False, "float"),
+    "gate_lr": (0.0, None, False, "float"), "y_lr": (0.0, None, False, "float"), "z_lr": (0.0, None, False, "float"),
+    "gate_momentum": (0.0, 1.0, False, "float"), "gumbel_tau": (0.0, 100.0, True, "float"),
+    "flops_tolerance": (0.0, 1.0, False, "float"), "z_clip": (0.0, None, False, "float"),
+    "stage1_share": (0.0, 1.0, False, "float"), "probe_weight": (0.0, None, False, "float"),
+    "gating_weight": (0.0, None, False, "float"), "search_kd_weight": (0.0, None, False, "float"),
+    "cls_teacher_weight": (0.0, None, False, "float"), "conv_weight": (0.0, None, False, "float"),
+    "inv_weight": (0.0, None, False, "float"), "task_weight": (0.0, None, False, "float"),
+    "feature_weight": (0.0, None, False, "float"),
 }
 # Settings whose null value means "off" or "default".
 _NULLABLE = {"clip_grad", "steps_per_epoch", "workers", "kd_weight", "flops_target", "amp", "aug_auto_augment",

@@ -36,7 +36,13 @@ def cache_logits_command(
     from vitshrink.guard import check_outputs_apart, run_lock
     from vitshrink.pipeline import resolve_run_settings
 
+    from vitshrink.validate import check_float, check_int, check_seed
+
     check_outputs_apart(out_dirs={"--out": out}, inputs={"TEACHER": teacher, "--data": data, "--config": config})
+    check_seed(seed)  # before the teacher loads: the inputs decide these
+    check_int(epochs, "--epochs", low=1, high=100_000)
+    check_int(topk, "--topk", low=1, high=1_000_000)
+    check_float(val_split, "--val-split", low=0.0, high=1.0, low_open=True, high_open=True)
     model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
                       key_map=key_map, norm_eps=norm_eps)
     flags = {"batch_size": batch_size} if batch_size is not None else {}

@@ -15,6 +15,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# Every extension a loader reads (PIL decodes them all); timm's folder reader alone takes only png/jpg/jpeg.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 TOO_LARGE = "too large (decompression bomb)"
 # A 1 x 1,000,000 strip passes the pixel count but resizing its short side to the input size costs gigabytes.
 MAX_ASPECT = 50

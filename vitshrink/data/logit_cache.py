@@ -299,6 +299,9 @@ def cache_logits(teacher: nn.Module, split: Any, out: str | Path, *, cfg: Mappin
     from vitshrink.io import data_config
     import os
 
+    from vitshrink.validate import check_seed
+
+    check_seed(seed)
     if not 1 <= topk <= num_classes:
         raise UserError(f"--topk must be between 1 and {num_classes} (the teacher's classes), got {topk}")
     if epochs < 1:

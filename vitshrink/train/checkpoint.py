@@ -135,6 +135,23 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def student_identity(student: Any) -> str:
+    """What --student asked for, as --resume compares it: derived, a spec, or a file (resolved path)."""
+    if student is None:
+        return "derived from the teacher"
+    if isinstance(student, torch.nn.Module):
+        return f"module {type(student).__name__}"
+    return str(Path(student).resolve()) if Path(str(student)).exists() else str(student)
+
+
+def normalisation_identity(teacher: torch.nn.Module) -> str:
+    """The mean/std every image is normalised with (--mean/--std or the teacher's record)."""
+    from vitshrink.io import data_config
+
+    cfg = data_config(teacher)
+    return "mean " + ",".join(f"{v:.6g}" for v in cfg["mean"]) + " std " + ",".join(f"{v:.6g}" for v in cfg["std"])
+
+
 def check_resume(state: dict[str, Any], identity: dict[str, Any], path: Path) -> None:
     """``--resume`` must continue the same run: recipe, data, seed, batch size and teacher as ``last.pt``."""
     saved = state.get("run")
