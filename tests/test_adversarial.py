@@ -928,3 +928,141 @@ def test_a_fraction_that_selects_nothing_is_refused(capsys, vit_file, pool, tmp_
                            "1e-9", "--criterion", "confidence", "-j", "0", "--device", "cpu", "--mode", "list",
                            "--out", str(tmp_path / "sel"))
     assert_error_line(code, err, "--fraction", "selects none")  # (after the scoring progress bar)
+
+
+# --- every forged run file is a one-line refusal naming the file -------------------------------------------
+@pytest.fixture(scope="module")
+def logit_cache(tmp_path_factory, two_class_vit, labelled_folder) -> Path:
+    from cli_support import main  # noqa: F401  (the CLI, in-process)
+
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    import sys
+
+    old = sys.argv
+    sys.argv = ["vitshrink", "cache-logits", str(two_class_vit), "--epochs", "1", "--topk", "2", "--data",
+                str(labelled_folder), "-b", "8", "--out", str(out), "--device", "cpu"]
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    finally:
+        sys.argv = old
+    return out
+
+
+def _edit_meta(edit):
+    def apply(cache: Path) -> None:
+        meta = json.loads((cache / "meta.json").read_text())
+        edit(meta)
+        (cache / "meta.json").write_text(json.dumps(meta))
+    return apply
+
+
+FORGED_CACHES = {
+    "meta not JSON": (lambda c: (c / "meta.json").write_text("{oops"), "meta.json"),
+    "meta a list": (lambda c: (c / "meta.json").write_text("[1]"), "meta.json"),
+    "meta deeply nested": (lambda c: (c / "meta.json").write_text("[" * 50000 + "]" * 50000), "meta.json"),
+    "epochs a string": (_edit_meta(lambda m: m.update(epochs="1")), "epochs"),
+    "topk above classes": (_edit_meta(lambda m: m.update(topk=99)), "topk"),
+    "images huge": (_edit_meta(lambda m: m.update(images=10**8)), "values.f16"),
+    "fingerprint a list": (_edit_meta(lambda m: m.update(fingerprint=[1])), "fingerprint"),
+    "epochs_done too many": (_edit_meta(lambda m: m.update(epochs_done=5)), "epochs_done"),
+    "truncated values": (lambda c: (c / "values.f16").write_bytes((c / "values.f16").read_bytes()[:10]),
+                         "values.f16"),
+    "missing lse": (lambda c: (c / "lse.f32").unlink(), "lse.f32"),
+}
+
+
+@pytest.mark.parametrize("label", list(FORGED_CACHES))
+def test_a_forged_logit_cache_is_one_line(capsys, logit_cache, two_class_vit, labelled_folder, tmp_path, label):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(logit_cache, cache)
+    damage, needle = FORGED_CACHES[label]
+    damage(cache)
+    code, _, err = _distill(capsys, two_class_vit, labelled_folder, tmp_path / "run", "--logit-cache", str(cache))
+    assert_error_line(code, err, needle)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("text", ["[" * 100000 + "]" * 100000, '{"student": ' * 3000 + "1" + "}" * 3000])
+def test_a_deeply_nested_report_is_one_line(capsys, tmp_path, text):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text(text)
+    code, _, err = run_cli(capsys, "compare", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "report.json")
+
+
+@pytest.mark.parametrize("config,pre,needle", [
+    ({"hidden_size": "16"}, None, "hidden_size"),
+    ({"image_size": [16, 16, 16]}, None, "image_size"),
+    ({"hidden_act": ["gelu"]}, None, "hidden_act"),
+    ({"layer_norm_eps": "1e-6"}, None, "layer_norm_eps"),
+    ({"qkv_bias": "yes"}, None, "qkv_bias"),
+    ({"model_type": ["vit"]}, None, "model_type"),
+    ({}, {"resample": [3], "image_mean": "x"}, "image_mean"),
+    ({}, {"do_center_crop": True, "size": {"height": 4000}, "crop_size": {"height": 1}}, "crop_size.height"),
+])
+def test_hf_configs_with_wrong_types_are_one_line(capsys, tmp_path, config, pre, needle):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    base = {"model_type": "vit", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "image_size": 16, "patch_size": 8, "intermediate_size": 32}
+    (folder / "config.json").write_text(json.dumps({**base, **config}))
+    if pre is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    save_file(_hf_vit_state(), str(folder / "model.safetensors"))
+    code, _, err = run_cli(capsys, "inspect", str(folder))
+    assert_one_line_error(code, err, needle)
+
+
+def _hf_vit_state() -> dict:
+    """A one-layer Hugging Face ViT (hidden 16, patch 8, image 16) state dict of zeros."""
+    shapes = {"vit.embeddings.cls_token": (1, 1, 16), "vit.embeddings.position_embeddings": (1, 5, 16),
+              "vit.embeddings.patch_embeddings.projection.weight": (16, 3, 8, 8),
+              "vit.embeddings.patch_embeddings.projection.bias": (16,),
+              "vit.layernorm.weight": (16,), "vit.layernorm.bias": (16,)}
+    layer = "vit.encoder.layer.0."
+    for name in ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                 "attention.output.dense"):
+        shapes[f"{layer}{name}.weight"], shapes[f"{layer}{name}.bias"] = (16, 16), (16,)
+    shapes[f"{layer}intermediate.dense.weight"], shapes[f"{layer}intermediate.dense.bias"] = (32, 16), (32,)
+    shapes[f"{layer}output.dense.weight"], shapes[f"{layer}output.dense.bias"] = (16, 32), (16,)
+    for norm in ("layernorm_before", "layernorm_after"):
+        shapes[f"{layer}{norm}.weight"], shapes[f"{layer}{norm}.bias"] = (16,), (16,)
+    return {name: torch.zeros(shape) for name, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("setting,needle", [("opt=nosuch", "opt"), ("sched=nosuch", "sched"),
+                                            ("opt=[1]", "opt"), ("sched=7", "sched")])
+def test_unknown_optimiser_and_scheduler_names_are_one_line(capsys, vit_file, data3, tmp_path, setting, needle):
+    code, _, err = run_cli(capsys, "distill", str(vit_file), "--data", str(data3), "--out", str(tmp_path / "run"),
+                           "--set", setting, "--device", "cpu")
+    assert_one_line_error(code, err, needle)
+
+
+def test_forged_last_pt_fields_are_one_line(capsys, two_class_vit, labelled_folder, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = _distill(capsys, two_class_vit, labelled_folder, out)
+    assert code == 0, err
+    good = torch.load(out / "last.pt", weights_only=True)
+    for field, value, needle in (("arch", "{oops", "field arch"), ("arch", json.dumps({"model": "x", "kwargs": {
+            "pretrained": True}}), "kwargs.pretrained"), ("trainable", {"nope": torch.zeros(1)}, "damaged"),
+                                 ("optimizer", {"state": 5}, "damaged")):
+        torch.save({**good, field: value}, out / "last.pt")
+        code, _, err = _distill(capsys, two_class_vit, labelled_folder, out, "--resume")
+        assert_error_line(code, err, "last.pt", needle)
+
+
+# --- refusals the inputs decide come before any work ----------------------------------------------------
+def test_data_free_batch_larger_than_the_synthesis_is_refused_at_once(capsys, two_class_vit, tmp_path):
+    import time
+
+    start = time.monotonic()
+    code, _, err = run_cli(capsys, "distill", str(two_class_vit), "--data-free", "--synth-num", "4", "-b", "8",
+                           "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress")
+    assert_error_line(code, err, "--batch-size 8", "--synth-num")
+    assert time.monotonic() - start < 20 and not (tmp_path / "run" / "synthetic").exists()

@@ -216,9 +216,29 @@ def check_settings(cfg: dict[str, Any], sources: Mapping[str, str] | None = None
         low = check_float(scale[0], flag, low=0.0, high=1.0, low_open=True)
         if check_float(scale[1], flag, low=0.0, high=1.0) < low:
             raise UserError(message)
+    _check_optimiser_names(cfg, sources)
     if "mixup_mode" in cfg and cfg["mixup_mode"] not in ("batch", "pair", "elem"):
         raise UserError(f"{_setting_flag('mixup_mode', sources.get('mixup_mode'))} must be batch, pair or elem "
                         f"(timm Mixup modes), got {cfg['mixup_mode']!r}")
+
+
+# timm's create_scheduler_v2 names (an unknown one would silently train without a schedule).
+SCHEDULERS = ("constant", "cosine", "multistep", "plateau", "poly", "rsqrt", "step", "tanh")
+
+
+def _check_optimiser_names(cfg: dict[str, Any], sources: Mapping[str, str]) -> None:
+    """``opt`` a timm optimiser (``lookahead_`` prefix allowed), ``sched`` a timm scheduler, before any work."""
+    if cfg.get("opt") is not None:
+        from timm.optim import list_optimizers
+
+        opt = cfg["opt"]
+        name = opt.lower().removeprefix("lookahead_") if isinstance(opt, str) else None
+        if name not in list_optimizers():
+            raise UserError(f"{_setting_flag('opt', sources.get('opt'))} must be a timm optimizer name (e.g. adamw, "
+                            f"sgd, lamb), got {opt!r:.60}")
+    if cfg.get("sched") is not None and cfg["sched"] not in SCHEDULERS:
+        raise UserError(f"{_setting_flag('sched', sources.get('sched'))} must be one of {', '.join(SCHEDULERS)}, "
+                        f"got {cfg['sched']!r:.60}")
 
 
 def check_run_options(*, seed: Any = 0, val_split: Any = 0.1, flops_target: Any = None, workers: Any = None,

@@ -34,6 +34,10 @@ def synthetic_training_data(teacher: nn.Module, out_dir: str | os.PathLike, cfg:
     num = cfg["synth_num"]
     if not isinstance(num, int) or isinstance(num, bool) or num < 1:
         raise UserError(f"--synth-num must be a positive integer, got {num!r}")
+    batch = cfg.get("batch_size")
+    if isinstance(batch, int) and batch > num:  # checked now, not after the synthesis
+        raise UserError(f"--batch-size {batch} is larger than the {num} images --synth-num makes: no full batch to "
+                        "train on; lower --batch-size or raise --synth-num")
     folder = Path(out_dir) / SYNTHETIC_DIR
     result = synthesize(teacher, num, folder, prior=str(cfg["synth_prior"]), iterations=int(cfg["synth_iterations"]),
                         batch_size=int(cfg["synth_batch_size"]), device=device, seed=seed, progress=progress)

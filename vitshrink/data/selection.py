@@ -160,7 +160,7 @@ def previous_class_dirs(out_dir: Path) -> list[str]:
         return []
     try:
         record = json.loads(summary.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"{summary}: not a readable selection record ({type(exc).__name__}); it says which "
                         "folders a rerun may replace: delete it with those folders, or use another --out") from None
     if not isinstance(record, dict):

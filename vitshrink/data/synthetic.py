@@ -138,7 +138,7 @@ def _prepare_out_dir(out_dir: Path, record: dict[str, Any]) -> None:
         try:
             old = json.loads(settings_path.read_text())
             changed = [key for key in record if old.get(key) != record[key]]
-        except (OSError, ValueError, AttributeError) as exc:
+        except (OSError, ValueError, AttributeError, RecursionError) as exc:
             raise UserError(f"{settings_path}: not a readable synthesis record ({type(exc).__name__}); delete the "
                             "folder to start over or choose another --out") from None
         if changed:

@@ -5,10 +5,25 @@ crafted or damaged file never reaches a model constructor (a traceback, or an ab
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Collection
 
 from vitshrink.errors import UserError
+
+
+def read_json(path: Path, what: str = "JSON file", kind: type | None = dict) -> Any:
+    """A JSON file a run reads back (its own or a user's): damaged, too deeply nested or of the wrong top-level
+    type is a one-line UserError naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}); delete it or use another "
+                        "folder") from None
+    if kind is not None and not isinstance(value, kind):
+        raise UserError(f"{path}: not a {what} (a JSON {kind.__name__} was expected)")
+    return value
 
 
 def _shown(value: Any) -> str:

@@ -17,6 +17,7 @@ from vitshrink.distill.tasks import DistillTask, LogitKDTask
 from vitshrink.distill.teachers import as_teachers
 from vitshrink.errors import UserError
 from vitshrink.io import record_of
+from vitshrink.io.fields import read_json
 from vitshrink.prune.decisions import magnitude_plan
 from vitshrink.prune.resource import check_target
 from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
@@ -192,7 +193,7 @@ class UVC(Recipe):
         path = None if out_dir is None else out_dir / "uvc_plan.json"
         if path is None or not path.exists():
             return {}
-        plan = json.loads(path.read_text())
+        plan = read_json(path, "uvc plan")
         fields = {key: plan[key] for key in ("top1_after_pruning", "flops_target", "flops_ratio", "dim_multiple",
                                              "latency") if key in plan}
         return {"pruning": fields}
@@ -202,7 +203,7 @@ class UVC(Recipe):
         path = None if out_dir is None else out_dir / "uvc_plan.json"
         if path is None or not path.exists():
             return []
-        plan = json.loads(path.read_text())
+        plan = read_json(path, "uvc plan")
         return [w for w in (plan.get("warning"), (plan.get("latency") or {}).get("warning")) if w]
 
     def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]):

@@ -96,6 +96,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         value = state.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise UserError(f"{path}: damaged checkpoint (field {key!r} is {type(value).__name__})")
+    from vitshrink.io.record import ModelRecord
+
+    ModelRecord.from_json(state["arch"], f"{path} (field arch)")  # the student is rebuilt from it
     for key in ("epoch", "batch", "global_step"):
         if state[key] < 0:
             raise UserError(f"{path}: damaged checkpoint (field {key!r} is {state[key]})")

@@ -166,7 +166,12 @@ def train(task, source, schedule: Schedule, checkpointing: Checkpointing, *, eva
     optimizer, scheduler = _optimizer_and_scheduler(trainable, schedule, steps_per_epoch)
     at = _Position()
     if checkpointing.resume_state is not None:
-        at = _restore(checkpointing.resume_state, trainable, optimizer, scheduler, env)
+        try:
+            at = _restore(checkpointing.resume_state, trainable, optimizer, scheduler, env)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            text = " ".join(str(exc).split())[:160]
+            raise UserError(f"{checkpointing.path}: damaged checkpoint, cannot resume ({type(exc).__name__}: "
+                            f"{text}); run again without --resume or use another --out") from None
         env.log(f"resuming {checkpointing.out_dir} at epoch {at.epoch + 1}, batch {at.batch} "
                 f"(step {at.global_step})")
     scheduler.step_update(at.global_step)
