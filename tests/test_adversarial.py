@@ -515,6 +515,9 @@ def test_resume_refuses_another_run_and_a_damaged_checkpoint(capsys, two_class_v
     out = tmp_path / "run"
     code, _, err = _distill(capsys, two_class_vit, labelled_folder, out)
     assert code == 0, err
+    report = json.loads((out / "report.json").read_text())  # issue 21: the report says how the epoch was chosen
+    assert report["model_selection"].startswith("last epoch") and report["best_epoch"] == 1
+    assert "student from epoch 1: last epoch" in " ".join((out / "report.md").read_text().split())
     other_data = tmp_path / "other"
     write_images(other_data / "cat", 12, seed=5)
     write_images(other_data / "dog", 12, seed=6)
@@ -1037,6 +1040,7 @@ def _hf_vit_state() -> dict:
 
 
 @pytest.mark.parametrize("setting,needle", [("opt=nosuch", "opt"), ("sched=nosuch", "sched"),
+                                            ("select_epoch=first", "select_epoch"),
                                             ("opt=[1]", "opt"), ("sched=7", "sched")])
 def test_unknown_optimiser_and_scheduler_names_are_one_line(capsys, vit_file, data3, tmp_path, setting, needle):
     code, _, err = run_cli(capsys, "distill", str(vit_file), "--data", str(data3), "--out", str(tmp_path / "run"),

@@ -228,7 +228,8 @@ def train_student(run: Run, ctx: RecipeContext, model: nn.Module, labelled: Labe
     source = run.recipe.source(model, ctx)
     schedule = Schedule.from_settings(cfg, amp=run.amp, compile=run.compile)
     steps_per_epoch = schedule.steps_per_epoch(source)
-    evaluation = Evaluation(model, validation_loader(run, labelled, model))
+    evaluation = Evaluation(model, validation_loader(run, labelled, model),
+                            select_best=cfg.get("select_epoch", "last") == "best")
 
     def save_best(epoch: int, top1: float) -> None:
         save_model(model, run.out_dir / "student.safetensors", class_names=labelled.class_names,

@@ -217,6 +217,9 @@ def check_settings(cfg: dict[str, Any], sources: Mapping[str, str] | None = None
         if check_float(scale[1], flag, low=0.0, high=1.0) < low:
             raise UserError(message)
     _check_optimiser_names(cfg, sources)
+    if cfg.get("select_epoch", "last") not in ("last", "best"):
+        raise UserError(f"{_setting_flag('select_epoch', sources.get('select_epoch'))} must be last or best, "
+                        f"got {cfg['select_epoch']!r:.60}")
     if "mixup_mode" in cfg and cfg["mixup_mode"] not in ("batch", "pair", "elem"):
         raise UserError(f"{_setting_flag('mixup_mode', sources.get('mixup_mode'))} must be batch, pair or elem "
                         f"(timm Mixup modes), got {cfg['mixup_mode']!r}")
@@ -418,7 +421,7 @@ def check_onnx_classifier(path: Path, input_size: Sequence[int] | None = None) -
     static = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:]]
     size = list(input_size) if input_size is not None else static
     if any(v is None for v in size):
-        return  # symbolic sizes: benchmark asks for --input-size
+        return  # symbolic sizes: benchmark asks for a fixed-size export
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         dtype = np.float16 if tensor_type.elem_type == onnx.TensorProto.FLOAT16 else (

@@ -78,6 +78,12 @@ class UVC(Recipe):
             raise UserError("--student: the uvc recipe prunes the teacher itself; leave --student out")
         check_sliceable(teacher)
         config = uvc_config(ctx.cfg)
+        if config.within and config.head_dims and any(
+                not isinstance(getattr(getattr(b, "attn", None), "q_norm", nn.Identity()), nn.Identity)
+                for b in teacher.blocks):
+            # Checked now, not after the search: slicing cannot narrow a head whose q/k norm spans all its dims.
+            raise UserError("uvc: the teacher has qk_norm (a norm over each head's dims), so head dims cannot be "
+                            "pruned; add --prune-head-dims false (heads, MLP units and blocks are still pruned)")
         for key, allowed in (("pruning_plan", ("search", "magnitude")), ("posttrain_objective", ("kd", "official"))):
             if ctx.cfg.get(key) is not None and ctx.cfg[key] not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)}, got {ctx.cfg[key]!r}")
