@@ -937,7 +937,7 @@ def test_a_fraction_that_selects_nothing_is_refused(capsys, vit_file, pool, tmp_
     code, _, err = run_cli(capsys, "select-wild", "--teacher", str(vit_file), "--pool", str(pool), "--fraction",
                            "1e-9", "--criterion", "confidence", "-j", "0", "--device", "cpu", "--mode", "list",
                            "--out", str(tmp_path / "sel"))
-    assert_error_line(code, err, "--fraction", "selects none")  # (after the scoring progress bar)
+    assert_one_line_error(code, err, "--fraction", "selects none")  # before any image is scored
 
 
 # --- every forged run file is a one-line refusal naming the file -------------------------------------------
@@ -1064,3 +1064,20 @@ def test_data_free_batch_larger_than_the_synthesis_is_refused_at_once(capsys, tw
                            "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress")
     assert_error_line(code, err, "--batch-size 8", "--synth-num")
     assert time.monotonic() - start < 20 and not (tmp_path / "run" / "synthetic").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int8, torch.uint8])
+def test_complex_and_8_bit_weights_are_refused_not_cast(capsys, vit_file, tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(vit_file))
+    state["blocks.0.mlp.fc1.weight"] = state["blocks.0.mlp.fc1.weight"].to(dtype)
+    for path in (tmp_path / "w.safetensors", tmp_path / "w.pt"):
+        if path.suffix == ".pt":
+            torch.save(state, path)
+        elif dtype is not torch.complex64:  # safetensors has no complex type
+            save_file(state, str(path))
+        else:
+            continue
+        code, _, err = run_cli(capsys, "inspect", str(path), "--arch", "vit_tiny_patch16_224", "--num-heads", "2")
+        assert_one_line_error(code, err, path.name, "blocks.0.mlp.fc1.weight", str(dtype).replace("torch.", ""))

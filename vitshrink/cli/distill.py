@@ -123,7 +123,10 @@ def distill(
     from vitshrink.pipeline import load_bundled_teacher
     from vitshrink.recipes import get_recipe
 
+    from vitshrink.students import check_student_spec
+
     get_recipe(recipe)  # an unknown recipe is named before its flags are read
+    check_student_spec(student)  # before the teacher and the data load
     extra = list(ctx.args)
     if teacher is not None and teacher.startswith("--"):  # click filled TEACHER with a setting flag
         extra, teacher = [teacher, *extra], None
