@@ -75,7 +75,7 @@ def evaluate_loader(model: nn.Module, loader, *, device: str | torch.device = "c
 
 def align_classes(model: nn.Module, split: Any, what: str) -> Any:
     """``split`` with its labels matched to ``model``'s classes by name (``data.folders.match_classes``)."""
-    from vitshrink.data.folders import match_classes
+    from vitshrink.data.classes import match_classes
     from vitshrink.io import record_of
 
     if not hasattr(split, "remapped"):
