@@ -28,6 +28,7 @@ from torch import nn
 
 from vitshrink._atomic import atomic_write_text
 from vitshrink.errors import UserError
+from vitshrink.io.fields import read_json
 
 META = "meta.json"
 VERSION = 2  # 2: values are log-probabilities (1 stored raw logits)
@@ -78,13 +79,7 @@ def read_meta(path: str | Path) -> dict:
     meta_path = Path(path) / META
     if not meta_path.is_file():
         raise UserError(f"--logit-cache {path}: not a logit cache (no {META}; make one with `vitshrink cache-logits`)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise UserError(f"{meta_path}: damaged logit-cache record ({type(exc).__name__}); rebuild it with "
-                        "`vitshrink cache-logits`") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{meta_path}: damaged logit-cache record (not a JSON object)")
+    meta = read_json(meta_path, "logit-cache record (rebuild it with `vitshrink cache-logits`)")
     if meta.get("version") != VERSION:
         raise UserError(f"--logit-cache {path}: made by another vitshrink version (cache format "
                         f"{meta.get('version')!r:.40}, this one reads {VERSION}); rebuild it with "

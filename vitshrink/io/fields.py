@@ -61,7 +61,7 @@ def check_vector(where: str, name: str, value: Any, kind: str, low: float, high:
                  lengths: Collection[int] | None = None) -> list:
     """A list of ints or finite floats in [low, high], with a length in ``lengths`` (any length >= 1 if None)."""
     if not isinstance(value, (list, tuple)) or not value or (lengths is not None and len(value) not in lengths):
-        count = f" of {'/'.join(map(str, lengths))} " if lengths is not None and len(lengths) < 4 else " "
+        count = f" of {'/'.join(map(str, lengths))} " if lengths is not None and len(lengths) < 4 else " of "
         raise UserError(f"{where}: field {name} must be a list{count}numbers, got {_shown(value)}")
     check = check_int if kind == "int" else check_float
     return [check(where, f"{name}[{i}]", v, low, high) for i, v in enumerate(value)]
