@@ -145,6 +145,9 @@ def run_lock(folder: PathLike, flag: str = "--out") -> Iterator[Path]:
     from vitshrink.validate import check_output_dir
 
     folder = check_output_dir(folder, flag)  # made if missing; a file or a read-only folder: one line
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        yield folder / LOCK_NAME  # under torchrun the run is rank 0's: the other ranks share its lock
+        return
     lock = folder / LOCK_NAME
     mine = f"{os.getpid()}\n"
     for _ in range(2):
