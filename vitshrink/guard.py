@@ -144,6 +144,7 @@ def run_lock(folder: PathLike, flag: str = "--out") -> Iterator[Path]:
     """Hold ``folder/.vitshrink.lock`` (our pid) for the block; refused while another live run holds it."""
     from vitshrink.validate import check_output_dir
 
+    created = not Path(folder).exists()
     folder = check_output_dir(folder, flag)  # made if missing; a file or a read-only folder: one line
     if int(os.environ.get("RANK", "0") or 0) != 0:
         yield folder / LOCK_NAME  # under torchrun the run is rank 0's: the other ranks share its lock
@@ -170,3 +171,5 @@ def run_lock(folder: PathLike, flag: str = "--out") -> Iterator[Path]:
     finally:
         if _holder(lock) == os.getpid():
             lock.unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a run refused before writing anything leaves no empty folder behind
