@@ -1081,3 +1081,10 @@ def test_complex_and_8_bit_weights_are_refused_not_cast(capsys, vit_file, tmp_pa
             continue
         code, _, err = run_cli(capsys, "inspect", str(path), "--arch", "vit_tiny_patch16_224", "--num-heads", "2")
         assert_one_line_error(code, err, path.name, "blocks.0.mlp.fc1.weight", str(dtype).replace("torch.", ""))
+
+
+def test_convert_refuses_data_with_more_classes_than_the_model(capsys, two_class_vit, data3, tmp_path):
+    code, out, err = run_cli(capsys, "convert", str(two_class_vit), "--data", str(data3), "-o",
+                             str(tmp_path / "c.safetensors"))
+    assert_one_line_error(code, err, "3 classes but the model has 2")
+    assert "top-1" not in out and not (tmp_path / "c.safetensors").exists()
