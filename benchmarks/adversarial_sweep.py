@@ -586,7 +586,6 @@ def _raw_record(text: str):
 def _hf_dir(config: dict | None = None, pre: dict | None = None, shard: str | None = None):
     """A one-layer Hugging Face ViT folder at CASE/hf (zeros), optionally with a shard index naming ``shard``."""
     def setup(case_dir: Path, shared: dict) -> None:
-        import torch
         from safetensors.torch import save_file
 
         folder = case_dir / "hf"
@@ -596,19 +595,10 @@ def _hf_dir(config: dict | None = None, pre: dict | None = None, shard: str | No
         (folder / "config.json").write_text(json.dumps({**base, **(config or {})}))
         if pre is not None:
             (folder / "preprocessor_config.json").write_text(json.dumps(pre))
-        shapes = {"vit.embeddings.cls_token": (1, 1, 16), "vit.embeddings.position_embeddings": (1, 5, 16),
-                  "vit.embeddings.patch_embeddings.projection.weight": (16, 3, 8, 8),
-                  "vit.embeddings.patch_embeddings.projection.bias": (16,), "vit.layernorm.weight": (16,),
-                  "vit.layernorm.bias": (16,)}
-        layer = "vit.encoder.layer.0."
-        for name in ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-                     "attention.output.dense"):
-            shapes[f"{layer}{name}.weight"], shapes[f"{layer}{name}.bias"] = (16, 16), (16,)
-        shapes[f"{layer}intermediate.dense.weight"], shapes[f"{layer}intermediate.dense.bias"] = (32, 16), (32,)
-        shapes[f"{layer}output.dense.weight"], shapes[f"{layer}output.dense.bias"] = (16, 32), (16,)
-        for norm in ("layernorm_before", "layernorm_after"):
-            shapes[f"{layer}{norm}.weight"], shapes[f"{layer}{norm}.bias"] = (16,), (16,)
-        state = {name: torch.zeros(shape) for name, shape in shapes.items()}
+        sys.path.insert(0, str(ROOT / "tests"))
+        from hf_support import tiny_hf_vit_state
+
+        state = tiny_hf_vit_state()
         if shard is None:
             save_file(state, str(folder / "model.safetensors"))
             return

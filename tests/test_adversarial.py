@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from cli_support import assert_one_line_error, run_cli
+from hf_support import tiny_hf_vit_state
 from vitshrink.io import create_model, save_model
 
 
@@ -1024,26 +1025,9 @@ def test_hf_configs_with_wrong_types_are_one_line(capsys, tmp_path, config, pre,
     (folder / "config.json").write_text(json.dumps({**base, **config}))
     if pre is not None:
         (folder / "preprocessor_config.json").write_text(json.dumps(pre))
-    save_file(_hf_vit_state(), str(folder / "model.safetensors"))
+    save_file(tiny_hf_vit_state(), str(folder / "model.safetensors"))
     code, _, err = run_cli(capsys, "inspect", str(folder))
     assert_one_line_error(code, err, needle)
-
-
-def _hf_vit_state() -> dict:
-    """A one-layer Hugging Face ViT (hidden 16, patch 8, image 16) state dict of zeros."""
-    shapes = {"vit.embeddings.cls_token": (1, 1, 16), "vit.embeddings.position_embeddings": (1, 5, 16),
-              "vit.embeddings.patch_embeddings.projection.weight": (16, 3, 8, 8),
-              "vit.embeddings.patch_embeddings.projection.bias": (16,),
-              "vit.layernorm.weight": (16,), "vit.layernorm.bias": (16,)}
-    layer = "vit.encoder.layer.0."
-    for name in ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-                 "attention.output.dense"):
-        shapes[f"{layer}{name}.weight"], shapes[f"{layer}{name}.bias"] = (16, 16), (16,)
-    shapes[f"{layer}intermediate.dense.weight"], shapes[f"{layer}intermediate.dense.bias"] = (32, 16), (32,)
-    shapes[f"{layer}output.dense.weight"], shapes[f"{layer}output.dense.bias"] = (16, 32), (16,)
-    for norm in ("layernorm_before", "layernorm_after"):
-        shapes[f"{layer}{norm}.weight"], shapes[f"{layer}{norm}.bias"] = (16,), (16,)
-    return {name: torch.zeros(shape) for name, shape in shapes.items()}
 
 
 @pytest.mark.parametrize("setting,needle", [("opt=nosuch", "opt"), ("sched=nosuch", "sched"),
