@@ -557,7 +557,371 @@ def resume_cases() -> list[Case]:
     return cases
 
 
-ALL_CASES = numeric_cases() + path_cases() + data_cases() + model_cases() + output_cases() + compare_cases() + synthesize_cases() + resume_cases()
+# ------------------------------------------------------------------------------- issue 21 cases
+def _forged(edit: Callable[[dict], None], name: str = "forged.safetensors", source: str = "vit"):
+    """A copy of a shared model whose vitshrink record is edited by ``edit`` (the tensors unchanged)."""
+    def setup(case_dir: Path, shared: dict) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        with safe_open(shared[source], framework="pt") as handle:
+            raw = json.loads(handle.metadata()["vitshrink"])
+        edit(raw)
+        save_file(load_file(shared[source]), str(case_dir / name), metadata={"vitshrink": json.dumps(raw)})
+    return setup
+
+
+def _kw(**extra) -> Callable[[dict], None]:
+    return lambda raw: raw["kwargs"].update(extra)
+
+
+def _raw_record(text: str):
+    def setup(case_dir: Path, shared: dict) -> None:
+        from safetensors.torch import load_file, save_file
+
+        save_file(load_file(shared["vit"]), str(case_dir / "forged.safetensors"), metadata={"vitshrink": text})
+    return setup
+
+
+def _hf_dir(config: dict | None = None, pre: dict | None = None, shard: str | None = None):
+    """A one-layer Hugging Face ViT folder at CASE/hf (zeros), optionally with a shard index naming ``shard``."""
+    def setup(case_dir: Path, shared: dict) -> None:
+        from safetensors.torch import save_file
+
+        folder = case_dir / "hf"
+        folder.mkdir()
+        base = {"model_type": "vit", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "image_size": 16, "patch_size": 8, "intermediate_size": 32}
+        (folder / "config.json").write_text(json.dumps({**base, **(config or {})}))
+        if pre is not None:
+            (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+        sys.path.insert(0, str(ROOT / "tests"))
+        from hf_support import tiny_hf_vit_state
+
+        state = tiny_hf_vit_state()
+        if shard is None:
+            save_file(state, str(folder / "model.safetensors"))
+            return
+        save_file(state, str(case_dir / "outside.safetensors"))
+        (folder / "link.safetensors").symlink_to(case_dir / "outside.safetensors")
+        target = shard.replace("{case}", str(case_dir))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": target}}))
+    return setup
+
+
+def _always_dog(case_dir: Path, shared: dict) -> None:
+    """CASE/dog.safetensors predicts class 0 ("dog" in its record); CASE/d has cat 1, dog 3, fish 2 images."""
+    import torch
+
+    from vitshrink.io import create_model, save_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                         num_classes=3).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+    save_model(model, case_dir / "dog.safetensors", class_names=["dog", "cat", "fish"])
+    for name, n in (("cat", 1), ("dog", 3), ("fish", 2)):
+        write_images(case_dir / "d" / name, n, seed=n)
+
+
+def _qk_norm_teacher(case_dir: Path, shared: dict) -> None:
+    import torch
+
+    from vitshrink.io import create_model, save_model
+
+    torch.manual_seed(0)
+    save_model(create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                            num_classes=2, qk_norm=True).eval(), case_dir / "qk.safetensors", class_names=["cat", "dog"])
+
+
+def _logit_cache(damage: Callable[[Path], None]):
+    def setup(case_dir: Path, shared: dict) -> None:
+        damage(case_dir / "cache")
+    return setup
+
+
+def _meta(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def damage(cache: Path) -> None:
+        meta = json.loads((cache / "meta.json").read_text())
+        edit(meta)
+        (cache / "meta.json").write_text(json.dumps(meta))
+    return damage
+
+
+def _last_pt(field_name: str, value) -> Callable[[Path, dict], None]:
+    def setup(case_dir: Path, shared: dict) -> None:
+        import torch
+
+        state = torch.load(case_dir / "out" / "last.pt", weights_only=True)
+        state[field_name] = value
+        torch.save(state, case_dir / "out" / "last.pt")
+    return setup
+
+
+def _check_no_lock(case_dir: Path, out: str, err: str) -> str | None:
+    return "lock file left behind" if (case_dir / "out" / ".vitshrink.lock").exists() else None
+
+
+def record_cases() -> list[Case]:
+    """A model file is data: no record field reaches the network, a file, or a hub id."""
+    url = {"url": "http://127.0.0.1:9/w.pth"}
+    forged = {
+        "pretrained true": _kw(pretrained=True), "pretrained_cfg_overlay url": _kw(pretrained_cfg_overlay=url),
+        "pretrained + url overlay": _kw(pretrained=True, pretrained_cfg_overlay=url),
+        "overlay file": _kw(pretrained_cfg_overlay={"file": "/etc/passwd"}), "checkpoint_path": _kw(
+            checkpoint_path="/etc/passwd"), "pretrained_cfg hub id": _kw(pretrained_cfg={"hf_hub_id": "timm/x"}),
+        "cache_dir": _kw(cache_dir="/tmp"), "features_only": _kw(features_only=True),
+        "scriptable": _kw(scriptable=True), "act_layer dotted": _kw(act_layer="torch.nn.Module"),
+        "global_pool path": _kw(global_pool="../x"), "unknown key": _kw(evil=1),
+        "model hf-hub:": lambda raw: raw.update(model="hf-hub:timm/vit_tiny_patch16_224"),
+        "model hub path": lambda raw: raw.update(model="timm/vit_tiny_patch16_224"),
+        "model ../x": lambda raw: raw.update(model="../x"),
+        "kwargs img_size 100000": _kw(img_size=100000), "crop_pct 0.001": lambda raw: raw.update(crop_pct=0.001),
+        "input_size 100000": lambda raw: raw.update(input_size=[3, 100000, 100000]),
+    }
+    cases = [E("records", f"record {label}", "inspect {case}/forged.safetensors", "forged.safetensors",
+               setup=_forged(edit)) for label, edit in forged.items()]
+    cases.append(E("records", "record nested 100000 deep", "inspect {case}/forged.safetensors", "forged.safetensors",
+                   setup=_raw_record("[" * 100000 + "]" * 100000)))
+    cases.append(E("records", "record a JSON list", "inspect {case}/forged.safetensors", "forged.safetensors",
+                   setup=_raw_record("[1, 2]")))
+    url_record = _forged(_kw(pretrained=True, pretrained_cfg_overlay=url))
+    m = "{case}/forged.safetensors"
+    for command, args in (("evaluate", f"evaluate {m} --data {{data}} -j 0"), ("export", f"export {m} -o {{out}}/m.onnx"),
+                          ("benchmark", f"benchmark {m} --min-time 0"),
+                          ("distill TEACHER", f"distill {m} --data {{data}} --out {{out}} --device cpu"),
+                          ("select-wild", f"select-wild --teacher {m} --pool {{pool}} --num 2 --out {{out}}"),
+                          ("synthesize", f"synthesize {m} --num 2 --out {{out}} --iterations 1"),
+                          ("cache-logits", f"cache-logits {m} --epochs 1 --data {{data}} --out {{out}}"),
+                          ("convert", f"convert {m} -o {{out}}/c.safetensors")):
+        cases.append(E("records", f"{command} on a url record", args, "kwargs.pretrained", setup=url_record))
+    two = "{case}/forged2.safetensors"
+    cases.append(E("records", "distill --student url record", f"distill {{vit2}} --student {two} --data {{data}} "
+                   "--out {out} --device cpu -b 4", "kwargs.pretrained",
+                   setup=_forged(_kw(pretrained=True, pretrained_cfg_overlay=url), "forged2.safetensors", "vit2")))
+    cases += [
+        E("records", "timm name --pretrained, empty cache", "inspect vit_tiny_patch16_224 --pretrained",
+          "does not download", env={"HF_HUB_OFFLINE": "0", "TORCH_HOME": "/nonexistent/torch"}),
+        E("records", "--student spec pretrained=true", "distill {vit2} --student vit_tiny_patch16_224:pretrained=true "
+          "--data {data} --out {out} --device cpu", "--student"),
+        E("records", "--student spec checkpoint_path", "distill {vit2} --student "
+          "vit_tiny_patch16_224:checkpoint_path=/etc/passwd --data {data} --out {out}", "--student"),
+        E("records", "train-teacher hf-hub:", "train-teacher hf-hub:timm/resnet18.a1_in1k --data {data} --out {out}",
+          "hf-hub:timm/resnet18.a1_in1k"),
+        E("records", "train-teacher timm/ path", "train-teacher timm/resnet18 --data {data} --out {out}",
+          "timm/resnet18"),
+    ]
+    for label, shard in (("../", "../outside.safetensors"), ("absolute", "{case}/outside.safetensors"),
+                         ("symlink out", "link.safetensors"), ("a/../..", "a/../../outside.safetensors")):
+        cases.append(E("records", f"HF shard index {label}", "inspect {case}/hf", "model.safetensors.index.json",
+                       setup=_hf_dir(shard=shard)))
+    return cases
+
+
+def _copy_vit(name: str = "m.safetensors", folder: str = ""):
+    def setup(case_dir: Path, shared: dict) -> None:
+        (case_dir / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared["vit"], case_dir / folder / name)
+        if folder:
+            (case_dir / folder / "report.json").write_text(json.dumps(_report()))
+    return setup
+
+
+def _own_data(case_dir: Path, shared: dict) -> None:
+    shutil.copytree(shared["data"], case_dir / "d")
+
+
+def outputs21_cases() -> list[Case]:
+    """Outputs never replace inputs; one run per folder."""
+    m = "{case}/m.safetensors"
+    cases = [
+        E("outputs21", "inspect --json = SPEC", f"inspect {m} --json {m}", "--json", setup=_copy_vit()),
+        E("outputs21", "export -o = SPEC", f"export {m} -o {m}", "--output", setup=_copy_vit()),
+        E("outputs21", "benchmark --json = SPEC", f"benchmark {m} --json {m} --min-time 0", "--json",
+          setup=_copy_vit()),
+        E("outputs21", "benchmark --json = --baseline", f"benchmark {{vit}} --baseline {m} --json {m} --min-time 0",
+          "--json", setup=_copy_vit()),
+        E("outputs21", "convert -o = SPEC", f"convert {m} -o {m}", "--output", setup=_copy_vit()),
+        E("outputs21", "export -o inside --data", "export {vit} --data {case}/d -o {case}/d/cat/m.onnx", "--output",
+          setup=_own_data),
+        E("outputs21", "compare --plot = a report.json", "compare {case}/run1 --plot {case}/run1/report.json",
+          "--plot", setup=_copy_vit("student.safetensors", "run1")),
+        E("outputs21", "distill TEACHER inside --out", "distill {case}/run1/student.safetensors --data {data} "
+          "--out {case}/run1", "--out", setup=_copy_vit("student.safetensors", "run1")),
+        E("outputs21", "distill --out = --data", "distill {vit2} --data {case}/d --out {case}/d", "--out",
+          setup=_own_data),
+        E("outputs21", "distill --out inside --data", "distill {vit2} --data {case}/d --out {case}/d/cat", "--out",
+          setup=_own_data),
+        E("outputs21", "distill --out holds --data", "distill {vit2} --data {case}/d --out {case}", "--out",
+          setup=_own_data),
+        E("outputs21", "distill --out = --config", "distill {vit2} --data {data} -c {case}/c.yaml --out {case}/c.yaml",
+          "--out", setup=lambda d, s: (d / "c.yaml").write_text("lr: 0.001\n")),
+        E("outputs21", "train-teacher --out = --data", "train-teacher cifar_resnet20 --data {case}/d --out {case}/d",
+          "--out", setup=_own_data),
+        E("outputs21", "synthesize --out holds TEACHER", f"synthesize {m} --num 2 --out {{case}}", "--out",
+          setup=_copy_vit()),
+        E("outputs21", "cache-logits --out = --data", "cache-logits {vit2} --epochs 1 --data {case}/d --out {case}/d",
+          "--out", setup=_own_data),
+        E("outputs21", "select-wild --out holds --teacher", "select-wild --teacher {case}/run1/student.safetensors "
+          "--pool {pool} --num 2 --out {case}/run1", "--out", setup=_copy_vit("student.safetensors", "run1")),
+        Case("distill --out ''", "outputs21", ["distill", "{vit2}", "--data", "{data}", "--out", ""], "error",
+             "--out"),
+        Case("inspect --json=", "outputs21", ["inspect", "{vit}", "--json="], "error", "--json"),
+        E("outputs21", "run folder locked by a live run", "synthesize {vit2} --num 2 --out {out} --iterations 1 -b 2 "
+          "--device cpu", "another vitshrink run",
+          setup=lambda d, s: ((d / "out").mkdir(), (d / "out" / ".vitshrink.lock").write_text(f"{os.getpid()}\n"))),
+        OK("outputs21", "stale lock of a dead run is taken over", "synthesize {vit2} --num 2 --out {out} "
+           "--iterations 1 -b 2 --device cpu", check=_check_no_lock,
+           setup=lambda d, s: ((d / "out").mkdir(), (d / "out" / ".vitshrink.lock").write_text("999999999\n"))),
+        OK("outputs21", "damaged lock file is taken over", "synthesize {vit2} --num 2 --out {out} --iterations 1 "
+           "-b 2 --device cpu", check=_check_no_lock,
+           setup=lambda d, s: ((d / "out").mkdir(), (d / "out" / ".vitshrink.lock").write_text("garbage"))),
+    ]
+    return cases
+
+
+def _yaml_bomb() -> str:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(9):
+        prev, cur = chr(97 + i), chr(98 + i)
+        lines.append(f"{cur}: &{cur} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def _strip(width: int, height: int, mode: str = "L"):
+    def setup(case_dir: Path, shared: dict) -> None:
+        shutil.copytree(shared["data"], case_dir / "d")
+        Image.new(mode, (width, height)).save(case_dir / "d" / "cat" / "strip.png")
+    return setup
+
+
+def bounded_cases() -> list[Case]:
+    dst = "distill {vit2} --data {data} --out {out} --device cpu"
+    evd = "evaluate {vit2} --data {case}/d -j 0"
+    return [
+        E("bounded", "-c YAML alias bomb", dst + " -c {case}/bomb.yaml", "aliases",
+          setup=lambda d, s: (d / "bomb.yaml").write_text(_yaml_bomb())),
+        E("bounded", "-c YAML nested 5000 deep", dst + " -c {case}/bomb.yaml", "nested",
+          setup=lambda d, s: (d / "bomb.yaml").write_text("lr: " + "[" * 5000 + "]" * 5000 + "\n")),
+        E("bounded", "-c YAML of 2 MB", dst + " -c {case}/bomb.yaml", "bytes",
+          setup=lambda d, s: (d / "bomb.yaml").write_text("# " + "x" * (2 << 20) + "\n")),
+        Case("--set alias bomb", "bounded", dst.split() + ["--set", "lr=[&a [1, 1], " + ", ".join(["*a"] * 66) + "]"],
+             "error", "aliases"),
+        OK("bounded", "1 x 1,000,000 PNG", evd, contains("24 images, 1 unreadable"), setup=_strip(1_000_000, 1)),
+        OK("bounded", "60,000 x 1 RGB PNG", evd, contains("24 images, 1 unreadable"), setup=_strip(1, 60_000, "RGB")),
+        OK("bounded", "50:1 PNG is still read", evd, contains("25 images, 0 unreadable"), setup=_strip(800, 16)),
+        E("bounded", "--img-size 8192", "inspect {vit} --img-size 8192", "--img-size"),
+        E("bounded", "--img-size 4096 (262144 tokens)", "inspect {vit} --img-size 4096", "tokens"),
+        E("bounded", "timm name --img-size 4000", "inspect vit_tiny_patch16_224 --img-size 4000", "tokens"),
+        E("bounded", "train-teacher --img-size 100000", "train-teacher cifar_resnet20 --img-size 100000 --out {out}",
+          "--img-size"),
+        E("bounded", "--key-map (a+)+$", "inspect {vit} --key-map (a+)+$=x", "--key-map"),
+        E("bounded", "--key-map backreference", "inspect {vit} --key-map (blocks)\\1=x", "--key-map"),
+        E("bounded", "--key-map alternation in a repeat", "inspect {vit} --key-map (a|ab)*c=x", "--key-map"),
+        E("bounded", "--key-map 5 quantifiers", "inspect {vit} --key-map a*b*c*d*e=x", "--key-map"),
+        E("bounded", "--key-map 300 characters", "inspect {vit} --key-map " + "a" * 300 + "=x", "--key-map"),
+        E("bounded", "HF crop 1 of 4000 px", "inspect {case}/hf", "crop_size.height", setup=_hf_dir(
+            pre={"do_center_crop": True, "size": {"height": 4000}, "crop_size": {"height": 1}})),
+    ]
+
+
+def silent_cases() -> list[Case]:
+    run = DST + " --checkpoint-steps 1"
+    loop = _folder(lambda d: (shutil.copytree(Path(os.environ["SWEEP_SHARED"]) / "data", d),
+                              (d / "cat" / "loop").symlink_to(d)))
+    formats = _folder(lambda d: (shutil.copytree(Path(os.environ["SWEEP_SHARED"]) / "data", d),
+                                 [Image.new("RGB", (16, 16)).save(d / "cat" / f"x{ext}")
+                                  for ext in (".tif", ".gif", ".webp", ".bmp")]))
+    return [
+        OK("silent", "class folders in another order: matched by name", "evaluate {case}/dog.safetensors --data "
+           "{case}/d -j 0", contains("top-1 0.5000"), setup=_always_dog),
+        E("silent", "class names that do not match", "evaluate {case}/dog.safetensors --data {case}/d -j 0",
+          "[cat, dog, horse]", setup=lambda d, s: (_always_dog(d, s), (d / "d" / "fish").rename(d / "d" / "horse"))),
+        E("silent", "more data classes than the model", "evaluate {vit2} --data {case}/d -j 0", "3 classes",
+          setup=lambda d, s: (_own_data(d, s), write_images(d / "d" / "fish", 2))),
+        OK("silent", "symlink loop in --data", "evaluate {vit2} --data {case}/d -j 0",
+           contains("24 images, 0 unreadable"), setup=loop),
+        OK("silent", ".tif/.gif/.webp/.bmp are read", "evaluate {vit2} --data {case}/d -j 0",
+           contains("28 images, 0 unreadable"), setup=formats),
+        E("silent", "--set search_steps=-5", DST + " --recipe uvc --set search_steps=-5", "search_steps"),
+        E("silent", "--search-steps 0", DST + " --recipe uvc --search-steps 0", "--search-steps"),
+        E("silent", "--set gate_momentum=2", DST + " --recipe uvc --set gate_momentum=2", "gate_momentum"),
+        E("silent", "--set synth_num=0", DST + " --set synth_num=0", "synth_num"),
+        E("silent", "cache-logits --seed -1", "cache-logits {vit2} --epochs 1 --data {data} --out {out} --seed -1",
+          "--seed"),
+        E("silent", "select-wild --fraction 1e-9", SEL.replace("--num 3", "--fraction 1e-9"), "--fraction"),
+        E("silent", "--resume with another --student", f"{run} --resume --student vit_tiny_patch16_224:img_size=16,"
+          "patch_size=8,embed_dim=16,depth=1,num_heads=2,num_classes=2", "student", pre=run.split()),
+        E("silent", "--resume with another --mean", f"{run} --resume --mean 0.1", "normalisation", pre=run.split()),
+        OK("silent", "report says how the epoch was chosen", DST, contains("last epoch")),
+    ]
+
+
+def forged_cases() -> list[Case]:
+    cache = "cache-logits {vit2} --epochs 1 --topk 2 --data {data} -b 8 --out {case}/cache --device cpu"
+    use = DST + " --logit-cache {case}/cache"
+    run = DST + " --checkpoint-steps 1"
+    cases = []
+    for label, damage, needle in (
+            ("meta.json not JSON", lambda c: (c / "meta.json").write_text("{oops"), "meta.json"),
+            ("meta.json nested", lambda c: (c / "meta.json").write_text("[" * 50000 + "]" * 50000), "meta.json"),
+            ("meta topk 99", _meta(lambda m: m.update(topk=99)), "topk"),
+            ("meta epochs a string", _meta(lambda m: m.update(epochs="1")), "epochs"),
+            ("meta images 1e8", _meta(lambda m: m.update(images=10**8)), "values.f16"),
+            ("meta fingerprint a list", _meta(lambda m: m.update(fingerprint=[1])), "fingerprint"),
+            ("values.f16 truncated", lambda c: (c / "values.f16").write_bytes(b"12"), "values.f16"),
+            ("lse.f32 missing", lambda c: (c / "lse.f32").unlink(), "lse.f32")):
+        cases.append(E("forged", f"logit cache {label}", use, needle, pre=cache.split(),
+                       setup=_logit_cache(damage)))
+    cases.append(E("forged", "cache-logits resumes onto a forged meta.json", cache, "meta.json", pre=cache.split(),
+                   setup=_logit_cache(lambda c: (c / "meta.json").write_text("[]"))))
+    for label, field_name, value, needle in (("arch not JSON", "arch", "{oops", "arch"),
+                                             ("arch asks for pretrained", "arch", json.dumps(
+                                                 {"model": "vit_tiny_patch16_224", "kwargs": {"pretrained": True}}),
+                                              "kwargs.pretrained"),
+                                             ("weights of another model", "trainable", {}, "damaged")):
+        cases.append(E("forged", f"last.pt {label}", f"{run} --resume", needle, pre=run.split(),
+                       setup=_last_pt(field_name, value)))
+    cases += [
+        E("forged", "report.json nested 100000 deep", "compare {case}/run0", "report.json",
+          setup=_runs("[" * 100000 + "]" * 100000)),
+        E("forged", "synthesis.json nested", "synthesize {vit2} --num 2 --out {out} --iterations 1 -b 2 --device cpu",
+          "synthesis.json", pre="synthesize {vit2} --num 2 --out {out} --iterations 1 -b 2 --device cpu".split(),
+          setup=lambda d, s: (d / "out" / "synthesis.json").write_text("[" * 50000 + "]" * 50000)),
+        E("forged", "HF config hidden_size a string", "inspect {case}/hf", "hidden_size",
+          setup=_hf_dir({"hidden_size": "16"})),
+        E("forged", "HF config hidden_act a list", "inspect {case}/hf", "hidden_act",
+          setup=_hf_dir({"hidden_act": ["gelu"]})),
+        E("forged", "HF config model_type a list", "inspect {case}/hf", "model_type",
+          setup=_hf_dir({"model_type": ["vit"]})),
+        E("forged", "HF preprocessor resample a list", "inspect {case}/hf", "image_mean",
+          setup=_hf_dir(pre={"resample": [3], "image_mean": "x"})),
+        E("forged", "HF config nested", "inspect {case}/hf", "config.json",
+          setup=lambda d, s: (_hf_dir()(d, s), (d / "hf" / "config.json").write_text("[" * 50000 + "]" * 50000))),
+        E("forged", "--set opt=nosuch", DST + " --set opt=nosuch", "opt"),
+        E("forged", "--set sched=nosuch", DST + " --set sched=nosuch", "sched"),
+        E("forged", "--set select_epoch=first", DST + " --set select_epoch=first", "select_epoch"),
+    ]
+    return cases
+
+
+def early_cases() -> list[Case]:
+    return [
+        E("early", "--data-free batch above --synth-num", "distill {vit2} --data-free --synth-num 4 -b 8 --out {out} "
+          "--device cpu --no-progress", "--synth-num"),
+        E("early", "uvc on a qk-norm teacher", "distill {case}/qk.safetensors --recipe uvc --data {data} --out {out} "
+          "--device cpu --no-progress", "qk_norm", setup=_qk_norm_teacher),
+        E("early", "--dim-multiple makes the target unreachable", DST + " --recipe uvc --flops-target 0.05 "
+          "--dim-multiple 16", "--dim-multiple"),
+    ]
+
+
+ISSUE21_CASES = record_cases() + outputs21_cases() + bounded_cases() + silent_cases() + forged_cases() + early_cases()
+
+
+ALL_CASES = numeric_cases() + path_cases() + data_cases() + model_cases() + output_cases() + compare_cases() + synthesize_cases() + resume_cases() + ISSUE21_CASES
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -596,6 +960,7 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str], limit: int | None, 
                 os.dup2(err.fileno(), 2)
             if limit is not None:
                 limit_file_size()
+            _guard_sockets(cwd / ".connections")
             from vitshrink.cli import main as cli_main
 
             sys.argv = ["vitshrink", *args]
@@ -621,6 +986,21 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str], limit: int | None, 
     out_path.unlink()
     err_path.unlink()
     return Finished(code, stdout, stderr)
+
+
+def _guard_sockets(record: Path) -> None:
+    """In the child: every outgoing connection attempt is written to ``record`` and fails (issue 21)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        with open(record, "a") as handle:
+            handle.write(f"{args[1:2] or args[:1]}\n")
+        raise OSError("network disabled by the sweep")
+
+    socket.socket.connect = refuse
+    socket.socket.connect_ex = refuse
+    socket.create_connection = refuse
+    socket.getaddrinfo = refuse
 
 
 def run_case(case: Case, work: Path, shared: dict, index: int) -> dict:
@@ -666,6 +1046,8 @@ def run_case(case: Case, work: Path, shared: dict, index: int) -> dict:
                 problem = f"check failed: {type(exc).__name__}: {exc}"
             if problem:
                 problems.append(problem)
+    if (case_dir / ".connections").exists():
+        problems.append("tried to open a network connection: " + (case_dir / ".connections").read_text()[:100])
     if digest(Path(shared["shared"])) != guarded["shared"]:
         problems.append("changed a shared input outside --out")
     if digest(case_dir / "victim") != guarded["victim"]:
@@ -679,6 +1061,7 @@ def main() -> None:
     global ROOT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="run the cases whose name contains this")
+    parser.add_argument("--groups", help="comma-separated groups to run (default: all)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "adversarial_sweep.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--root", type=Path, default=ROOT,
@@ -695,11 +1078,13 @@ def main() -> None:
         importlib.import_module(module)
 
     torch.set_num_threads(1)
-    cases = [c for c in ALL_CASES if not args.only or args.only in c.name]
+    cases = [c for c in ALL_CASES if (not args.only or args.only in c.name)
+             and (not args.groups or c.group in args.groups.split(","))]
     work = Path(tempfile.mkdtemp(prefix="vitshrink-sweep-"))
     started = time.time()
     try:
         shared = make_shared(work)
+        os.environ["SWEEP_SHARED"] = shared["shared"]
         results = []
         for index, case in enumerate(cases):
             result = run_case(case, work, shared, index)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from cli_support import assert_one_line_error, run_cli
+from hf_support import tiny_hf_vit_state
 from vitshrink.io import create_model, save_model
 
 
@@ -515,16 +516,29 @@ def test_resume_refuses_another_run_and_a_damaged_checkpoint(capsys, two_class_v
     out = tmp_path / "run"
     code, _, err = _distill(capsys, two_class_vit, labelled_folder, out)
     assert code == 0, err
+    report = json.loads((out / "report.json").read_text())  # issue 21: the report says how the epoch was chosen
+    assert report["model_selection"].startswith("last epoch") and report["best_epoch"] == 1
+    assert "student from epoch 1: last epoch" in " ".join((out / "report.md").read_text().split())
     other_data = tmp_path / "other"
     write_images(other_data / "cat", 12, seed=5)
     write_images(other_data / "dog", 12, seed=6)
     last = (out / "last.pt").read_bytes()
     for extra, needle in ((["--seed", "1"], "seed (0 in last.pt, 1 now)"), (["-b", "4"], "batch_size"),
-                          (["--recipe", "ce"], "recipe ('vanilla' in last.pt, 'ce' now)")):
+                          (["--recipe", "ce"], "recipe ('vanilla' in last.pt, 'ce' now)"),
+                          (["--student", "vit_tiny_patch16_224:img_size=16,patch_size=8,embed_dim=16,depth=1,"
+                                         "num_heads=2,num_classes=2"], "student ('derived from the teacher'"),
+                          (["--mean", "0.1"], "normalisation")):
         code, _, err = _distill(capsys, two_class_vit, labelled_folder, out, "--resume", *extra)
         assert_error_line(code, err, "--resume", needle)
     code, _, err = _distill(capsys, two_class_vit, other_data, out, "--resume")
     assert_error_line(code, err, "data (other images or labels)")
+    good = torch.load(out / "last.pt", weights_only=True)  # issue 21: forged fields, one line each
+    for field, value, needle in (("arch", "{oops", "field arch"), ("arch", json.dumps({"model": "x", "kwargs": {
+            "pretrained": True}}), "kwargs.pretrained"), ("trainable", {"nope": torch.zeros(1)}, "damaged"),
+                                 ("optimizer", {"state": 5}, "damaged")):
+        torch.save({**good, field: value}, out / "last.pt")
+        code, _, err = _distill(capsys, two_class_vit, labelled_folder, out, "--resume")
+        assert_error_line(code, err, "last.pt", needle)
     for damaged in (last[: len(last) // 2], b"", b"PK\x03\x04garbage"):
         (out / "last.pt").write_bytes(damaged)
         code, _, err = _distill(capsys, two_class_vit, labelled_folder, out, "--resume")
@@ -558,3 +572,503 @@ def test_a_nan_loss_at_the_first_step_does_not_blame_the_learning_rate(capsys, t
                                                                       tmp_path):
     code, _, err = _distill(capsys, two_class_vit, labelled_folder, tmp_path / "run", "--std", "1e-39")
     assert_error_line(code, err, "first step", "a lower --lr will not help")
+
+
+# ======================================================================================================
+# Issue 21: a model file is data, never a command; outputs never replace inputs; bounded work.
+# Every case: exit 2, one line naming the file or flag, and nothing outside --out changed.
+# ======================================================================================================
+def forged(source: Path, target: Path, edit) -> Path:
+    """A copy of ``source`` whose vitshrink record is edited by ``edit(dict)`` (tensors unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(source), framework="pt") as handle:
+        raw = json.loads(handle.metadata()["vitshrink"])
+    edit(raw)
+    save_file(load_file(str(source)), str(target), metadata={"vitshrink": json.dumps(raw)})
+    return target
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Every outgoing connection attempt is recorded and fails at once."""
+    import socket
+
+    attempts: list[object] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[1:2] or args[:1])
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
+
+
+def _kwargs(**extra):
+    return lambda raw: raw["kwargs"].update(extra)
+
+
+FORGED_RECORDS = {
+    "pretrained": (_kwargs(pretrained=True), "kwargs.pretrained"),
+    "url overlay": (_kwargs(pretrained=True, pretrained_cfg_overlay={"url": "http://127.0.0.1:9/w.pth"}),
+                    "kwargs.pretrained"),
+    "url overlay alone": (_kwargs(pretrained_cfg_overlay={"url": "http://127.0.0.1:9/w.pth"}),
+                          "kwargs.pretrained_cfg_overlay"),
+    "file overlay": (_kwargs(pretrained_cfg_overlay={"file": "/etc/passwd"}), "kwargs.pretrained_cfg_overlay"),
+    "checkpoint_path": (_kwargs(checkpoint_path="/etc/passwd"), "kwargs.checkpoint_path"),
+    "hub id cfg": (_kwargs(pretrained_cfg={"hf_hub_id": "timm/vit_tiny_patch16_224.augreg_in21k"}),
+                   "kwargs.pretrained_cfg"),
+    "cache_dir": (_kwargs(cache_dir="/tmp"), "kwargs.cache_dir"),
+    "act_layer path": (_kwargs(act_layer="os.system"), "kwargs.act_layer"),
+    "hf-hub model": (lambda raw: raw.update(model="hf-hub:timm/vit_tiny_patch16_224"), "field model"),
+    "hub path model": (lambda raw: raw.update(model="timm/vit_tiny_patch16_224"), "field model"),
+}
+
+
+@pytest.mark.parametrize("label", list(FORGED_RECORDS))
+def test_a_record_cannot_reach_the_network_or_a_file(capsys, vit_file, tmp_path, no_network, label):
+    edit, needle = FORGED_RECORDS[label]
+    model = forged(vit_file, tmp_path / "forged.safetensors", edit)
+    before = tree_digest(tmp_path)
+    code, out, err = run_cli(capsys, "inspect", str(model))
+    assert_one_line_error(code, err, "forged.safetensors", needle)
+    assert no_network == [] and tree_digest(tmp_path) == before
+
+
+LOADING_COMMANDS = {
+    "evaluate": ["evaluate", "{m}", "--data", "{pool}", "-j", "0"],
+    "export": ["export", "{m}", "-o", "{out}/m.onnx"],
+    "benchmark": ["benchmark", "{m}", "--min-time", "0"],
+    "distill": ["distill", "{m}", "--data", "{pool}", "--out", "{out}", "--epochs", "1", "--device", "cpu"],
+    "distill --student": ["distill", "{vit}", "--student", "{m}", "--data", "{data3}", "--out", "{out}",
+                          "--device", "cpu", "-b", "2"],
+    "select-wild": ["select-wild", "--teacher", "{m}", "--pool", "{pool}", "--num", "2", "--out", "{out}"],
+    "synthesize": ["synthesize", "{m}", "--num", "2", "--out", "{out}", "--iterations", "1", "--device", "cpu"],
+    "cache-logits": ["cache-logits", "{m}", "--epochs", "1", "--data", "{pool}", "--out", "{out}", "--device", "cpu"],
+    "convert": ["convert", "{m}", "-o", "{out}/c.safetensors"],
+}
+
+
+@pytest.fixture(scope="module")
+def data3(tmp_path_factory) -> Path:
+    """Labelled images of vit_file's three classes."""
+    root = tmp_path_factory.mktemp("data3")
+    for index, name in enumerate(("cat", "dog", "fish")):
+        write_images(root / name, 2, seed=index)
+    return root
+
+
+@pytest.mark.parametrize("command", list(LOADING_COMMANDS))
+def test_every_loading_command_refuses_a_record_that_asks_for_the_network(capsys, vit_file, pool, data3, tmp_path,
+                                                                          no_network, command):
+    model = forged(vit_file, tmp_path / "forged.safetensors",
+                   _kwargs(pretrained=True, pretrained_cfg_overlay={"url": "http://127.0.0.1:9/w.pth"}))
+    before = tree_digest(tmp_path)
+    args = [a.format(m=model, vit=vit_file, pool=pool, out=tmp_path / "out", data3=data3)
+            for a in LOADING_COMMANDS[command]]
+    code, _, err = run_cli(capsys, *args)
+    assert_error_line(code, err, "forged.safetensors", "kwargs.pretrained")  # (after a note on the data split)
+    assert no_network == []
+    assert {k: v for k, v in tree_digest(tmp_path).items() if not k.startswith("out")} == before
+
+
+def test_pretrained_timm_names_and_student_specs_never_connect(capsys, vit_file, data3, tmp_path, no_network,
+                                                               monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # even a user's opt-in does not make vitshrink download
+    code, _, err = run_cli(capsys, "inspect", "vit_tiny_patch16_224", "--pretrained")
+    assert_one_line_error(code, err, "vit_tiny_patch16_224", "does not download")
+    for student in ("vit_tiny_patch16_224:pretrained=true", "vit_tiny_patch16_224:checkpoint_path=/etc/passwd"):
+        code, _, err = run_cli(capsys, "distill", str(vit_file), "--student", student, "--data", str(data3),
+                               "--out", str(tmp_path / "run"), "--device", "cpu")
+        assert_error_line(code, err, "--student", "not an architecture field")
+    code, _, err = run_cli(capsys, "train-teacher", "hf-hub:timm/resnet18.a1_in1k", "--data", str(data3),
+                           "--out", str(tmp_path / "teacher"), "--device", "cpu")
+    assert_one_line_error(code, err, "hf-hub:timm/resnet18.a1_in1k", "ARCH")
+    assert no_network == []
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "torch").exists()
+
+
+def _hf_directory(folder: Path, shard: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 16, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2, "image_size": 16, "patch_size": 8}))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": shard}}))
+    return folder
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/abs/outside.safetensors", "sub/../../x.safetensors",
+                                   "link.safetensors"])
+def test_hf_shard_index_paths_stay_in_the_folder(capsys, tmp_path, shard):
+    from safetensors.torch import save_file
+
+    save_file({"a.weight": torch.zeros(2)}, str(tmp_path / "outside.safetensors"))
+    folder = _hf_directory(tmp_path / "hf", shard)
+    (folder / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    code, _, err = run_cli(capsys, "inspect", str(folder))
+    assert_one_line_error(code, err, "model.safetensors.index.json", repr(shard))
+
+
+# --- outputs never replace inputs ----------------------------------------------------------------------
+def test_no_command_writes_over_its_input(capsys, vit_file, pool, tmp_path):
+    import shutil
+
+    model = tmp_path / "m.safetensors"
+    shutil.copy(vit_file, model)
+    run1 = tmp_path / "run1"
+    run1.mkdir()
+    shutil.copy(vit_file, run1 / "student.safetensors")
+    (run1 / "report.json").write_text(json.dumps(_report()))
+    data = tmp_path / "data"
+    write_images(data / "cat", 2)
+    write_images(data / "dog", 2, seed=1)
+    cases = [
+        (["inspect", model, "--json", model], "--json"),
+        (["export", model, "-o", model], "--output"),
+        (["export", model, "--data", data, "-o", data / "cat" / "m.onnx"], "--output"),
+        (["benchmark", model, "--json", model], "--json"),
+        (["convert", model, "-o", model], "--output"),
+        (["compare", run1, "--plot", run1 / "report.json"], "--plot"),
+        (["distill", run1 / "student.safetensors", "--data", data, "--out", run1], "--out"),
+        (["distill", model, "--data", data, "--out", data], "--out"),
+        (["distill", model, "--data", data, "--out", data / "cat"], "--out"),
+        (["distill", model, "--data", data, "--out", tmp_path], "--out"),
+        (["distill", model, "--data", data, "--out", ""], "--out"),
+        (["train-teacher", "cifar_resnet20", "--data", data, "--out", data], "--out"),
+        (["synthesize", model, "--num", "2", "--out", tmp_path], "--out"),
+        (["cache-logits", model, "--epochs", "1", "--data", data, "--out", data], "--out"),
+        (["select-wild", "--teacher", run1 / "student.safetensors", "--pool", pool, "--num", "2", "--out", run1],
+         "--out"),
+    ]
+    before = tree_digest(tmp_path)
+    for args, flag in cases:
+        code, out, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, flag)
+        assert tree_digest(tmp_path) == before, args
+
+
+def test_a_run_folder_is_locked_while_its_run_lives(capsys, vit_file, tmp_path):
+    import subprocess
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".vitshrink.lock"
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        lock.write_text(f"{other.pid}\n")
+        args = ["synthesize", str(vit_file), "--num", "3", "--out", str(out), "--iterations", "1", "-b", "3",
+                "--device", "cpu"]
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, "--out", f"pid {other.pid}")
+        assert sorted(p.name for p in out.iterdir()) == [".vitshrink.lock"]
+    finally:
+        other.kill()
+        other.wait()
+    code, _, err = run_cli(capsys, *args)  # the holder died: its stale lock is taken over
+    assert code == 0, err
+    assert not lock.exists() and (out / "synthesis.json").exists()
+
+
+# --- bounded work ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,needle", [
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9)),
+     "aliases"),
+    ("lr: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+    ("lr: " + "{a: " * 100 + "1" + "}" * 100 + "\n", "nested"),
+])
+def test_settings_yaml_is_bounded(capsys, vit_file, pool, tmp_path, text, needle):
+    import time
+
+    config = tmp_path / "bomb.yaml"
+    config.write_text(text)
+    start = time.monotonic()
+    code, _, err = run_cli(capsys, "distill", str(vit_file), "--data", str(pool), "--out", str(tmp_path / "run"),
+                           "-c", str(config), "--device", "cpu")
+    assert_one_line_error(code, err, "bomb.yaml", needle)
+    assert time.monotonic() - start < 20
+
+
+def test_elongated_images_are_skipped_before_decoding(capsys, two_class_vit, tmp_path):
+    import time
+
+    data = tmp_path / "data"
+    write_images(data / "cat", 2)
+    write_images(data / "dog", 2, seed=1)
+    Image.new("L", (1_000_000, 1)).save(data / "cat" / "strip.png")  # a few KB on disk
+    Image.new("RGB", (1, 60_000)).save(data / "dog" / "tall.png")
+    start = time.monotonic()
+    code, out, err = run_cli(capsys, "evaluate", str(two_class_vit), "--data", str(data), "-j", "0")
+    assert code == 0, err
+    assert "4 images, 2 unreadable skipped" in " ".join(out.split())
+    assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda raw: raw.update(crop_pct=0.001), "crop_pct"),
+    (lambda raw: raw.update(input_size=[3, 100000, 100000]), "input_size"),
+    (lambda raw: raw["kwargs"].update(img_size=100000), "kwargs.img_size"),
+])
+def test_record_preprocessing_is_bounded(capsys, vit_file, tmp_path, edit, needle):
+    model = forged(vit_file, tmp_path / "forged.safetensors", edit)
+    code, _, err = run_cli(capsys, "inspect", str(model))
+    assert_one_line_error(code, err, "forged.safetensors", needle)
+
+
+def test_deeply_nested_record_is_one_line(capsys, vit_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "deep.safetensors"
+    save_file(load_file(str(vit_file)), str(target), metadata={"vitshrink": "[" * 100000 + "]" * 100000})
+    code, _, err = run_cli(capsys, "inspect", str(target))
+    assert_one_line_error(code, err, "deep.safetensors")
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["inspect", "{vit}", "--img-size", "8192"], "--img-size"),
+    (["inspect", "{vit}", "--img-size", "4096"], "tokens"),  # patch 8: 262144 tokens
+    (["inspect", "vit_tiny_patch16_224", "--img-size", "4000"], "tokens"),
+    (["train-teacher", "cifar_resnet20", "--img-size", "100000", "--out", "{tmp}/t"], "--img-size"),
+    (["inspect", "{vit}", "--key-map", "(a+)+$=x"], "--key-map"),
+    (["inspect", "{vit}", "--key-map", "(blocks)\\1=x"], "--key-map"),
+    (["inspect", "{vit}", "--key-map", "(a|ab)*c=x"], "--key-map"),
+    (["inspect", "{vit}", "--key-map", "a*b*c*d*e=x"], "--key-map"),
+])
+def test_sizes_and_patterns_are_bounded(capsys, vit_file, tmp_path, args, flag):
+    import time
+
+    start = time.monotonic()
+    code, _, err = run_cli(capsys, *[a.format(vit=vit_file, tmp=tmp_path) for a in args])
+    assert_one_line_error(code, err, flag)
+    assert time.monotonic() - start < 20
+
+
+# --- no silent wrong result -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def always_dog(tmp_path_factory) -> Path:
+    """A model that predicts class 0 for every image, whose record names its classes dog, cat, fish."""
+    model = tiny_vit()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+    path = tmp_path_factory.mktemp("models") / "always_dog.safetensors"
+    save_model(model, path, class_names=["dog", "cat", "fish"])
+    return path
+
+
+def test_classes_are_matched_by_name_not_folder_order(capsys, always_dog, tmp_path):
+    data = tmp_path / "data"  # folders sort as cat, dog, fish: by index the model's "dog" would be cat
+    write_images(data / "cat", 1)
+    write_images(data / "dog", 3, seed=1)
+    write_images(data / "fish", 2, seed=2)
+    code, out, err = run_cli(capsys, "evaluate", str(always_dog), "--data", str(data), "-j", "0")
+    assert code == 0, err
+    assert "top-1 0.5000" in " ".join(out.split())  # the 3 dog images of 6
+    (data / "fish").rename(data / "horse")
+    code, _, err = run_cli(capsys, "evaluate", str(always_dog), "--data", str(data), "-j", "0")
+    assert_one_line_error(code, err, "[cat, dog, horse]", "[dog, cat, fish]")
+    write_images(data / "fish", 1, seed=3)
+    code, _, err = run_cli(capsys, "evaluate", str(always_dog), "--data", str(data), "-j", "0")
+    assert_one_line_error(code, err, "4 classes but the model has 3")
+
+
+def test_training_labels_follow_the_teachers_class_names(always_dog, tmp_path):
+    from vitshrink.io import load_model
+    from vitshrink.pipeline import load_data
+
+    data = tmp_path / "data"
+    for index, name in enumerate(("cat", "dog", "fish")):
+        write_images(data / name, 3, seed=index)
+    labelled = load_data(data, None, teacher=load_model(always_dog), val_split=0.34, seed=0)
+    assert labelled.class_names == ["dog", "cat", "fish"]
+    for split in (labelled.train, labelled.val):
+        for index, target in enumerate(split.targets):
+            assert labelled.class_names[target] == Path(split.filename(index)).parent.name
+
+
+def test_symlinked_images_count_once_and_other_formats_are_read(capsys, two_class_vit, tmp_path):
+    data = tmp_path / "data"
+    write_images(data / "cat", 2)
+    write_images(data / "dog", 2, seed=1)
+    (data / "cat" / "loop").symlink_to(data)  # a loop back to the root
+    (data / "dog" / "again.png").symlink_to(data / "dog" / "img000.png")
+    outside = tmp_path / "outside"
+    write_images(outside, 2, seed=4)
+    (data / "dog" / "escape").symlink_to(outside)
+    rng = np.random.default_rng(0)
+    for suffix in (".tif", ".gif", ".webp", ".bmp"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(data / "cat" / f"x{suffix}")
+    code, out, err = run_cli(capsys, "evaluate", str(two_class_vit), "--data", str(data), "-j", "0")
+    assert code == 0, err
+    assert "(8 images, 0 unreadable skipped)" in " ".join(out.split())  # 4 png + 4 other formats, each once
+
+
+def test_every_class_with_two_images_keeps_a_training_and_a_validation_image():
+    from vitshrink.data.folders import stratified_holdout
+
+    train, val = stratified_holdout([0, 0, 1, 2, 2, 2], 0.9, seed=0)
+    assert sorted(train + val) == list(range(6))
+    assert {0, 1} & set(train) and {0, 1} & set(val)  # class 0: one of each
+    assert 2 in train  # the one-image class trains
+    assert sum(i in val for i in (3, 4, 5)) == 2 and sum(i in train for i in (3, 4, 5)) == 1
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["distill", "{vit}", "--recipe", "uvc", "--set", "search_steps=-5"], "search_steps"),
+    (["distill", "{vit}", "--recipe", "uvc", "--search-steps", "0"], "--search-steps"),
+    (["distill", "{vit}", "--recipe", "uvc", "--set", "gate_momentum=2"], "gate_momentum"),
+    (["cache-logits", "{vit}", "--epochs", "1", "--seed", "-1"], "--seed"),
+    (["cache-logits", "{vit}", "--epochs", "0"], "--epochs"),
+])
+def test_every_numeric_setting_has_a_range(capsys, vit_file, tmp_path, args, flag):
+    args = [a.format(vit=vit_file) for a in args] + ["--out", str(tmp_path / "run")]
+    code, _, err = run_cli(capsys, *args)
+    assert_one_line_error(code, err, flag)
+
+
+def test_a_fraction_that_selects_nothing_is_refused(capsys, vit_file, pool, tmp_path):
+    code, _, err = run_cli(capsys, "select-wild", "--teacher", str(vit_file), "--pool", str(pool), "--fraction",
+                           "1e-9", "--criterion", "confidence", "-j", "0", "--device", "cpu", "--mode", "list",
+                           "--out", str(tmp_path / "sel"))
+    assert_one_line_error(code, err, "--fraction", "selects none")  # before any image is scored
+
+
+# --- every forged run file is a one-line refusal naming the file -------------------------------------------
+@pytest.fixture(scope="module")
+def logit_cache(tmp_path_factory, two_class_vit, labelled_folder) -> Path:
+    from cli_support import main  # noqa: F401  (the CLI, in-process)
+
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    import sys
+
+    old = sys.argv
+    sys.argv = ["vitshrink", "cache-logits", str(two_class_vit), "--epochs", "1", "--topk", "2", "--data",
+                str(labelled_folder), "-b", "8", "--out", str(out), "--device", "cpu"]
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    finally:
+        sys.argv = old
+    return out
+
+
+def _edit_meta(edit):
+    def apply(cache: Path) -> None:
+        meta = json.loads((cache / "meta.json").read_text())
+        edit(meta)
+        (cache / "meta.json").write_text(json.dumps(meta))
+    return apply
+
+
+FORGED_CACHES = {
+    "meta not JSON": (lambda c: (c / "meta.json").write_text("{oops"), "meta.json"),
+    "meta a list": (lambda c: (c / "meta.json").write_text("[1]"), "meta.json"),
+    "meta deeply nested": (lambda c: (c / "meta.json").write_text("[" * 50000 + "]" * 50000), "meta.json"),
+    "epochs a string": (_edit_meta(lambda m: m.update(epochs="1")), "epochs"),
+    "topk above classes": (_edit_meta(lambda m: m.update(topk=99)), "topk"),
+    "images huge": (_edit_meta(lambda m: m.update(images=10**8)), "values.f16"),
+    "fingerprint a list": (_edit_meta(lambda m: m.update(fingerprint=[1])), "fingerprint"),
+    "epochs_done too many": (_edit_meta(lambda m: m.update(epochs_done=5)), "epochs_done"),
+    "truncated values": (lambda c: (c / "values.f16").write_bytes((c / "values.f16").read_bytes()[:10]),
+                         "values.f16"),
+    "missing lse": (lambda c: (c / "lse.f32").unlink(), "lse.f32"),
+}
+
+
+@pytest.mark.parametrize("label", list(FORGED_CACHES))
+def test_a_forged_logit_cache_is_one_line(capsys, logit_cache, two_class_vit, labelled_folder, tmp_path, label):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(logit_cache, cache)
+    damage, needle = FORGED_CACHES[label]
+    damage(cache)
+    code, _, err = _distill(capsys, two_class_vit, labelled_folder, tmp_path / "run", "--logit-cache", str(cache))
+    assert_error_line(code, err, needle)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("text", ["[" * 100000 + "]" * 100000, '{"student": ' * 3000 + "1" + "}" * 3000])
+def test_a_deeply_nested_report_is_one_line(capsys, tmp_path, text):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text(text)
+    code, _, err = run_cli(capsys, "compare", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "report.json")
+
+
+@pytest.mark.parametrize("config,pre,needle", [
+    ({"hidden_size": "16"}, None, "hidden_size"),
+    ({"image_size": [16, 16, 16]}, None, "image_size"),
+    ({"hidden_act": ["gelu"]}, None, "hidden_act"),
+    ({"layer_norm_eps": "1e-6"}, None, "layer_norm_eps"),
+    ({"qkv_bias": "yes"}, None, "qkv_bias"),
+    ({"model_type": ["vit"]}, None, "model_type"),
+    ({}, {"resample": [3], "image_mean": "x"}, "image_mean"),
+    ({}, {"do_center_crop": True, "size": {"height": 4000}, "crop_size": {"height": 1}}, "crop_size.height"),
+])
+def test_hf_configs_with_wrong_types_are_one_line(capsys, tmp_path, config, pre, needle):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    base = {"model_type": "vit", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "image_size": 16, "patch_size": 8, "intermediate_size": 32}
+    (folder / "config.json").write_text(json.dumps({**base, **config}))
+    if pre is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    save_file(tiny_hf_vit_state(), str(folder / "model.safetensors"))
+    code, _, err = run_cli(capsys, "inspect", str(folder))
+    assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("setting,needle", [("opt=nosuch", "opt"), ("sched=nosuch", "sched"),
+                                            ("select_epoch=first", "select_epoch"),
+                                            ("opt=[1]", "opt"), ("sched=7", "sched")])
+def test_unknown_optimiser_and_scheduler_names_are_one_line(capsys, vit_file, data3, tmp_path, setting, needle):
+    code, _, err = run_cli(capsys, "distill", str(vit_file), "--data", str(data3), "--out", str(tmp_path / "run"),
+                           "--set", setting, "--device", "cpu")
+    assert_one_line_error(code, err, needle)
+
+
+# --- refusals the inputs decide come before any work ----------------------------------------------------
+def test_data_free_batch_larger_than_the_synthesis_is_refused_at_once(capsys, two_class_vit, tmp_path):
+    import time
+
+    start = time.monotonic()
+    code, _, err = run_cli(capsys, "distill", str(two_class_vit), "--data-free", "--synth-num", "4", "-b", "8",
+                           "--out", str(tmp_path / "run"), "--device", "cpu", "--no-progress")
+    assert_error_line(code, err, "--batch-size 8", "--synth-num")
+    assert time.monotonic() - start < 20 and not (tmp_path / "run" / "synthetic").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int8, torch.uint8])
+def test_complex_and_8_bit_weights_are_refused_not_cast(capsys, vit_file, tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(vit_file))
+    state["blocks.0.mlp.fc1.weight"] = state["blocks.0.mlp.fc1.weight"].to(dtype)
+    for path in (tmp_path / "w.safetensors", tmp_path / "w.pt"):
+        if path.suffix == ".pt":
+            torch.save(state, path)
+        elif dtype is not torch.complex64:  # safetensors has no complex type
+            save_file(state, str(path))
+        else:
+            continue
+        code, _, err = run_cli(capsys, "inspect", str(path), "--arch", "vit_tiny_patch16_224", "--num-heads", "2")
+        assert_one_line_error(code, err, path.name, "blocks.0.mlp.fc1.weight", str(dtype).replace("torch.", ""))
+
+
+def test_convert_refuses_data_with_more_classes_than_the_model(capsys, two_class_vit, data3, tmp_path):
+    code, out, err = run_cli(capsys, "convert", str(two_class_vit), "--data", str(data3), "-o",
+                             str(tmp_path / "c.safetensors"))
+    assert_one_line_error(code, err, "3 classes but the model has 2")
+    assert "top-1" not in out and not (tmp_path / "c.safetensors").exists()

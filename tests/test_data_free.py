@@ -62,7 +62,8 @@ def test_data_free_with_val_data_measures_accuracy(tmp_path, tiny_teacher):
 
 
 def test_data_free_with_data_is_one_line_error(capsys, tmp_path, tiny_teacher):
-    code, _, err = run_cli(capsys, "distill", str(tiny_teacher), "--data-free", "--data", str(tmp_path),
+    (tmp_path / "data").mkdir()  # beside --out: an --out inside --data is refused first (issue 21)
+    code, _, err = run_cli(capsys, "distill", str(tiny_teacher), "--data-free", "--data", str(tmp_path / "data"),
                            "--out", str(tmp_path / "run"), *FAST)
     assert_one_line_error(code, err, "--data-free", "--data")
     code, _, err = run_cli(capsys, "distill", str(tiny_teacher), "--data-free", "--synth-num", "0",

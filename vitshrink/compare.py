@@ -16,13 +16,13 @@ benchmark file is not added (compare the runs' teachers instead); its speed-up o
 """
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from vitshrink.errors import UserError
+from vitshrink.io.fields import read_json
 
 X_AXES = {"latency": "ORT latency p50, batch {batch} (ms)", "gmacs": "GMACs (batch 1)", "params": "params (M)"}
 
@@ -63,10 +63,7 @@ class Comparison:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: not a readable JSON file ({exc})") from None
+    return read_json(path, "JSON report", kind=None)
 
 
 def _run_rows(run_dir: Path) -> tuple[ModelRow, ModelRow]:

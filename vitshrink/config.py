@@ -38,8 +38,64 @@ class Settings:
         self.sources[key] = source
 
 
+# A settings file is small: these bounds refuse alias bombs ("billion laughs") and nesting that would make
+# reading or checking it take minutes or overflow the stack.
+MAX_YAML_ALIASES = 64
+MAX_YAML_DEPTH = 32
+MAX_YAML_BYTES = 1 << 20
+
+
+class YAMLTooComplex(yaml.YAMLError):
+    pass
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses more than MAX_YAML_ALIASES aliases and nesting deeper than MAX_YAML_DEPTH."""
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self.aliases_seen = 0
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases_seen += 1
+            if self.aliases_seen > MAX_YAML_ALIASES:
+                raise YAMLTooComplex(f"more than {MAX_YAML_ALIASES} aliases (*name)")
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise YAMLTooComplex(f"nested deeper than {MAX_YAML_DEPTH} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML ``text`` (a settings file, a flag's value) through the bounded loader; a one-line error naming ``what``."""
+    if len(text) > MAX_YAML_BYTES:
+        raise UserError(f"{what}: larger than {MAX_YAML_BYTES} bytes; not a settings file")
+    try:
+        return yaml.load(text, Loader=BoundedLoader)  # noqa: S506  (BoundedLoader is a SafeLoader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{what}: not valid YAML ({' '.join(str(exc).split())[:300]})") from None
+    except RecursionError:
+        raise UserError(f"{what}: not valid YAML (nested too deeply)") from None
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items -> {key: value read as YAML}."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = parse_yaml(value, f"--set {key.strip()}")
+    return overrides
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text()) or {}
+    return parse_yaml(path.read_text(), str(path)) or {}
 
 
 def preset_path(name: str) -> Path:
@@ -82,9 +138,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--config {path}: file not found")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config {path}: cannot read ({type(exc).__name__})") from None
+    loaded = parse_yaml(text, f"--config {path}") or {}
     if not isinstance(loaded, dict):
         raise UserError(f"--config {path}: expected a mapping of key: value")
     # An args.yaml of an earlier run holds the recipe's settings under "config".

@@ -73,6 +73,22 @@ def evaluate_loader(model: nn.Module, loader, *, device: str | torch.device = "c
     return EvalResult(correct1 / seen, correct5 / seen, seen, skipped, loss_sum / seen)
 
 
+def align_classes(model: nn.Module, split: Any, what: str) -> Any:
+    """``split`` with its labels matched to ``model``'s classes by name (``data.folders.match_classes``)."""
+    from vitshrink.data.classes import match_classes
+    from vitshrink.io import record_of
+
+    if not hasattr(split, "remapped"):
+        return split
+    names = split.class_names if split.target_map is None else None
+    if names is None:
+        return split  # already aligned to another split's classes
+    record = record_of(model)
+    mapping = match_classes(names, record.class_names if record is not None else None,
+                            getattr(model, "num_classes", None), f"{what} {getattr(split.reader, 'root', '')}".strip())
+    return split if mapping is None else split.remapped(mapping)
+
+
 def evaluate(model: nn.Module, dataset: ImageSplit, *, batch_size: int = 256, workers: int | None = None,
              device: str | torch.device = "cpu", progress=None) -> EvalResult:
     """Evaluate ``model`` on ``dataset`` using the model's own eval transform (timm's, from its data config).
@@ -85,6 +101,7 @@ def evaluate(model: nn.Module, dataset: ImageSplit, *, batch_size: int = 256, wo
     check_workers(workers)
     check_finite_weights(model, "evaluate")
     view = with_transform(dataset, build_transform(data_config(model), is_training=False))  # dataset untouched
+    view = align_classes(model, view, "--data")
     model.to(device)
     first = next((item for item in (view[i] for i in range(min(len(view), 64))) if item is not None), None)
     if first is not None:

@@ -6,6 +6,7 @@ the training source and the task; teachers are frozen live models (``vitshrink.d
 """
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import json
 import os
@@ -31,7 +32,8 @@ from vitshrink.io import architecture_record, data_config, model_from_record, re
 from vitshrink.recipes.base import Recipe, RecipeContext, get_recipe
 from vitshrink.train import (Checkpointing, Dist, Evaluation, Schedule, TrainEnv, TrainResult, init_distributed,
                              load_checkpoint, select_device, train)
-from vitshrink.train.checkpoint import check_resume, data_fingerprint, weights_fingerprint
+from vitshrink.train.checkpoint import (check_resume, data_fingerprint, normalisation_identity, student_identity,
+                                        weights_fingerprint)
 from vitshrink.train.mixup import check_mixup_allowed, mixup_from_settings
 from vitshrink.validate import check_run_options
 # The stages after training (export, measure, report) live in run_outputs; re-exported for callers.
@@ -129,7 +131,8 @@ def load_data(data: str | os.PathLike | LabelledData | None, val_data: str | os.
     if t_classes is not None and t_classes != labelled.num_classes:
         raise UserError(f"teacher has {t_classes} classes but --data {data or 'bundled'} has "
                         f"{labelled.num_classes}; distil on the data the teacher was trained for")
-    return labelled
+    record = record_of(teacher)
+    return labelled.matched_to(record.class_names if record is not None else None, f"--data {data or 'bundled'}")
 
 
 def load_training_data(run: Run, data: Any, val_data: Any, *, teacher: nn.Module, val_split: float,
@@ -225,7 +228,8 @@ def train_student(run: Run, ctx: RecipeContext, model: nn.Module, labelled: Labe
     source = run.recipe.source(model, ctx)
     schedule = Schedule.from_settings(cfg, amp=run.amp, compile=run.compile)
     steps_per_epoch = schedule.steps_per_epoch(source)
-    evaluation = Evaluation(model, validation_loader(run, labelled, model))
+    evaluation = Evaluation(model, validation_loader(run, labelled, model),
+                            select_best=cfg.get("select_epoch", "last") == "best")
 
     def save_best(epoch: int, top1: float) -> None:
         save_model(model, run.out_dir / "student.safetensors", class_names=labelled.class_names,
@@ -362,7 +366,8 @@ def run_pipeline(run: Run, teacher: nn.Module | None, *, student: nn.Module | st
                                   show_progress=show_progress and run.ddp.main)
     run.identity = {"recipe": run.recipe.name, "data": data_fingerprint(labelled, [
         str(Path(p).resolve()) for p in (data, val_data) if isinstance(p, (str, os.PathLike))]), "seed": run.seed,
-                    "batch_size": run.cfg["batch_size"], "teacher": weights_fingerprint(main_teacher)}
+                    "batch_size": run.cfg["batch_size"], "teacher": weights_fingerprint(main_teacher),
+                    "student": student_identity(student), "normalisation": normalisation_identity(main_teacher)}
     if resume_state is not None:
         check_resume(resume_state, run.identity, run.out_dir / "last.pt")
     # A cached role's teacher stays on the CPU (the student's default shape and the report read it);

@@ -26,9 +26,16 @@ def model_entry(top1: float | None, bench: dict[str, Any], batch_sizes: tuple[in
     }
 
 
+# What report.json / report.md say about the epoch the student comes from (setting select_epoch).
+SELECTIONS = {"last": "last epoch (no epoch was chosen on the validation set the top-1 is measured on)",
+              "best": "best epoch by top-1 on the validation set, the same set the top-1 is measured on "
+                      "(an optimistic estimate)"}
+
+
 def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any], distill_seconds: float,
                  epochs: int, best_epoch: int | None, onnx: dict[str, Any] | None, data: str,
-                 warnings: list[str] | None = None, notes: list[str] | None = None) -> dict[str, Any]:
+                 warnings: list[str] | None = None, notes: list[str] | None = None,
+                 selection: str = "last") -> dict[str, Any]:
     """The report dict: teacher vs student and the ratios between them (speed-up = teacher p50 / student p50).
 
     ``warnings``: what the recipe wants the reader to see (e.g. a pruning search that ended far from its target);
@@ -45,6 +52,7 @@ def build_report(*, recipe: str, teacher: dict[str, Any], student: dict[str, Any
         "data": data,
         "epochs": epochs,
         "best_epoch": best_epoch,
+        "model_selection": SELECTIONS.get(selection, selection),
         "distill_seconds": distill_seconds,
         "teacher": teacher,
         "student": student,
@@ -71,7 +79,8 @@ def render_markdown(report: dict[str, Any], out_dir: str | Path | None = None) -
     lines = [
         f"# vitshrink distill report: `{report['recipe']}`",
         "",
-        f"Data: {report['data']}. {report['epochs']} epochs (best top-1 at epoch {report['best_epoch']}), "
+        f"Data: {report['data']}. {report['epochs']} epochs; student from epoch {report['best_epoch']}: "
+        f"{report.get('model_selection', 'best epoch by validation top-1')}; "
         f"distillation wall time {report['distill_seconds']:.1f} s.",
         "",
         "| | teacher | student | student / teacher |",

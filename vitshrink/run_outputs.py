@@ -74,7 +74,8 @@ def write_run_report(run: Run, labelled: LabelledData, trained: TrainResult, onn
         distill_seconds=trained.seconds, onnx=onnx.as_dict(),
         teacher=model_entry(measured["teacher_top1"], measured["teacher_bench"], sizes),
         student=model_entry(measured["student_top1"], measured["student_bench"], sizes),
-        warnings=run.recipe.report_notes(run.out_dir), notes=data_notes(labelled) + cache_notes(run.logit_caches))
+        warnings=run.recipe.report_notes(run.out_dir), notes=data_notes(labelled) + cache_notes(run.logit_caches),
+        selection=str(run.cfg.get("select_epoch", "last")))
     if run.logit_caches:
         report["logit_cache"] = {role: cache_record(path) for role, path in run.logit_caches.items()}
     report.update(run.recipe.report_fields(run.out_dir))  # e.g. uvc: top-1 after pruning, latency target

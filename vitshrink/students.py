@@ -18,6 +18,8 @@ from torch import nn
 
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, data_config, load_model, record_of, set_data_config
+from vitshrink.io.record import check_kwargs
+from vitshrink.io.weights import require_timm_name
 
 if TYPE_CHECKING:
     from timm.models.deit import VisionTransformerDistilled
@@ -213,6 +215,26 @@ def deit_tiny_student(teacher: nn.Module) -> tuple[nn.Module, str]:
     return student, note
 
 
+def check_student_spec(spec: str | None) -> None:
+    """``--student`` before any work: a spec's kwargs against the allow-list, a vitshrink file's record."""
+    if spec is None:
+        return
+    path = Path(spec)
+    if path.suffix == ".safetensors" and path.is_file():
+        from vitshrink.io.readers import read_metadata
+        from vitshrink.io.record import METADATA_KEY, ModelRecord
+
+        metadata = read_metadata(path)
+        if METADATA_KEY in metadata:
+            ModelRecord.from_json(metadata[METADATA_KEY], path)
+        return
+    if path.suffix in _FILE_SUFFIXES or path.is_dir():
+        return  # checked when loaded
+    name, kwargs = parse_student_spec(spec)
+    check_kwargs(f"--student {spec}", kwargs)
+    require_timm_name(name, "--student model (a timm model name; vitshrink does not download)")
+
+
 def resolve_student(spec: str | nn.Module | None, teacher: nn.Module, *, init: bool = True) -> nn.Module:
     """The student for a run: derived (None), a module as given, a file (weights kept), or a timm name."""
     if spec is None:
@@ -225,6 +247,8 @@ def resolve_student(spec: str | nn.Module | None, teacher: nn.Module, *, init: b
             raise UserError(f"--student {spec}: file not found")
         return load_model(spec)
     name, kwargs = parse_student_spec(spec)
+    check_kwargs(f"--student {spec}", kwargs)  # shapes only: never pretrained weights, a URL or a file
+    require_timm_name(name, "--student model (a timm model name; vitshrink does not download)")
     kwargs.setdefault("num_classes", getattr(teacher, "num_classes", None) or kwargs.get("num_classes"))
     try:
         student = create_model(name, **kwargs)

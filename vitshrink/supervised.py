@@ -62,7 +62,14 @@ def train_teacher(arch: str, *, data: str | os.PathLike | LabelledData | None = 
     Settings: the ``ce`` recipe's (recipes/base.yaml < recipes/ce.yaml < ``config`` < arguments < ``overrides``).
     """
     from vitshrink.data import resolve_data
+    from vitshrink.io.record import check_kwargs
+    from vitshrink.io.weights import require_timm_name
+    from vitshrink.validate import MAX_IMG_SIZE, check_int
 
+    # Before any work: a registered timm name (a hub id would reach the network), sizes in range.
+    require_timm_name(arch, "ARCH (a timm model name; vitshrink does not download)")
+    check_int(img_size, "--img-size", low=1, high=MAX_IMG_SIZE, optional=True)
+    check_kwargs("model_kwargs", dict(model_kwargs or {}))
     ddp = init_distributed(device)
     try:
         flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "workers": workers}
@@ -108,10 +115,12 @@ def train_teacher(arch: str, *, data: str | os.PathLike | LabelledData | None = 
 def teacher_report(arch: str, model: nn.Module, top1: float, trained: Any, onnx: dict[str, Any], data: str,
                    cfg: dict[str, Any]) -> dict[str, Any]:
     from vitshrink.measure import count_flops, count_params
+    from vitshrink.report import SELECTIONS
 
     flops = count_flops(model, data_config(model)["input_size"])
     return {"command": "train-teacher", "arch": arch, "data": data, "epochs": cfg["epochs"],
-            "best_epoch": trained.best_epoch, "train_seconds": trained.seconds, "top1": top1,
+            "best_epoch": trained.best_epoch, "model_selection": SELECTIONS[cfg.get("select_epoch", "last")],
+            "train_seconds": trained.seconds, "top1": top1,
             "params": count_params(model), "gmacs": flops.gmacs, "input_size": list(data_config(model)["input_size"]),
             "onnx": onnx}
 
@@ -119,7 +128,8 @@ def teacher_report(arch: str, model: nn.Module, top1: float, trained: Any, onnx:
 def write_teacher_report(report: dict[str, Any], out_dir: Path) -> None:
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, default=str))
     lines = [f"# train-teacher: {report['arch']}", "", f"- data: {report['data']}",
-             f"- epochs: {report['epochs']} (best: {report['best_epoch']}), {report['train_seconds']:.0f} s",
+             f"- epochs: {report['epochs']} (model from epoch {report['best_epoch']}: "
+             f"{report.get('model_selection', 'best validation top-1')}), {report['train_seconds']:.0f} s",
              f"- top-1 (validation): {100 * report['top1']:.2f}%",
              f"- params: {report['params']:,}, GMACs: {report['gmacs']:.3f}",
              "- files: model.safetensors, model.onnx (parity-checked), args.yaml, summary.csv, last.pt"]

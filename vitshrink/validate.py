@@ -15,7 +15,7 @@ from vitshrink.errors import UserError
 
 # ------------------------------------------------------------------------------------------ numbers
 # Upper bounds that are generous but stop absurd values (e.g. --img-size 10**9) before allocating.
-MAX_IMG_SIZE = 8192
+MAX_IMG_SIZE = 4096  # = vitshrink.io.record.MAX_SIDE
 MAX_HEADS = 4096
 MAX_CHANNELS = 4096
 MAX_CLASSES = 10**6
@@ -146,6 +146,21 @@ _SETTING_RANGES: dict[str, tuple[float | None, float | None, bool, str]] = {
     "cutmix": (0.0, 100.0, False, "float"),
     "mixup_prob": (0.0, 1.0, False, "float"),
     "mixup_switch_prob": (0.0, 1.0, False, "float"),
+    # recipe options (presets/NAME.yaml): counts and sizes >= 1, weights and rates >= 0, shares in [0, 1]
+    "search_steps": (1, 10_000_000, False, "int"), "search_batch_size": (1, MAX_BATCH, False, "int"),
+    "latency_corrections": (0, 100, False, "int"), "synth_batch_size": (1, MAX_BATCH, False, "int"),
+    "synth_iterations": (1, 10_000_000, False, "int"), "synth_num": (1, 100_000_000, False, "int"),
+    "cit_depth": (1, 512, False, "int"), "cit_embed_dim": (1, 16384, False, "int"),
+    "cit_num_heads": (1, 1024, False, "int"),
+    "search_lr": (0.0, None, False, "float"), "count_lr": (0.0, None, False, "float"),
+    "gate_lr": (0.0, None, False, "float"), "y_lr": (0.0, None, False, "float"), "z_lr": (0.0, None, False, "float"),
+    "gate_momentum": (0.0, 1.0, False, "float"), "gumbel_tau": (0.0, 100.0, True, "float"),
+    "flops_tolerance": (0.0, 1.0, False, "float"), "z_clip": (0.0, None, False, "float"),
+    "stage1_share": (0.0, 1.0, False, "float"), "probe_weight": (0.0, None, False, "float"),
+    "gating_weight": (0.0, None, False, "float"), "search_kd_weight": (0.0, None, False, "float"),
+    "cls_teacher_weight": (0.0, None, False, "float"), "conv_weight": (0.0, None, False, "float"),
+    "inv_weight": (0.0, None, False, "float"), "task_weight": (0.0, None, False, "float"),
+    "feature_weight": (0.0, None, False, "float"),
 }
 # Settings whose null value means "off" or "default".
 _NULLABLE = {"clip_grad", "steps_per_epoch", "workers", "kd_weight", "flops_target", "amp", "aug_auto_augment",
@@ -201,9 +216,32 @@ def check_settings(cfg: dict[str, Any], sources: Mapping[str, str] | None = None
         low = check_float(scale[0], flag, low=0.0, high=1.0, low_open=True)
         if check_float(scale[1], flag, low=0.0, high=1.0) < low:
             raise UserError(message)
+    _check_optimiser_names(cfg, sources)
+    if cfg.get("select_epoch", "last") not in ("last", "best"):
+        raise UserError(f"{_setting_flag('select_epoch', sources.get('select_epoch'))} must be last or best, "
+                        f"got {cfg['select_epoch']!r:.60}")
     if "mixup_mode" in cfg and cfg["mixup_mode"] not in ("batch", "pair", "elem"):
         raise UserError(f"{_setting_flag('mixup_mode', sources.get('mixup_mode'))} must be batch, pair or elem "
                         f"(timm Mixup modes), got {cfg['mixup_mode']!r}")
+
+
+# timm's create_scheduler_v2 names (an unknown one would silently train without a schedule).
+SCHEDULERS = ("constant", "cosine", "multistep", "plateau", "poly", "rsqrt", "step", "tanh")
+
+
+def _check_optimiser_names(cfg: dict[str, Any], sources: Mapping[str, str]) -> None:
+    """``opt`` a timm optimiser (``lookahead_`` prefix allowed), ``sched`` a timm scheduler, before any work."""
+    if cfg.get("opt") is not None:
+        from timm.optim import list_optimizers
+
+        opt = cfg["opt"]
+        name = opt.lower().removeprefix("lookahead_") if isinstance(opt, str) else None
+        if name not in list_optimizers():
+            raise UserError(f"{_setting_flag('opt', sources.get('opt'))} must be a timm optimizer name (e.g. adamw, "
+                            f"sgd, lamb), got {opt!r:.60}")
+    if cfg.get("sched") is not None and cfg["sched"] not in SCHEDULERS:
+        raise UserError(f"{_setting_flag('sched', sources.get('sched'))} must be one of {', '.join(SCHEDULERS)}, "
+                        f"got {cfg['sched']!r:.60}")
 
 
 def check_run_options(*, seed: Any = 0, val_split: Any = 0.1, flops_target: Any = None, workers: Any = None,
@@ -383,7 +421,7 @@ def check_onnx_classifier(path: Path, input_size: Sequence[int] | None = None) -
     static = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims[1:]]
     size = list(input_size) if input_size is not None else static
     if any(v is None for v in size):
-        return  # symbolic sizes: benchmark asks for --input-size
+        return  # symbolic sizes: benchmark asks for a fixed-size export
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         dtype = np.float16 if tensor_type.elem_type == onnx.TensorProto.FLOAT16 else (

@@ -91,6 +91,9 @@ def main() -> None:
 
     _state["debug"] = False
     try:
+        from vitshrink.guard import check_no_empty_arguments
+
+        check_no_empty_arguments(sys.argv[1:])  # `--out ""` would be the working directory
         # Not standalone: usage errors come back here and are printed on one line like any bad input.
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)

@@ -33,15 +33,23 @@ def cache_logits_command(
     from vitshrink.data import resolve_data
     from vitshrink.data.logit_cache import bytes_per_image_epoch, cache_logits
     from vitshrink.io import data_config
+    from vitshrink.guard import check_outputs_apart, run_lock
     from vitshrink.pipeline import resolve_run_settings
 
+    from vitshrink.validate import check_float, check_int, check_seed
+
+    check_outputs_apart(out_dirs={"--out": out}, inputs={"TEACHER": teacher, "--data": data, "--config": config})
+    check_seed(seed)  # before the teacher loads: the inputs decide these
+    check_int(epochs, "--epochs", low=1, high=100_000)
+    check_int(topk, "--topk", low=1, high=1_000_000)
+    check_float(val_split, "--val-split", low=0.0, high=1.0, low_open=True, high_open=True)
     model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
                       key_map=key_map, norm_eps=norm_eps)
     flags = {"batch_size": batch_size} if batch_size is not None else {}
     _, settings = resolve_run_settings(recipe, config=config, flags=flags)
     labelled = resolve_data(data, val_split=val_split, seed=seed, in_chans=int(data_config(model)["input_size"][0]))
     n_images = len(labelled.train)
-    with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with run_lock(out), Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[rate]:.1f} images/s"), TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task("cache", total=epochs * n_images, epoch=0, rate=0.0)
 

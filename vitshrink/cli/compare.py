@@ -23,8 +23,12 @@ def compare(
 ) -> None:
     """Top-1, params, GMACs, ORT latency, speed-up and distillation time of several models; the Pareto front."""
     from vitshrink.compare import compare_runs, plot_comparison
+    from vitshrink.guard import check_outputs_apart
     from vitshrink.validate import check_output_file
 
+    read = {f"RUN {run}": Path(run) / "report.json" if Path(run).is_dir() else run.rsplit("=", 1)[0]
+            for run in runs}
+    check_outputs_apart(out_files={"--plot": plot}, inputs=read)
     if plot is not None:
         check_output_file(plot, "--plot")
     comparison = compare_runs(runs, x=x, batch=batch)

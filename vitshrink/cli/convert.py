@@ -21,8 +21,10 @@ def convert(
     key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
 ) -> None:
     """Write SPEC as a vitshrink safetensors with its architecture record; later commands need no loading flags."""
+    from vitshrink.guard import check_outputs_apart
     from vitshrink.io.convert import convert as run_convert
 
+    check_outputs_apart(out_files={"--output": output}, inputs={"SPEC": spec, "--data": data})
     result = run_convert(spec, output, data=data, arch=arch, num_heads=num_heads, img_size=img_size,
                          in_chans=in_chans, num_classes=num_classes, mean=_floats(mean, "--mean"),
                          std=_floats(std, "--std"), key_map=key_map, norm_eps=norm_eps)

@@ -23,9 +23,7 @@ def parse_setting_flags(args: list[str], recipe: str) -> tuple[dict[str, Any], l
     A setting whose default is true/false may stand alone (``--no-skip``: true). Unknown names are left for the
     settings merge, which names the known ones.
     """
-    import yaml
-
-    from vitshrink.config import load_preset
+    from vitshrink.config import load_preset, parse_yaml
 
     defaults = load_preset(recipe)
     options: dict[str, Any] = {}
@@ -42,17 +40,23 @@ def parse_setting_flags(args: list[str], recipe: str) -> tuple[dict[str, Any], l
         following = args[i] if i < len(args) and not args[i].startswith("--") else None
         if not sep and isinstance(defaults.get(key), bool):
             value = "true"
-            if following is not None and isinstance(yaml.safe_load(following), bool):
+            if following is not None and _is_bool(following):
                 value, i = following, i + 1
         elif not sep:
             if following is None:
                 raise UserError(f"--{name}: expected a value")
             value, i = following, i + 1
-        try:
-            options[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"--{name} {value!r}: not a value") from None
+        options[key] = parse_yaml(value, f"--{name} {value!r:.60}")
     return options, positionals
+
+
+def _is_bool(text: str) -> bool:
+    from vitshrink.config import parse_yaml
+
+    try:
+        return isinstance(parse_yaml(text, "value"), bool)
+    except UserError:  # not YAML at all: a positional argument (the TEACHER), not this flag's value
+        return False
 
 
 def parse_logit_caches(items: Optional[list[str]]) -> dict[str, str]:
@@ -105,10 +109,13 @@ def distill(
 
     Any setting of the recipe is also a flag, --kebab-name VALUE (see `vitshrink recipes show NAME`).
     """
-    import yaml
-
+    from vitshrink.config import parse_overrides
+    from vitshrink.guard import check_outputs_apart, run_lock
     from vitshrink.validate import check_run_options
 
+    check_outputs_apart(out_dirs={"--out": out}, inputs={
+        "TEACHER": teacher, "--student": student, "--data": data, "--val-data": val_data, "--config": config,
+        **{f"--logit-cache {role}": path for role, path in parse_logit_caches(logit_cache).items()}})
     # Before the teacher loads (seconds); the pipeline checks them again for Python callers.
     check_run_options(seed=seed, val_split=val_split, workers=workers, epochs=epochs, batch_size=batch_size, lr=lr,
                       out_dir=out)
@@ -116,7 +123,10 @@ def distill(
     from vitshrink.pipeline import load_bundled_teacher
     from vitshrink.recipes import get_recipe
 
+    from vitshrink.students import check_student_spec
+
     get_recipe(recipe)  # an unknown recipe is named before its flags are read
+    check_student_spec(student)  # before the teacher and the data load
     extra = list(ctx.args)
     if teacher is not None and teacher.startswith("--"):  # click filled TEACHER with a setting flag
         extra, teacher = [teacher, *extra], None
@@ -125,22 +135,18 @@ def distill(
         teacher, positionals = positionals[0], positionals[1:]
     if positionals:
         raise UserError(f"unexpected argument {positionals[0]!r} (settings are flags: --name VALUE)")
-    overrides: dict[str, Any] = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = parse_overrides(set_)
     if teacher is None:
         model = load_bundled_teacher()
     else:
         model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
                           key_map=key_map, norm_eps=norm_eps)
-    result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out, epochs=epochs,
-                         batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
-                         config=config, overrides=overrides, workers=workers, compile=compile_model,
-                         progress=progress, val_split=val_split, options=options,
-                         logit_cache=parse_logit_caches(logit_cache), data_free=data_free, synth_num=synth_num)
+    with run_lock(out):
+        result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out,
+                             epochs=epochs, batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume,
+                             seed=seed, config=config, overrides=overrides, workers=workers, compile=compile_model,
+                             progress=progress, val_split=val_split, options=options,
+                             logit_cache=parse_logit_caches(logit_cache), data_free=data_free, synth_num=synth_num)
     if result.report:
         console.print((result.out_dir / "report.md").read_text())
         console.print(f"wrote {result.out_dir}: " + ", ".join(sorted(p.name for p in result.paths.values())))

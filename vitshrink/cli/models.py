@@ -22,9 +22,11 @@ def inspect(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the summary as JSON")] = None,
 ) -> None:
     """Architecture summary: family, input, patch size, width, depth, heads, MLP, params, GMACs/GFLOPs."""
+    from vitshrink.guard import check_outputs_apart
     from vitshrink.inspection import describe
     from vitshrink.validate import check_output_file
 
+    check_outputs_apart(out_files={"--json": json_out}, inputs={"SPEC": spec})
     if json_out:
         check_output_file(json_out, "--json")
     model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
@@ -90,8 +92,10 @@ def export(
     from vitshrink.data import sample_images
     from vitshrink.export import export_onnx
     from vitshrink.io import data_config
+    from vitshrink.guard import check_outputs_apart
     from vitshrink.validate import check_output_file
 
+    check_outputs_apart(out_files={"--output": output}, inputs={"SPEC": spec, "--data": data})
     check_output_file(output, "--output")
     model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
                       key_map=key_map, norm_eps=norm_eps)
@@ -121,7 +125,10 @@ def benchmark(
 
     from vitshrink.validate import check_output_file, parse_ints
 
+    from vitshrink.guard import check_outputs_apart
+
     sizes = parse_ints(batch_sizes, "--batch-sizes", low=1)
+    check_outputs_apart(out_files={"--json": json_out}, inputs={"MODEL": model, "--baseline": baseline})
     if json_out:
         check_output_file(json_out, "--json")
 

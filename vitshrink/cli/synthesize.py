@@ -34,12 +34,15 @@ def synthesize(
 ) -> None:
     """Synthesise labelled images from TEACHER alone (no real data); resumable; usable as --data."""
     from vitshrink.data.synthetic import synthesize as run_synthesize
+    from vitshrink.guard import check_outputs_apart, run_lock
 
+    check_outputs_apart(out_dirs={"--out": out}, inputs={"TEACHER": teacher})
     model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
                       key_map=key_map, norm_eps=norm_eps)
-    result = run_synthesize(model, num, out, prior=prior, iterations=iterations, batch_size=batch_size,
-                            device=_device(device), seed=seed, progress=True, settings=settings,
-                            divergence_weight=divergence_weight)
+    with run_lock(out):
+        result = run_synthesize(model, num, out, prior=prior, iterations=iterations, batch_size=batch_size,
+                                device=_device(device), seed=seed, progress=True, settings=settings,
+                                divergence_weight=divergence_weight)
     table = Table(title=f"synthesize: {teacher} -> {out}", show_header=False)
     table.add_row("prior", result.prior)
     table.add_row("settings", f"{result.settings.name} (batch {result.settings.batch_size}, divergence weight "

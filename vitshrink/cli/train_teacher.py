@@ -27,20 +27,16 @@ def train_teacher(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="any ce setting: KEY=VALUE (repeatable)")] = None,
 ) -> None:
     """Train ARCH from scratch on --data's labels; writes model.safetensors, model.onnx and a report in --out."""
-    import yaml
-
-    from vitshrink.errors import UserError
+    from vitshrink.config import parse_overrides
+    from vitshrink.guard import check_outputs_apart, run_lock
     from vitshrink.supervised import train_teacher as run_train_teacher
 
-    overrides = {}
-    for item in set_ or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+    check_outputs_apart(out_dirs={"--out": out}, inputs={"--data": data, "--val-data": val_data})
+    overrides = parse_overrides(set_)
 
-    result = run_train_teacher(arch, data=data, val_data=val_data, out_dir=out, epochs=epochs, batch_size=batch_size,
-                               lr=lr, img_size=img_size, device=_device(device), seed=seed, resume=resume,
-                               workers=workers, progress=progress, overrides=overrides)
+    with run_lock(out):
+        result = run_train_teacher(arch, data=data, val_data=val_data, out_dir=out, epochs=epochs,
+                                   batch_size=batch_size, lr=lr, img_size=img_size, device=_device(device), seed=seed,
+                                   resume=resume, workers=workers, progress=progress, overrides=overrides)
     if result.report:
         console.print((result.out_dir / "report.md").read_text())

@@ -33,6 +33,7 @@ def select_wild(
 ) -> None:
     """Select the pool images the teacher finds meaningful (Attention Probe); resumable; writes scores.csv."""
     from vitshrink.data.wild import select_wild as run_select_wild
+    from vitshrink.guard import check_outputs_apart, run_lock
 
     try:
         block_list = [int(b) for b in blocks.split(",")] if blocks else None
@@ -41,9 +42,11 @@ def select_wild(
     model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
                           key_map=key_map, norm_eps=norm_eps)
     out_dir = out if out is not None else pool.parent / f"{pool.name}-selected"
-    summary = run_select_wild(model, pool, out_dir, num=num, fraction=fraction, mode=mode, criterion=criterion,
-                              balanced=balanced,
-                              blocks=block_list, batch_size=batch_size, workers=workers, device=_device(device))
+    check_outputs_apart(out_dirs={"--out": out_dir}, inputs={"--teacher": teacher})
+    with run_lock(out_dir):
+        summary = run_select_wild(model, pool, out_dir, num=num, fraction=fraction, mode=mode, criterion=criterion,
+                                  balanced=balanced, blocks=block_list, batch_size=batch_size, workers=workers,
+                                  device=_device(device))
     table = Table(title=f"select-wild: {pool} -> {out_dir}", show_header=False)
     table.add_row("criterion", f"{summary.criterion} (probe blocks {summary.blocks or 'none'})")
     table.add_row("scored", f"{summary.scored} ({summary.resumed} from an earlier run)")

@@ -38,6 +38,10 @@ def synthetic_training_data(teacher: nn.Module, out_dir: str | os.PathLike, cfg:
     settings = str(cfg.get("synth_settings") or "auto")
     if settings not in ("auto", *SETTING_SETS):
         raise UserError(f"setting synth_settings must be auto or one of {', '.join(SETTING_SETS)}, got {settings!r}")
+    batch = cfg.get("batch_size")
+    if isinstance(batch, int) and batch > num:  # checked now, not after the synthesis
+        raise UserError(f"--batch-size {batch} is larger than the {num} images --synth-num makes: no full batch to "
+                        "train on; lower --batch-size or raise --synth-num")
     folder = Path(out_dir) / SYNTHETIC_DIR
     result = synthesize(teacher, num, folder, prior=str(cfg["synth_prior"]),
                         iterations=_optional_int(cfg, "synth_iterations"),

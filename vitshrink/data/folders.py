@@ -5,6 +5,7 @@ hold-out, and a loader that skips unreadable images and counts them instead of f
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -15,7 +16,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vitshrink.data.images import decode_image, safe_member_name
+from vitshrink.data.classes import match_classes
+from vitshrink.data.images import IMAGE_EXTENSIONS, decode_image, safe_member_name
 from vitshrink.errors import UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -28,7 +30,11 @@ SPLIT_NAMES_VAL = ("val", "validation", "test")
 def _open_reader(path: Path):
     """A timm reader over an ImageFolder directory or tar, or a UserError saying why not."""
     from timm.data.readers import create_reader
+    from timm.data.readers.img_extensions import add_img_extensions, get_img_extensions
 
+    missing = sorted(IMAGE_EXTENSIONS - set(get_img_extensions()))
+    if missing:  # .tif/.gif/.webp... would be skipped without a count otherwise
+        add_img_extensions(tuple(missing))
     if not path.exists():
         raise UserError(f"{path}: data path not found")
     if path.is_file() and not path.name.endswith(".tar"):
@@ -42,9 +48,40 @@ def _open_reader(path: Path):
     except Exception as exc:  # timm raises RuntimeError/AssertionError/TarError for bad roots
         raise UserError(f"{path}: cannot read as an image folder ({type(exc).__name__}: {exc})") from None
     reader.unsafe_members = _drop_unsafe_members(reader)
+    reader.repeated_files = _drop_repeated_files(reader, path)
     if len(reader) == 0:
         raise UserError(f"{path}: no images found (expected <class>/<image> layout)")
     return reader
+
+
+def _drop_repeated_files(reader, root: Path) -> int:
+    """A folder reader follows symlinks: keep each real file once (a loop lists it many times) and only files
+    inside ``root``; return how many entries were dropped (counted with the unreadable images)."""
+    samples = getattr(reader, "samples", None)
+    if not isinstance(samples, list) or not samples or not isinstance(samples[0][0], str):
+        return 0
+    base = os.path.realpath(root)
+    seen: set[str] = set()
+    kept = []
+    # The shortest name of each real file wins (its own, not one through a loop or a second link).
+    reals = [os.path.realpath(path) for path, _ in samples]
+    order = sorted(range(len(samples)), key=lambda i: (reals[i] != os.path.abspath(samples[i][0]),
+                                                       len(samples[i][0]), samples[i][0]))
+    for index in order:
+        real = reals[index]
+        if real in seen or not real.startswith(base.rstrip(os.sep) + os.sep):
+            continue
+        seen.add(real)
+        kept.append(index)
+    keep = [samples[i] for i in sorted(kept)]
+    if len(keep) < len(samples):
+        from timm.utils.misc import natural_key  # timm's class order
+
+        names = {index: name for name, index in reader.class_to_idx.items()}
+        labels = [names[int(target)] for _, target in keep]
+        reader.class_to_idx = {name: i for i, name in enumerate(sorted(set(labels), key=natural_key))}
+        reader.samples = [(path, reader.class_to_idx[label]) for (path, _), label in zip(keep, labels)]
+    return len(samples) - len(keep)
 
 
 def _drop_unsafe_members(reader) -> int:
@@ -135,6 +172,17 @@ class ImageSplit(Dataset):
         return len(self.indices)
 
     @property
+    def class_names(self) -> list[str]:
+        """The reader's class folders (before any ``target_map``)."""
+        return _class_names(self.reader)
+
+    def remapped(self, mapping: Sequence[int]) -> "ImageSplit":
+        """The same images with each reported class ``c`` reported as ``mapping[c]``."""
+        reader_classes = len(_class_names(self.reader))
+        base = self.target_map if self.target_map is not None else list(range(reader_classes))
+        return ImageSplit(self.reader, self.indices, self.transform, self.img_mode, [mapping[c] for c in base])
+
+    @property
     def targets(self) -> list[int]:
         return [self._all_targets[i] for i in self.indices]
 
@@ -178,6 +226,18 @@ class LabelledData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def matched_to(self, model_names: Sequence[str] | None, what: str) -> "LabelledData":
+        """Labels matched to a model's class names by name, so label i is the model's logit i."""
+        mapping = match_classes(self.class_names, model_names, None, what)
+        if mapping is None:
+            return self
+        names = [""] * len(model_names)
+        for data_index, model_index in enumerate(mapping):
+            names[model_index] = self.class_names[data_index]
+        return dataclasses.replace(self, train=self.train.remapped(mapping) if self.train is not None else None,
+                                   val=self.val.remapped(mapping) if self.val is not None else None,
+                                   class_names=names)
+
 
 def stratified_holdout(targets: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Split indices into (train, val) keeping each class's share; at least one val image per class."""
@@ -191,7 +251,8 @@ def stratified_holdout(targets: Sequence[int], fraction: float, seed: int) -> tu
     for cls in sorted(by_class):
         members = by_class[cls][:]
         rng.shuffle(members)
-        n_val = max(1, math.ceil(fraction * len(members))) if len(members) > 1 else 0
+        # Every class with 2+ images keeps a validation image and a training image.
+        n_val = min(len(members) - 1, max(1, math.ceil(fraction * len(members)))) if len(members) > 1 else 0
         val.extend(members[:n_val])
         train.extend(members[n_val:])
     return sorted(train), sorted(val)
@@ -244,11 +305,13 @@ def resolve_data(
         description = str(root)
         note = (f"{root} has no train/val split: held out {len(val_idx)} of {len(train_reader)} images "
                 f"({val_split:.0%}, stratified, seed {seed}) for validation")
-    unsafe = sum(int(getattr(r, "unsafe_members", 0) or 0) for r in {id(train.reader): train.reader,
-                                                                      id(val.reader): val.reader}.values())
-    if unsafe:
-        skipped = f"skipped {unsafe} tar member(s) with unsafe names (absolute, '..' or no class folder)"
-        note = f"{note}; {skipped}" if note else skipped
+    readers = {id(train.reader): train.reader, id(val.reader): val.reader}.values()
+    unsafe = sum(int(getattr(r, "unsafe_members", 0) or 0) for r in readers)
+    repeated = sum(int(getattr(r, "repeated_files", 0) or 0) for r in readers)
+    for count, what in ((unsafe, "tar member(s) with unsafe names (absolute, '..' or no class folder)"),
+                        (repeated, "symlinked entries (a second name of a file, a loop, or outside the folder)")):
+        if count:
+            note = f"{note}; skipped {count} {what}" if note else f"skipped {count} {what}"
     names = _class_names(train_reader)
     val_names = _class_names(val.reader)
     if val_names != names:

@@ -2,7 +2,8 @@
 
 Shared by the labelled loaders (folders.py) and select-wild (wild.py), so that the same files are skipped and
 counted everywhere: unreadable or truncated data, decompression bombs (more pixels than PIL's
-``Image.MAX_IMAGE_PIXELS``, checked from the header before any pixel is decoded), and tar members whose
+``Image.MAX_IMAGE_PIXELS``, checked from the header before any pixel is decoded), images more elongated than
+``MAX_ASPECT``:1 (also from the header: resizing them costs like a bomb), and tar members whose
 names would leave the archive's folder tree.
 """
 from __future__ import annotations
@@ -14,7 +15,12 @@ from typing import IO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+# Every extension a loader reads (PIL decodes them all); timm's folder reader alone takes only png/jpg/jpeg.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 TOO_LARGE = "too large (decompression bomb)"
+# A 1 x 1,000,000 strip passes the pixel count but resizing its short side to the input size costs gigabytes.
+MAX_ASPECT = 50
+TOO_ELONGATED = f"too elongated (more than {MAX_ASPECT}:1)"
 # 16-bit greyscale modes: PIL's convert() clips them to 0..255, which turns most photos pure white.
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -42,6 +48,8 @@ def decode_image(source: str | os.PathLike | IO[bytes], mode: str) -> tuple[Imag
                 limit = Image.MAX_IMAGE_PIXELS
                 if limit is not None and img.width * img.height > limit:
                     return None, TOO_LARGE
+                if max(img.size) > MAX_ASPECT * max(1, min(img.size)):
+                    return None, TOO_ELONGATED
                 img.load()  # decodes every pixel, so truncated data fails here
                 return to_mode(img, mode), ""
     except UnidentifiedImageError:

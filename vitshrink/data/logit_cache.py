@@ -28,6 +28,7 @@ from torch import nn
 
 from vitshrink._atomic import atomic_write_text
 from vitshrink.errors import UserError
+from vitshrink.io.fields import read_json
 
 META = "meta.json"
 VERSION = 2  # 2: values are log-probabilities (1 stored raw logits)
@@ -78,11 +79,43 @@ def read_meta(path: str | Path) -> dict:
     meta_path = Path(path) / META
     if not meta_path.is_file():
         raise UserError(f"--logit-cache {path}: not a logit cache (no {META}; make one with `vitshrink cache-logits`)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path, "logit-cache record (rebuild it with `vitshrink cache-logits`)")
     if meta.get("version") != VERSION:
         raise UserError(f"--logit-cache {path}: made by another vitshrink version (cache format "
-                        f"{meta.get('version')}, this one reads {VERSION}); rebuild it with `vitshrink cache-logits`")
+                        f"{meta.get('version')!r:.40}, this one reads {VERSION}); rebuild it with "
+                        "`vitshrink cache-logits`")
+    _check_meta(meta, meta_path)
     return meta
+
+
+def _check_meta(meta: dict, meta_path: Path) -> None:
+    """Every field a run reads back from meta.json, and the array files' sizes, before anything is mapped."""
+    from vitshrink.io.fields import check_int
+
+    where = str(meta_path)
+    check_int(where, "num_classes", meta.get("num_classes"), 1, 10**6)
+    check_int(where, "topk", meta.get("topk"), 1, meta["num_classes"])
+    check_int(where, "epochs", meta.get("epochs"), 1, 100_000)
+    check_int(where, "images", meta.get("images"), 1, 10**9)
+    check_int(where, "epochs_done", meta.get("epochs_done"), 0, meta["epochs"])
+    fingerprint = meta.get("fingerprint")
+    if not isinstance(fingerprint, dict) or fingerprint.get("topk") != meta["topk"] \
+            or not isinstance(fingerprint.get("teacher"), str) or not isinstance(fingerprint.get("seed"), int):
+        raise UserError(f"{where}: damaged logit-cache record (field fingerprint)")
+    for name, itemsize, per_row in _array_files(meta):
+        file = meta_path.parent / name
+        expected = meta["epochs"] * meta["images"] * per_row * itemsize
+        size = file.stat().st_size if file.is_file() else None
+        if size != expected:
+            raise UserError(f"{file}: logit-cache array has {size if size is not None else 'no'} bytes, "
+                            f"meta.json says {expected}; rebuild the cache with `vitshrink cache-logits`")
+
+
+def _array_files(meta: dict) -> list[tuple[str, int, int]]:
+    """(file name, bytes per item, items per image-epoch) of the three arrays."""
+    index_dtype = np.dtype(np.int16 if meta["num_classes"] < 2**15 else np.int32)
+    return [("values.f16", 2, meta["topk"]), (f"indices.{index_dtype.str[1:]}", index_dtype.itemsize, meta["topk"]),
+            ("lse.f32", 4, 1)]
 
 
 def check_fingerprint(path: str | Path, expected: Mapping[str, Any], *, epochs: int) -> dict:
@@ -299,6 +332,9 @@ def cache_logits(teacher: nn.Module, split: Any, out: str | Path, *, cfg: Mappin
     from vitshrink.io import data_config
     import os
 
+    from vitshrink.validate import check_seed
+
+    check_seed(seed)
     if not 1 <= topk <= num_classes:
         raise UserError(f"--topk must be between 1 and {num_classes} (the teacher's classes), got {topk}")
     if epochs < 1:

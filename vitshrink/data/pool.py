@@ -9,11 +9,10 @@ from typing import Iterator
 
 from PIL import Image
 
-from vitshrink.data.images import decode_image
+from vitshrink.data.images import IMAGE_EXTENSIONS, decode_image
 from vitshrink.errors import UserError
 from vitshrink.validate import check_output_dir, is_inside
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 SCORES_NAME = "scores.csv"
 SUMMARY_NAME = "selection.json"
 SELECTED_LIST_NAME = "selected.txt"

@@ -75,6 +75,9 @@ def finish_selection(pool: Path, out_dir: Path, scores_path: Path, header: list[
             scored += 1
             predicted.add(row["pred"])
     n_select = min(scored, num if num is not None else round(fraction * scored))
+    if n_select < 1 and scored:
+        raise UserError(f"--fraction {fraction:g} of the {scored} readable images selects none; give a larger "
+                        f"--fraction or --num (scores kept in {scores_path} for the next run)")
     notes = []
     if num is not None and num > scored:
         notes.append(f"--num {num} is more than the {scored} readable images: selected all of them")
@@ -157,7 +160,7 @@ def previous_class_dirs(out_dir: Path) -> list[str]:
         return []
     try:
         record = json.loads(summary.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"{summary}: not a readable selection record ({type(exc).__name__}); it says which "
                         "folders a rerun may replace: delete it with those folders, or use another --out") from None
     if not isinstance(record, dict):

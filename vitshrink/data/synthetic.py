@@ -39,6 +39,7 @@ from vitshrink.distill.priors import choose_prior, image_l2, intra_divergence_lo
     total_variation_l2, total_variation_range
 from vitshrink.errors import UserError
 from vitshrink.io import record_of
+from vitshrink.guard import LOCK_NAME
 from vitshrink.validate import check_output_dir
 
 SETTINGS_FILE = "synthesis.json"
@@ -105,14 +106,14 @@ def _prepare_out_dir(out_dir: Path, record: dict[str, Any]) -> None:
         try:
             old = json.loads(settings_path.read_text())
             changed = [key for key in record if old.get(key) != record[key]]
-        except (OSError, ValueError, AttributeError) as exc:
+        except (OSError, ValueError, AttributeError, RecursionError) as exc:
             raise UserError(f"{settings_path}: not a readable synthesis record ({type(exc).__name__}); delete the "
                             "folder to start over or choose another --out") from None
         if changed:
             raise UserError(f"{out_dir}: holds a synthesis with other settings ({', '.join(changed)} differ); "
                             "resume with the same settings or choose another --out")
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(p.name != LOCK_NAME for p in out_dir.iterdir()):
         raise UserError(f"{out_dir}: exists and is not a synthesis folder (no {SETTINGS_FILE}); choose an empty "
                         "or new --out")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -165,6 +165,9 @@ def select_wild(
     total = sum(1 for p in iter_pool(pool, out_dir, counts) if p not in done)
     if total + resumed == 0:
         raise UserError(f"--pool {pool}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if fraction is not None and round(fraction * (total + resumed)) < 1:  # before scoring: nothing would be chosen
+        raise UserError(f"--fraction {fraction:g} of the {total + resumed} pool images selects none; give a larger "
+                        "--fraction or --num")
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     _score_pool(teacher, pool, out_dir, done, header, probe_blocks, total=total, append=resumed > 0,

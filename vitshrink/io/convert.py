@@ -85,9 +85,11 @@ def _parity_images(model: nn.Module, data: str | os.PathLike | None) -> torch.Te
 def _labelled_sample(model: nn.Module, data: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Up to ``HEAD_CHECK_IMAGES`` readable images spread over the classes of ``data``, with their labels."""
     from vitshrink.data import build_transform, resolve_eval_split
+    from vitshrink.evaluation import align_classes
 
     cfg = data_config(model)
     split, _ = resolve_eval_split(data, in_chans=int(cfg["input_size"][0]))
+    split = align_classes(model, split, "--data")  # by name; more classes than the model: refused
     split.transform = build_transform(cfg, is_training=False)
     stride = max(1, len(split) // HEAD_CHECK_IMAGES)
     images, targets = [], []

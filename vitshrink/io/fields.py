@@ -5,10 +5,25 @@ crafted or damaged file never reaches a model constructor (a traceback, or an ab
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, Collection
 
 from vitshrink.errors import UserError
+
+
+def read_json(path: Path, what: str = "JSON file", kind: type | None = dict) -> Any:
+    """A JSON file a run reads back (its own or a user's): damaged, too deeply nested or of the wrong top-level
+    type is a one-line UserError naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}); delete it or use another "
+                        "folder") from None
+    if kind is not None and not isinstance(value, kind):
+        raise UserError(f"{path}: not a {what} (a JSON {kind.__name__} was expected)")
+    return value
 
 
 def _shown(value: Any) -> str:
@@ -46,7 +61,7 @@ def check_vector(where: str, name: str, value: Any, kind: str, low: float, high:
                  lengths: Collection[int] | None = None) -> list:
     """A list of ints or finite floats in [low, high], with a length in ``lengths`` (any length >= 1 if None)."""
     if not isinstance(value, (list, tuple)) or not value or (lengths is not None and len(value) not in lengths):
-        count = f" of {'/'.join(map(str, lengths))} " if lengths is not None and len(lengths) < 4 else " "
+        count = f" of {'/'.join(map(str, lengths))} " if lengths is not None and len(lengths) < 4 else " of "
         raise UserError(f"{where}: field {name} must be a list{count}numbers, got {_shown(value)}")
     check = check_int if kind == "int" else check_float
     return [check(where, f"{name}[{i}]", v, low, high) for i, v in enumerate(value)]

@@ -6,6 +6,7 @@ fields, each checked for type and range first, become timm ``VisionTransformer``
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,9 @@ from vitshrink.errors import UserError
 from vitshrink.io.fields import check_bool, check_float, check_image_size, check_int, check_vector
 from vitshrink.io.layouts import apply_key_map
 from vitshrink.io.readers import one_line, read_safetensors, read_torch_state_dict
-from vitshrink.io.record import record_of, set_data_config
+from vitshrink.io.record import MIN_CROP_PCT, record_of, set_data_config
 from vitshrink.io.weights import build_and_load, check_sizes_against_state, first, resample_pos_embed
+from vitshrink.validate import contained
 
 # HF activation names -> timm act_layer names (both sides compute the same function).
 HF_ACTIVATIONS = {"gelu": None, "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -39,7 +41,7 @@ def load_hf_directory(path: Path, options: dict[str, Any], notes: list[str]) -> 
                         f"model.safetensors or pytorch_model.bin); config.json is missing")
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"{config_path}: not readable JSON ({one_line(exc)})") from None
     if not isinstance(config, dict):
         raise UserError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
@@ -82,17 +84,19 @@ def _preprocessing(path: Path, model_type: str, in_chans: int,
     if preprocessor.is_file():
         try:
             pre = json.loads(preprocessor.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise UserError(f"{preprocessor}: not readable JSON ({one_line(exc)})") from None
         if not isinstance(pre, dict):
             raise UserError(f"{preprocessor}: expected a JSON object, got {type(pre).__name__}")
         mean = check_vector(str(preprocessor), "image_mean", pre.get("image_mean", mean), "float", -1e6, 1e6)
         std = check_vector(str(preprocessor), "image_std", pre.get("image_std", std), "float", 1e-12, 1e6)
-        interpolation = HF_INTERPOLATION.get(pre.get("resample"), interpolation)
+        resample = pre.get("resample")
+        interpolation = HF_INTERPOLATION.get(resample, interpolation) if isinstance(resample, int) else interpolation
         crop, size = pre.get("crop_size"), pre.get("size")
         if pre.get("do_center_crop") and isinstance(crop, dict) and isinstance(size, dict) and size.get("height"):
-            height = check_int(str(preprocessor), "size.height", size["height"], 1, 8192)
-            crop_pct = check_int(str(preprocessor), "crop_size.height", crop.get("height", height), 1, height) / height
+            height = check_int(str(preprocessor), "size.height", size["height"], 1, 4096)
+            low = max(1, math.ceil(MIN_CROP_PCT * height))  # resizing to height / crop_pct must stay bounded
+            crop_pct = check_int(str(preprocessor), "crop_size.height", crop.get("height", height), low, height) / height
         elif "do_center_crop" in pre and not pre["do_center_crop"]:
             crop_pct = 1.0
     else:
@@ -114,12 +118,15 @@ def _read_hf_weights(path: Path, notes: list[str]) -> dict[str, torch.Tensor]:
         index = path / index_name
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError) as exc:
-                raise UserError(f"{index}: damaged shard index ({one_line(exc)})") from None
+                weight_map = json.loads(index.read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+                raise UserError(f"{index}: damaged shard index ({type(exc).__name__}: {one_line(exc)})") from None
+            if not all(isinstance(shard, str) for shard in shards):
+                raise UserError(f"{index}: damaged shard index (a shard name is not a string)")
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
-                file = path / shard
+                file = contained(path, shard, str(index))  # a shard name is a path read back from a file
                 if not file.is_file():
                     raise UserError(f"{file}: shard listed in {index_name} is missing")
                 state.update(read_safetensors(file)[0] if file.suffix == ".safetensors"
@@ -228,7 +235,7 @@ def _config_kwargs(config: dict[str, Any], where: Path) -> dict[str, Any]:
     num_heads = check_int(label, "num_attention_heads", config["num_attention_heads"], 1, 1024)
     if hidden % num_heads:
         raise UserError(f"{where}: num_attention_heads={num_heads} does not divide hidden_size={hidden}")
-    img_size = first(check_image_size(label, "image_size", config.get("image_size", 224), 1, 8192))
+    img_size = first(check_image_size(label, "image_size", config.get("image_size", 224), 1, 4096))
     patch_size = first(check_image_size(label, "patch_size", config.get("patch_size", 16), 1, 1024))
     if patch_size > img_size:
         raise UserError(f"{where}: patch_size={patch_size} is larger than image_size={img_size}")

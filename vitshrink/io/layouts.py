@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -60,6 +61,58 @@ class Layout:
         return f"{self.name or 'hand-written ViT'}: assumed {words}{why}: {values}"
 
 
+# --key-map regexes run on names read from a file: a restricted syntax keeps every match polynomial and short
+# (no backtracking blow-up such as (a+)+$), and a time bound stops a run over a huge number of keys.
+MAX_KEY_MAP_PATTERN = 200
+MAX_KEY_MAP_REPEATS = 3  # unbounded quantifiers in one pattern (each multiplies the worst case by a key length)
+MAX_KEY_LENGTH = 300
+KEY_MAP_SECONDS = 10.0
+_REPEATS = ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+
+
+def check_key_map_pattern(pattern: str, rule: str) -> None:
+    """Refuse backreferences, a quantifier or alternation inside a repeated group, and too many repeats."""
+    try:
+        from re import _parser as sre_parse  # the stdlib's own parser (Python >= 3.11)
+    except ImportError:  # pragma: no cover
+        import sre_parse  # type: ignore[no-redef]
+
+    if len(pattern) > MAX_KEY_MAP_PATTERN:
+        raise UserError(f"--key-map {rule[:60]!r}...: pattern longer than {MAX_KEY_MAP_PATTERN} characters")
+    repeats = 0
+
+    def refuse(what: str) -> None:
+        raise UserError(f"--key-map {rule!r}: {what} is not allowed (it can make matching take exponential time)")
+
+    def walk(items: Any, in_repeat: bool) -> None:
+        nonlocal repeats
+        for op, arg in items:
+            name = str(op)
+            if name in _REPEATS:
+                unbounded = arg[1] > 1
+                if in_repeat and unbounded:
+                    refuse("a quantifier inside a repeated group")
+                repeats += unbounded
+                walk(arg[2], in_repeat or unbounded)
+            elif name == "SUBPATTERN":
+                walk(arg[-1], in_repeat)
+            elif name == "ATOMIC_GROUP":
+                walk(arg, in_repeat)
+            elif name == "BRANCH":
+                if in_repeat:
+                    refuse("an alternation inside a repeated group")
+                for branch in arg[1]:
+                    walk(branch, in_repeat)
+            elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+                refuse("a backreference")
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                walk(arg[1], in_repeat)
+
+    walk(sre_parse.parse(pattern), False)
+    if repeats > MAX_KEY_MAP_REPEATS:
+        raise UserError(f"--key-map {rule!r}: more than {MAX_KEY_MAP_REPEATS} unbounded quantifiers (*, +, {{n,}})")
+
+
 def apply_key_map(state: dict[str, torch.Tensor], key_map: Sequence[str] | None,
                   source: str) -> dict[str, torch.Tensor]:
     """Rename keys with ``REGEX=REPLACEMENT`` rules (``re.sub`` on every key, in the order given)."""
@@ -74,8 +127,16 @@ def apply_key_map(state: dict[str, torch.Tensor], key_map: Sequence[str] | None,
             rules.append((re.compile(pattern), replacement))
         except re.error as exc:
             raise UserError(f"--key-map {rule!r}: invalid regular expression ({exc})") from None
+        check_key_map_pattern(pattern, str(rule))
     renamed: dict[str, torch.Tensor] = {}
+    deadline = time.monotonic() + KEY_MAP_SECONDS
     for key, tensor in state.items():
+        if len(key) > MAX_KEY_LENGTH:
+            raise UserError(f"{source}: tensor name {key[:40]!r}... is longer than {MAX_KEY_LENGTH} characters; "
+                            "--key-map is not applied to such names")
+        if time.monotonic() > deadline:
+            raise UserError(f"--key-map: renaming {len(state)} tensors took over {KEY_MAP_SECONDS:g} s; "
+                            "simplify the patterns")
         new = key
         for regex, replacement in rules:
             try:

@@ -35,7 +35,32 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise UserError(f"{path}: not a readable safetensors file ({one_line(exc)})") from None
     if not state:
         raise UserError(f"{path}: the safetensors file holds no tensors")
+    check_dtypes(state, path)
     return state, metadata
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file, without reading its tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except Exception as exc:  # SafetensorError, OSError: truncated or not safetensors at all
+        raise UserError(f"{path}: not a readable safetensors file ({one_line(exc)})") from None
+
+
+# Loading casts every tensor to the model's dtype: complex values would lose their imaginary part and 8-bit
+# (quantised) weights their scale, giving a model that runs and is silently wrong. Refused instead.
+_REFUSED_DTYPES = {torch.complex32, torch.complex64, torch.complex128, torch.int8, torch.uint8, torch.qint8,
+                   torch.quint8, torch.qint32}
+
+
+def check_dtypes(state: dict[str, torch.Tensor], path: Path) -> None:
+    for key, tensor in state.items():
+        if tensor.dtype in _REFUSED_DTYPES:
+            raise UserError(f"{path}: tensor {key} is {str(tensor.dtype).replace('torch.', '')}; vitshrink loads "
+                            "real-valued float weights only (dequantise or convert the checkpoint first)")
 
 
 def read_torch_state_dict(path: Path, notes: list[str]) -> dict[str, torch.Tensor]:
@@ -80,4 +105,5 @@ def unwrap_state_dict(obj: Any, path: Path, notes: list[str]) -> dict[str, torch
         raise UserError(f"{path}: no tensors found (top-level keys: {', '.join(map(str, list(obj)[:8]))})")
     # timm's helper strips "module." (DDP) and "_orig_mod." (torch.compile) in either order.
     state = clean_state_dict(state)
+    check_dtypes(state, path)
     return {k.replace("._orig_mod.", "."): v for k, v in state.items()}

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +33,11 @@ FORMAT_VERSION = 1
 DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
 _RECORD_ATTR = "_vitshrink_record"
+# Bounds of the preprocessing a record may ask for: every image is resized to input_size / crop_pct, so a
+# tiny crop_pct or a huge size would make each image cost gigabytes.
+MAX_SIDE = 4096
+MIN_CROP_PCT = 0.25
+MAX_TOKENS = 16384  # a 128 x 128 patch grid: attention over more is out of reach of any machine here
 
 
 @dataclass
@@ -64,6 +70,8 @@ class ModelRecord:
         if isinstance(raw, str):
             try:
                 raw = json.loads(raw)
+            except RecursionError:
+                raise UserError(f"{source}: damaged vitshrink architecture record (nested too deeply)") from None
             except ValueError as exc:
                 raise UserError(f"{source}: damaged vitshrink architecture record (not JSON: {exc})") from None
         raw = validate_record(raw, source)
@@ -113,6 +121,7 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     """
     import vitshrink.models  # noqa: F401  (registers vitshrink's own timm models)
 
+    check_token_count(name, kwargs)
     timm_kwargs = dict(kwargs)
     norm_eps = timm_kwargs.pop("norm_eps", None)
     if norm_eps is not None:
@@ -126,7 +135,10 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         if patch_embed not in PATCH_EMBEDS:
             raise ValueError(f"patch_embed must be one of {sorted(PATCH_EMBEDS)}, got {patch_embed!r}")
         timm_kwargs["embed_layer"] = functools.partial(PATCH_EMBEDS[patch_embed], eps=float(norm_eps or 1e-5))
-    model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+    from vitshrink.guard import no_downloads
+
+    with no_downloads():  # a pretrained build reads the local cache only
+        model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
     record = attach_record(model, ModelRecord(name=name, kwargs=_jsonable(kwargs)))
     record.data = _resolved_data(model)
     # timm keeps the pretrained config's input size even when img_size changes: make it true.
@@ -143,6 +155,26 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         # A model built for its data's native resolution is evaluated without a resize-and-crop.
         set_data_config(model, crop_pct=1.0)
     return model
+
+
+def check_token_count(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse an image size whose patch grid no attention could process (``--img-size`` or a record's)."""
+    img_size, patch_size = kwargs.get("img_size"), kwargs.get("patch_size")
+    if img_size is None:
+        return
+    if patch_size is None:
+        found = re.search(r"patch(\d+)", name)
+        patch_size = int(found.group(1)) if found else 16
+    sides = [int(v) for v in (img_size if isinstance(img_size, (list, tuple)) else (img_size, img_size))]
+    patches = [int(v) for v in (patch_size if isinstance(patch_size, (list, tuple)) else (patch_size,) * 2)]
+    if len(sides) == 1:
+        sides = sides * 2
+    if len(patches) == 1:
+        patches = patches * 2
+    tokens = (sides[0] // max(1, patches[0])) * (sides[-1] // max(1, patches[-1]))
+    if tokens > MAX_TOKENS:
+        raise UserError(f"{name}: image size {'x'.join(map(str, sides))} with patch {patches[0]} makes {tokens} "
+                        f"tokens per image, more than {MAX_TOKENS} (--img-size, or the record's img_size)")
 
 
 def _match_norm_to_channels(model: nn.Module, in_chans: int) -> None:
@@ -276,24 +308,40 @@ def model_from_record(record: dict[str, Any] | ModelRecord, source: str | os.Pat
 
 # --- validation of records read from disk ----------------------------------------------------------
 
-# Rebuild kwargs whose type and range are known; others are passed to timm as they are (JSON values only).
-# (kind, low, high): sizes large enough for any real ViT, small enough that a typo cannot allocate 100s of GB.
+# The allow-list: the only rebuild kwargs a record (or a --student spec) may set, each with its type and range.
+# A model file is data: nothing in it may set pretrained, a URL, a file, a checkpoint path, a hub id, or any
+# other key timm would act on beyond shapes; an unknown key is refused (add a new architecture field here).
+# (kind, low, high): "int"/"float" in [low, high]; "optint"/"optfloat" also null; "bool"; "name" a short word
+# (letters, digits, "_", may be empty: no path, URL or hub id fits); "size" an int or [h, w]; "ints" a list of
+# ints; "dims" an int or a list of ints. Sizes: large enough for any real ViT, small enough that a typo cannot
+# allocate 100s of GB.
 KWARG_RULES: dict[str, tuple[str, float, float]] = {
-    "img_size": ("size", 1, 8192), "patch_size": ("size", 1, 1024), "in_chans": ("int", 1, 64),
+    # timm VisionTransformer shapes and variants
+    "img_size": ("size", 1, 4096), "patch_size": ("size", 1, 1024), "in_chans": ("int", 1, 64),
     "num_classes": ("int", 0, 1_000_000), "embed_dim": ("int", 1, 16384), "depth": ("int", 1, 512),
     "num_heads": ("int", 1, 1024), "mlp_ratio": ("float", 1e-3, 64), "qkv_bias": ("bool", 0, 0),
-    "class_token": ("bool", 0, 0), "fc_norm": ("bool", 0, 0), "final_norm": ("bool", 0, 0),
-    "no_embed_class": ("bool", 0, 0), "pre_norm": ("bool", 0, 0), "qk_norm": ("bool", 0, 0),
-    "reg_tokens": ("int", 0, 1024), "norm_eps": ("float", 1e-30, 1.0), "init_values": ("float", 0, 1e3),
-    "drop_rate": ("float", 0, 1), "drop_path_rate": ("float", 0, 1), "global_pool": ("str", 0, 0),
-    "patch_embed": ("str", 0, 0),
-    # vitshrink_vit's per-block dims (one entry per block)
+    "qk_norm": ("bool", 0, 0), "proj_bias": ("bool", 0, 0), "init_values": ("optfloat", 0, 1e3),
+    "class_token": ("bool", 0, 0), "no_embed_class": ("bool", 0, 0), "reg_tokens": ("int", 0, 1024),
+    "pre_norm": ("bool", 0, 0), "final_norm": ("bool", 0, 0), "fc_norm": ("optbool", 0, 0),
+    "global_pool": ("name", 0, 0), "pos_embed": ("name", 0, 0), "pool_include_prefix": ("bool", 0, 0),
+    "dynamic_img_size": ("bool", 0, 0), "dynamic_img_pad": ("bool", 0, 0), "scale_attn_norm": ("bool", 0, 0),
+    "scale_mlp_norm": ("bool", 0, 0), "act_layer": ("name", 0, 0), "weight_init": ("name", 0, 0),
+    "fix_init": ("bool", 0, 0), "drop_rate": ("float", 0, 1), "pos_drop_rate": ("float", 0, 1),
+    "patch_drop_rate": ("float", 0, 1), "proj_drop_rate": ("float", 0, 1), "attn_drop_rate": ("float", 0, 1),
+    "drop_path_rate": ("float", 0, 1),
+    # vitshrink's own (io.record.create_model, models/blockwise_vit.py): epsilon, patch embedding, per-block dims
+    "norm_eps": ("float", 1e-30, 1.0), "patch_embed": ("name", 0, 0),
     "block_num_heads": ("ints", 0, 1024), "block_head_dims": ("ints", 0, 4096),
     "block_mlp_hidden": ("ints", 0, 262144), "kept_blocks": ("ints", 0, 511),
-    # vitshrink_vit's block and head variants (hand-written ViTs)
-    "norm_placement": ("str", 0, 0), "shared_norm": ("bool", 0, 0), "head_hidden": ("int", 0, 262144),
-    "head_act": ("str", 0, 0), "head_softmax": ("bool", 0, 0), "fixed_pos_embed": ("bool", 0, 0),
+    "norm_placement": ("name", 0, 0), "shared_norm": ("bool", 0, 0), "head_hidden": ("dims", 0, 262144),
+    "head_act": ("name", 0, 0), "head_softmax": ("bool", 0, 0), "pool_num_heads": ("int", 1, 1024),
+    "pool_mlp_ratio": ("float", 1e-3, 64), "fixed_pos_embed": ("bool", 0, 0), "base": ("name", 0, 0),
+    # CiT (models/cit.py), RedNet (models/involution.py), timm CNNs
+    "stem_chs": ("int", 1, 4096), "stem_stride": ("optint", 1, 64), "conv_stem_kernel": ("optint", 1, 64),
+    "stage_blocks": ("ints", 0, 512), "base_chs": ("int", 1, 4096), "stem_pool": ("bool", 0, 0),
+    "zero_init_last": ("bool", 0, 0), "output_stride": ("int", 1, 64),
 }
+_MAX_NAME = 64
 
 
 def validate_record(raw: Any, source: str | os.PathLike) -> dict[str, Any]:
@@ -306,18 +354,17 @@ def validate_record(raw: Any, source: str | os.PathLike) -> dict[str, Any]:
     if "model" not in raw:
         raise UserError(f"{where} has no field 'model' (the timm model name)")
     check_str(where, "model", raw["model"])
-    kwargs = raw.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise UserError(f"{where}: field kwargs must be an object, got {type(kwargs).__name__}")
-    for key, value in kwargs.items():
-        check_kwarg(where, key, value)
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}", raw["model"]):
+        raise UserError(f"{where}: field model must be a timm model name (no hub id, path or URL), "
+                        f"got {raw['model']!r:.80}")
+    kwargs = check_kwargs(where, raw.get("kwargs") or {})
     if isinstance(kwargs.get("num_heads"), int) and isinstance(kwargs.get("embed_dim"), int):
         if kwargs["embed_dim"] % kwargs["num_heads"]:
             raise UserError(f"{where}: kwargs.num_heads={kwargs['num_heads']} does not divide "
                             f"kwargs.embed_dim={kwargs['embed_dim']}")
     channels = None
     if raw.get("input_size") is not None:
-        size = check_vector(where, "input_size", raw["input_size"], "int", 1, 8192, lengths=(3,))
+        size = check_vector(where, "input_size", raw["input_size"], "int", 1, MAX_SIDE, lengths=(3,))
         channels = int(size[0])
         check_int(where, "input_size[0] (channels)", channels, 1, 64)
     for key in ("mean", "std"):
@@ -329,7 +376,7 @@ def validate_record(raw: Any, source: str | os.PathLike) -> dict[str, Any]:
     if raw.get("interpolation") is not None:
         check_str(where, "interpolation", raw["interpolation"], choices=INTERPOLATIONS)
     if raw.get("crop_pct") is not None:
-        check_float(where, "crop_pct", raw["crop_pct"], 1e-3, 1.0)
+        check_float(where, "crop_pct", raw["crop_pct"], MIN_CROP_PCT, 1.0)
     names = raw.get("class_names")
     if names is not None:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -343,34 +390,36 @@ def validate_record(raw: Any, source: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_kwarg(where: str, key: Any, value: Any) -> None:
-    """One rebuild kwarg: a string key, a JSON value, and the known ones in range."""
-    if not isinstance(key, str) or not key.isidentifier():
-        raise UserError(f"{where}: kwargs key {key!r} is not a valid argument name")
+    """One rebuild kwarg: an allowed architecture field with a value of its type and range."""
+    if not isinstance(key, str) or key not in KWARG_RULES:
+        shown = key if isinstance(key, str) and len(key) <= 60 else repr(key)[:60]
+        raise UserError(f"{where}: kwargs.{shown} is not an architecture field vitshrink rebuilds (a model file "
+                        "holds shapes only: no pretrained weights, URL, file or hub id)")
     name = f"kwargs.{key}"
-    kind, low, high = KWARG_RULES.get(key, ("any", 0, 0))
-    if value is None and kind not in ("int", "size"):
-        return  # optional kwargs (init_values, kept_blocks, ...) default to None
-    if kind == "int":
+    kind, low, high = KWARG_RULES[key]
+    if value is None and kind.startswith("opt"):
+        return
+    if kind in ("int", "optint"):
         check_int(where, name, value, int(low), int(high))
-    elif kind == "float":
+    elif kind in ("float", "optfloat"):
         check_float(where, name, value, low, high)
-    elif kind == "bool":
+    elif kind in ("bool", "optbool"):
         check_bool(where, name, value)
-    elif kind == "str":
-        check_str(where, name, value)
-    elif kind == "ints":
+    elif kind == "name":
+        if not isinstance(value, str) or len(value) > _MAX_NAME or not re.fullmatch(r"[A-Za-z0-9_]*", value):
+            raise UserError(f"{where}: field {name} must be a short name (letters, digits, _), got {value!r:.60}")
+    elif kind == "ints" or (kind == "dims" and isinstance(value, (list, tuple))):
         check_vector(where, name, value, "int", int(low), int(high), lengths=range(1, 513))
-    elif kind == "size":
+    elif kind == "dims":
+        check_int(where, name, value, int(low), int(high))
+    else:
         check_image_size(where, name, value, int(low), int(high))
-    elif not _is_json(value):
-        raise UserError(f"{where}: {name} has a value of type {type(value).__name__}")
 
 
-def _is_json(value: Any) -> bool:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return True
-    if isinstance(value, list):
-        return all(_is_json(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
-    return False
+def check_kwargs(where: str, kwargs: Any) -> dict[str, Any]:
+    """Every rebuild kwarg of a record or a --student spec (``check_kwarg``)."""
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{where}: field kwargs must be an object, got {type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        check_kwarg(where, key, value)
+    return kwargs

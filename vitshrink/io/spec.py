@@ -132,26 +132,20 @@ def _model_from_timm_name(name: str, options: dict[str, Any], pretrained: bool, 
 
 
 def _create_pretrained(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """timm pretrained weights from the local cache only (never a slow network hang).
+    """timm pretrained weights from the local cache only: vitshrink never downloads (``vitshrink.guard``)."""
+    from vitshrink.guard import go_offline
 
-    Set HF_HUB_OFFLINE=0 explicitly in the environment to let timm download.
-    """
-    import huggingface_hub.constants as hub_constants
-
-    allow_download = os.environ.get("HF_HUB_OFFLINE") == "0"
-    saved = hub_constants.HF_HUB_OFFLINE
-    hub_constants.HF_HUB_OFFLINE = not allow_download
+    go_offline()
     try:
         return create_model(name, pretrained=True, **kwargs)
+    except UserError:
+        raise
     except Exception as exc:  # timm/hub raise many types (LocalEntryNotFoundError, OSError, URLError...)
-        where = ("could not be downloaded" if allow_download
-                 else "are not in the local cache (vitshrink does not download)")
         raise UserError(
-            f"{name}: pretrained weights {where} ({type(exc).__name__}); download the checkpoint yourself and "
-            f"pass the local file as SPEC with --arch {name} (a .safetensors or .pt state dict)"
+            f"{name}: pretrained weights are not in the local cache (vitshrink does not download; "
+            f"{type(exc).__name__}); download the checkpoint yourself and pass the local file as SPEC with "
+            f"--arch {name} (a .safetensors or .pt state dict)"
         ) from None
-    finally:
-        hub_constants.HF_HUB_OFFLINE = saved
 
 
 # --- vitshrink files -----------------------------------------------------------------------

@@ -124,7 +124,8 @@ def _count_onnx(path: Path, input_size: Sequence[int] | None, name: str | None,
         result["flops_note"] = "MACs from ONNX shape inference (MatMul, Gemm, Conv)"
         result.update(macs=count.macs, flops=count.flops, gmacs=count.gmacs, gflops=count.gflops)
     if size is None:
-        raise UserError(f"{path}: cannot tell the input size; pass --input-size")
+        raise UserError(f"{path}: cannot tell the input size (symbolic height/width); export the model with a "
+                        "fixed image size (vitshrink export SPEC --img-size N -o FILE)")
     return size
 
 

@@ -93,7 +93,8 @@ def check_target(target: Any, resource: ResourceModel | None = None, *, skip: bo
             cost = ("the embedding and head alone" if skip else
                     "one head and the narrowest allowed head dim and MLP width per block" if within
                     else "the unpruned blocks")
-            raise UserError(f"{flag} {value:g} is unreachable: {cost} already cost {floor:.3f} of the "
+            multiple = f" with --dim-multiple {dim_multiple}" if dim_multiple > 1 else ""
+            raise UserError(f"{flag} {value:g} is unreachable{multiple}: {cost} already cost {floor:.3f} of the "
                             f"teacher's {what}")
     return value
 

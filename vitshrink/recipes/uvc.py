@@ -18,6 +18,7 @@ from vitshrink.distill.tasks import DistillTask, LogitKDTask
 from vitshrink.distill.teachers import as_teachers
 from vitshrink.errors import UserError
 from vitshrink.io import record_of
+from vitshrink.io.fields import read_json
 from vitshrink.prune.decisions import magnitude_plan
 from vitshrink.prune.resource import check_target
 from vitshrink.recipes.base import Recipe, RecipeContext, register_recipe
@@ -83,6 +84,12 @@ class UVC(Recipe):
             raise UserError("--student: the uvc recipe prunes the teacher itself; leave --student out")
         check_uvc_applies(teacher, ctx.cfg, ctx.log)  # before the search: families refused, qk-norm adjusted
         config = uvc_config(ctx.cfg)
+        if config.within and config.head_dims and any(
+                not isinstance(getattr(getattr(b, "attn", None), "q_norm", nn.Identity()), nn.Identity)
+                for b in teacher.blocks):
+            # Checked now, not after the search: slicing cannot narrow a head whose q/k norm spans all its dims.
+            raise UserError("uvc: the teacher has qk_norm (a norm over each head's dims), so head dims cannot be "
+                            "pruned; add --prune-head-dims false (heads, MLP units and blocks are still pruned)")
         for key, allowed in (("pruning_plan", ("search", "magnitude")), ("posttrain_objective", ("kd", "official"))):
             if ctx.cfg.get(key) is not None and ctx.cfg[key] not in allowed:
                 raise UserError(f"{key} must be one of {', '.join(allowed)}, got {ctx.cfg[key]!r}")
@@ -215,7 +222,7 @@ class UVC(Recipe):
         path = None if out_dir is None else out_dir / "uvc_plan.json"
         if path is None or not path.exists():
             return {}
-        plan = json.loads(path.read_text())
+        plan = read_json(path, "uvc plan")
         fields = {key: plan[key] for key in ("top1_after_pruning", "flops_target", "flops_ratio", "dim_multiple",
                                              "latency", "search") if key in plan}
         return {"pruning": fields}
@@ -225,7 +232,7 @@ class UVC(Recipe):
         path = None if out_dir is None else out_dir / "uvc_plan.json"
         if path is None or not path.exists():
             return []
-        plan = json.loads(path.read_text())
+        plan = read_json(path, "uvc plan")
         return [w for w in (plan.get("warning"), (plan.get("latency") or {}).get("warning")) if w]
 
     def task(self, teachers: Any, student: nn.Module, cfg: dict[str, Any]):

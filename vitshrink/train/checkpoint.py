@@ -96,6 +96,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         value = state.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise UserError(f"{path}: damaged checkpoint (field {key!r} is {type(value).__name__})")
+    from vitshrink.io.record import ModelRecord
+
+    ModelRecord.from_json(state["arch"], f"{path} (field arch)")  # the student is rebuilt from it
     for key in ("epoch", "batch", "global_step"):
         if state[key] < 0:
             raise UserError(f"{path}: damaged checkpoint (field {key!r} is {state[key]})")
@@ -133,6 +136,23 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                       if tensor.numel() else b"")
     return digest.hexdigest()[:16]
+
+
+def student_identity(student: Any) -> str:
+    """What --student asked for, as --resume compares it: derived, a spec, or a file (resolved path)."""
+    if student is None:
+        return "derived from the teacher"
+    if isinstance(student, torch.nn.Module):
+        return f"module {type(student).__name__}"
+    return str(Path(student).resolve()) if Path(str(student)).exists() else str(student)
+
+
+def normalisation_identity(teacher: torch.nn.Module) -> str:
+    """The mean/std every image is normalised with (--mean/--std or the teacher's record)."""
+    from vitshrink.io import data_config
+
+    cfg = data_config(teacher)
+    return "mean " + ",".join(f"{v:.6g}" for v in cfg["mean"]) + " std " + ",".join(f"{v:.6g}" for v in cfg["std"])
 
 
 def check_resume(state: dict[str, Any], identity: dict[str, Any], path: Path) -> None:

@@ -66,6 +66,7 @@ class Evaluation:
 
     model: nn.Module
     loader: Any
+    select_best: bool = False  # keep the best epoch by validation top-1 (else the last epoch)
 
 
 @dataclass
@@ -166,7 +167,12 @@ def train(task, source, schedule: Schedule, checkpointing: Checkpointing, *, eva
     optimizer, scheduler = _optimizer_and_scheduler(trainable, schedule, steps_per_epoch)
     at = _Position()
     if checkpointing.resume_state is not None:
-        at = _restore(checkpointing.resume_state, trainable, optimizer, scheduler, env)
+        try:
+            at = _restore(checkpointing.resume_state, trainable, optimizer, scheduler, env)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            text = " ".join(str(exc).split())[:160]
+            raise UserError(f"{checkpointing.path}: damaged checkpoint, cannot resume ({type(exc).__name__}: "
+                            f"{text}); run again without --resume or use another --out") from None
         env.log(f"resuming {checkpointing.out_dir} at epoch {at.epoch + 1}, batch {at.batch} "
                 f"(step {at.global_step})")
     scheduler.step_update(at.global_step)
@@ -303,13 +309,16 @@ def _end_epoch(at: _Position, evaluation: Evaluation, schedule: Schedule, optimi
     result = evaluate_split(evaluation.model, evaluation.loader, env, amp=schedule.amp)
     row.update(eval_loss=result["loss"], eval_top1=result["top1"] * 100, eval_top5=result["top5"] * 100)
     at.rows.append(row)
-    if result["top1"] > at.best_top1:
+    # Picking the best epoch on the set whose top-1 the report quotes would overstate it: by default the last
+    # epoch is kept; select_epoch: best keeps the best one (and the report says so).
+    if result["top1"] > at.best_top1 or not evaluation.select_best:
         at.best_top1, at.best_epoch = result["top1"], at.epoch + 1
         if env.ddp.main:
             checkpointing.save_best(at.epoch + 1, result["top1"])
     if env.ddp.main:
+        kept = "best" if evaluation.select_best else "kept"
         env.log(f"epoch {at.epoch + 1}/{schedule.epochs}: train loss {row['train_loss']:.4f}, val top-1 "
-                f"{row['eval_top1']:.2f}% top-5 {row['eval_top5']:.2f}% (best {at.best_top1:.2%}, "
+                f"{row['eval_top1']:.2f}% top-5 {row['eval_top5']:.2f}% ({kept} {at.best_top1:.2%}, "
                 f"epoch {at.best_epoch})")
         write_summary(checkpointing.out_dir / "summary.csv", at.rows)
 
