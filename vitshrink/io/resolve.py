@@ -1,0 +1,385 @@
+"""What a state dict cannot tell, decided by behaviour on labelled images.
+
+No tensor shape reveals a ViT's head count, where its norms sit (pre- or post-norm), its MLP activation, its
+LayerNorm epsilon or the input normalisation it was trained with; a wrong guess still runs, at a lower
+accuracy. ``open_settings`` says which of these the loader had to assume for a SPEC; ``resolve`` tries the
+plausible candidates jointly (under a wrong normalisation every head count scores low) on a small labelled
+sample and keeps the best, with the table of what was tried. The same tensors are rebuilt under each
+candidate's kwargs (``rebuild``); images are decoded once, unnormalised, and each normalisation is applied as
+a tensor operation.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from vitshrink.errors import UserError
+from vitshrink.io.record import ModelRecord, data_config, model_from_record, record_of, set_data_config
+
+RESOLVE_IMAGES = 256  # labelled images the candidates are compared on
+SCREEN_IMAGES = 48  # first round: every candidate; the best KEEP_AFTER_SCREEN go on to all RESOLVE_IMAGES
+KEEP_AFTER_SCREEN = 6
+MIN_HEAD_DIM, MAX_HEADS = 8, 16
+TIE_MARGIN = 0.01  # top-1 differences below this (2-3 images of 256) are noise: the earlier candidate stays
+EPS_CANDIDATES = (1e-6, 1e-5)  # timm's, torch.nn.LayerNorm's
+# Input normalisations seen in the wild; "data" (the sample's own per-channel statistics) is added per sample.
+NORMALISATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "0.5": ((0.5,), (0.5,)),
+                  "none": ((0.0,), (1.0,))}
+# Layouts of libraries whose block computation is fixed (pre-norm, GELU): nothing to decide there.
+FIXED_BLOCK_LAYOUTS = ("torchvision", "vit-pytorch", "timm's checkpoint_filter_fn")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One guess at what the weights leave open: kwargs overrides plus an input normalisation."""
+
+    norm: str  # "imagenet", "0.5", "none", "data", "assumed", "given"
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    kwargs: tuple[tuple[str, Any], ...] = ()  # e.g. (("num_heads", 4), ("norm_placement", "post"))
+
+    def label(self) -> str:
+        parts = [f"{k.replace('norm_placement', 'norm').replace('act_layer', 'act')}={v}" for k, v in self.kwargs]
+        stats = "/".join(f"{m:.3g}" for m in self.mean[:3]) + " ± " + "/".join(f"{s:.3g}" for s in self.std[:3])
+        return ", ".join(parts + [f"input {self.norm} ({stats})"])
+
+
+@dataclass
+class OpenSettings:
+    """Which settings the loader assumed (True) rather than read or was given."""
+
+    heads: bool = False
+    normalisation: bool = False
+    block: bool = False  # norm placement and MLP activation
+    eps: bool = False
+
+    def names(self) -> list[str]:
+        return [name for name, is_open in (("num_heads", self.heads), ("input normalisation", self.normalisation),
+                                           ("norm placement/activation", self.block), ("LayerNorm eps", self.eps))
+                if is_open]
+
+    def any_decisive(self) -> bool:
+        """Open settings that change top-1 grossly (an epsilon does not)."""
+        return self.heads or self.normalisation or self.block
+
+
+@dataclass
+class Resolution:
+    model: nn.Module
+    chosen: Candidate
+    rows: list[tuple[Candidate, float, int]] = field(default_factory=list)  # candidate, top-1, images
+    data: str = ""
+    top1: float = 0.0  # the chosen candidate's, on n_images
+    n_images: int = 0
+
+    def table(self, limit: int = 8) -> list[str]:
+        """``candidate -> top-1 on N images`` lines, best first (the chosen one marked)."""
+        ordered = sorted(self.rows, key=lambda row: (-row[2], -row[1]))[:limit]
+        return [f"{'*' if c == self.chosen else ' '} {c.label()}  ->  top-1 {top1:.3f} on {n} images"
+                for c, top1, n in ordered]
+
+
+# --- what is open ------------------------------------------------------------------------------
+
+def open_settings(spec: str | os.PathLike, model: nn.Module, load_kwargs: dict[str, Any]) -> OpenSettings:
+    """The settings a foreign state dict left to assumption (nothing for timm names, vitshrink files, HF dirs)."""
+    if not _is_foreign_state_dict(Path(str(spec)).expanduser()) or not hasattr(model, "blocks"):
+        return OpenSettings()
+    record = record_of(model)
+    library_layout = any(n.startswith("layout recognised:") and any(lib in n for lib in FIXED_BLOCK_LAYOUTS)
+                         for n in record.notes)
+    return OpenSettings(
+        heads=load_kwargs.get("num_heads") is None and _attention_width(model) is not None,
+        normalisation=load_kwargs.get("mean") is None or load_kwargs.get("std") is None,
+        block=not library_layout and _supports_block_variants(),
+        eps=load_kwargs.get("norm_eps") is None and "norm_eps" not in record.kwargs,
+    )
+
+
+def _is_foreign_state_dict(path: Path) -> bool:
+    from vitshrink.io.readers import TORCH_SUFFIXES
+
+    suffix = path.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        return path.is_file()
+    if suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    from vitshrink.io.record import METADATA_KEY
+
+    with safe_open(str(path), framework="pt") as handle:
+        return METADATA_KEY not in (handle.metadata() or {})
+
+
+def _supports_block_variants() -> bool:
+    """Whether ``vitshrink_vit`` builds post-norm blocks and other activations (``norm_placement``)."""
+    from vitshrink.models.blockwise_vit import BlockwiseVisionTransformer
+
+    return "norm_placement" in inspect.signature(BlockwiseVisionTransformer.__init__).parameters
+
+
+def _attention_width(model: nn.Module) -> int | None:
+    attn = getattr(model.blocks[0], "attn", None) if len(model.blocks) else None
+    qkv = getattr(attn, "qkv", None)
+    return int(qkv.weight.shape[0]) // 3 if qkv is not None else None
+
+
+def unverified_refusal(spec: Any, model: nn.Module, open_: OpenSettings) -> UserError:
+    """The error ``convert`` raises when it would write a file from guesses no images checked."""
+    assumed = [n for n in record_of(model).notes if "assumed" in n]
+    flags = [flag for is_open, flag in ((open_.heads, "--num-heads N"), (open_.normalisation, "--mean M --std S"))
+             if is_open]
+    given = f"state them ({' '.join(flags)}) or " if flags and not open_.block else ""
+    return UserError(f"{spec}: {', '.join(open_.names())} cannot be read from the weights and would be guesses "
+                     f"({'; '.join(assumed) or 'assumed defaults'}); pass --data with labelled images to decide them "
+                     f"by behaviour, {given}give your model code with --module FILE.py:CALLABLE; nothing written")
+
+
+# --- candidates --------------------------------------------------------------------------------
+
+def head_candidates(width: int, prior: int) -> list[int]:
+    """Divisors of the attention width giving heads at least ``MIN_HEAD_DIM`` wide (at most ``MAX_HEADS``)."""
+    found = [h for h in range(1, MAX_HEADS + 1) if width % h == 0 and width // h >= MIN_HEAD_DIM]
+    return sorted(set(found) | {prior})
+
+
+def block_candidates() -> list[tuple[tuple[str, Any], ...]]:
+    return [(("norm_placement", place), ("act_layer", act)) for place in ("pre", "post") for act in ("gelu", "relu")]
+
+
+def normalisation_candidates(raw: torch.Tensor, assumed: tuple[tuple[float, ...], tuple[float, ...]],
+                             open_: bool) -> list[Candidate]:
+    channels = int(raw.shape[1])
+    if not open_:
+        return [Candidate("given", *assumed)]
+    stats = (tuple(raw.mean(dim=(0, 2, 3)).tolist()), tuple(raw.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()))
+    found = [Candidate(name, *_per_channel(mean, std, channels)) for name, (mean, std) in NORMALISATIONS.items()]
+    found.append(Candidate("data", *_per_channel(*stats, channels)))
+    assumed = _per_channel(*assumed, channels)
+    if not any(_close(c.mean, assumed[0]) and _close(c.std, assumed[1]) for c in found):
+        found.insert(0, Candidate("assumed", *assumed))
+    return found
+
+
+def _per_channel(mean: Iterable[float], std: Iterable[float], channels: int) -> tuple[tuple[float, ...], ...]:
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) != channels:
+        mean = (sum(mean) / len(mean),) * channels
+    if len(std) != channels:
+        std = (sum(std) / len(std),) * channels
+    return mean, std
+
+
+def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) < 1e-3 for x, y in zip(a, b))
+
+
+# --- rebuilding the same tensors under other kwargs ----------------------------------------------
+
+def rebuild(model: nn.Module, overrides: dict[str, Any]) -> nn.Module:
+    """``model``'s tensors in a model built with ``overrides`` (num_heads, norm_placement, act_layer, norm_eps)."""
+    record = record_of(model)
+    name, kwargs = record.name, dict(record.kwargs)
+    state = model.state_dict()
+    overrides = dict(overrides)
+    heads = overrides.pop("num_heads", None)
+    needs_blockwise = any(overrides.get(k, d) != d for k, d in (("norm_placement", "pre"), ("act_layer", "gelu")))
+    if name != "vitshrink_vit" and needs_blockwise:
+        from vitshrink.io.foreign import blockwise_kwargs
+
+        width = _attention_width(model)
+        name, kwargs = "vitshrink_vit", blockwise_kwargs({**kwargs, "num_heads": kwargs.get("num_heads", 1),
+                                                          "attn_width": width}, state)
+    if heads is not None:
+        kwargs.update(_heads_kwargs(name, kwargs, int(heads)))
+    kwargs.update({k: v for k, v in overrides.items() if name == "vitshrink_vit" or k == "norm_eps"})
+    built = model_from_record(replace(record, name=name, kwargs=kwargs, notes=[]), record.spec or "model")
+    built.load_state_dict(state, strict=True)
+    new = record_of(built)
+    new.notes, new.class_names, new.spec = list(record.notes), record.class_names, record.spec
+    set_data_config(built, **record.data)
+    return built.eval()
+
+
+def _heads_kwargs(name: str, kwargs: dict[str, Any], heads: int) -> dict[str, Any]:
+    if name != "vitshrink_vit":
+        return {"num_heads": heads}
+    widths = [n * d for n, d in zip(kwargs["block_num_heads"], kwargs["block_head_dims"])]
+    return {"block_num_heads": [heads if w else 0 for w in widths],
+            "block_head_dims": [w // heads if w else d for w, d in zip(widths, kwargs["block_head_dims"])]}
+
+
+def apply_candidate(model: nn.Module, candidate: Candidate) -> nn.Module:
+    built = rebuild(model, dict(candidate.kwargs)) if candidate.kwargs else model
+    set_data_config(built, mean=candidate.mean, std=candidate.std)
+    return built
+
+
+# --- deciding -----------------------------------------------------------------------------------
+
+def labelled_sample(model: nn.Module, data: str | os.PathLike | None,
+                    n: int = RESOLVE_IMAGES) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
+    """Up to ``n`` readable images spread over ``data``'s classes, unnormalised ([0, 1]), with labels."""
+    from vitshrink.data import build_transform, resolve_eval_split
+
+    cfg = data_config(model)
+    channels = int(cfg["input_size"][0])
+    split, description = resolve_eval_split(data, in_chans=channels)
+    split.transform = build_transform({**cfg, "mean": (0.0,) * channels, "std": (1.0,) * channels})
+    stride = max(1, len(split) // n)
+    images, targets = [], []
+    for index in range(0, len(split), stride):
+        item = split[index]
+        if item is not None:
+            images.append(item[0])
+            targets.append(item[1])
+        if len(images) == n:
+            break
+    if not images:
+        raise UserError(f"--data {data}: no readable images")
+    # timm's folder reader calls it class_to_idx, its tar reader class_name_to_idx.
+    class_to_idx = (getattr(split.reader, "class_to_idx", None) or getattr(split.reader, "class_name_to_idx", None)
+                    or {})
+    names = sorted(class_to_idx, key=class_to_idx.get) if split.target_map is None else []
+    return torch.stack(images), torch.tensor(targets), names, str(data) if data is not None else description
+
+
+def bundled_fits(model: nn.Module) -> bool:
+    """The bundled CIFAR-10 sample can judge a model with CIFAR-10's classes (RGB, 10 classes)."""
+    from vitshrink.data.folders import BUNDLED_VAL, _class_names, _open_reader
+
+    names = record_of(model).class_names
+    if int(data_config(model)["input_size"][0]) != 3 or getattr(model, "num_classes", None) != 10:
+        return False
+    return names is None or list(names) == _class_names(_open_reader(BUNDLED_VAL))
+
+
+@torch.no_grad()
+def top1(model: nn.Module, raw: torch.Tensor, targets: torch.Tensor, mean: tuple[float, ...],
+         std: tuple[float, ...]) -> float:
+    mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    hits = 0
+    for start in range(0, len(raw), 128):
+        out = model((raw[start:start + 128] - mean_t) / std_t)
+        out = sum(out) / len(out) if isinstance(out, (tuple, list)) else out
+        hits += int((out.argmax(1) == targets[start:start + 128]).sum())
+    return hits / len(raw)
+
+
+def resolve(model: nn.Module, open_: OpenSettings, data: str | os.PathLike | None, spec: Any = "") -> Resolution:
+    """Try the open settings jointly on labelled images; return the best model with the table of what was tried.
+
+    Every candidate (heads x block variant x normalisation) is scored on ``SCREEN_IMAGES`` images, the best
+    ``KEEP_AFTER_SCREEN`` on all ``RESOLVE_IMAGES``; an open LayerNorm eps is tried last (ties keep the
+    assumed one). Refuses when even the best candidate is at chance level.
+    """
+    raw, targets, class_names, where = labelled_sample(model, data)
+    cfg = data_config(model)
+    norms = normalisation_candidates(raw, (tuple(cfg["mean"]), tuple(cfg["std"])), open_.normalisation)
+    structures = _structure_candidates(model, open_)
+    built: dict[tuple, nn.Module] = {}
+    rows: dict[Candidate, tuple[float, int]] = {}
+    screen = raw[: min(SCREEN_IMAGES, len(raw))], targets[: min(SCREEN_IMAGES, len(raw))]
+    for kwargs in structures:
+        built[kwargs] = rebuild(model, dict(kwargs)) if kwargs else model
+        for norm in norms:
+            candidate = replace(norm, kwargs=kwargs)
+            rows[candidate] = (top1(built[kwargs], *screen, norm.mean, norm.std), len(screen[1]))
+    if len(raw) > len(screen[1]):
+        for candidate in sorted(rows, key=lambda c: -rows[c][0])[:KEEP_AFTER_SCREEN]:
+            rows[candidate] = (top1(built[candidate.kwargs], raw, targets, candidate.mean, candidate.std), len(raw))
+    best = _first_among_equals(rows)
+    if open_.eps:
+        current = next((float(m.eps) for m in model.modules() if isinstance(m, nn.LayerNorm)), None)
+        tried = [best]
+        for eps in (e for e in EPS_CANDIDATES if current is None or abs(e - current) > 1e-12):
+            candidate = replace(best, kwargs=best.kwargs + (("norm_eps", eps),))
+            built[candidate.kwargs] = rebuild(model, dict(candidate.kwargs))
+            rows[candidate] = (top1(built[candidate.kwargs], raw, targets, best.mean, best.std), len(raw))
+            tried.append(candidate)
+        best = _first_among_equals({c: rows[c] for c in tried})
+    classes = max(2, len(set(targets.tolist())))
+    if rows[best][0] <= 1.5 / classes:
+        raise UserError(f"{spec}: top-1 on {len(raw)} images of {where} is at chance level with every candidate "
+                        f"tried (best: {best.label()}: {rows[best][0]:.3f}, {classes} classes); check that the "
+                        f"images carry the model's classes and the layout, or give the model code with --module")
+    chosen = apply_candidate(built[best.kwargs], replace(best, kwargs=()))
+    _record_decision(chosen, best, rows[best], open_, where, class_names, len(rows))
+    return Resolution(chosen, best, [(c, s, n) for c, (s, n) in rows.items()], where, *rows[best])
+
+
+def _first_among_equals(rows: dict[Candidate, tuple[float, int]]) -> Candidate:
+    """The best score on the most images; within ``TIE_MARGIN`` of it, the earliest candidate (the assumed
+    settings come first, named normalisations before the sample's own statistics)."""
+    most = max(n for _, n in rows.values())
+    scored = {c: s for c, (s, n) in rows.items() if n == most}
+    top = max(scored.values())
+    return next(c for c, s in scored.items() if s >= top - TIE_MARGIN)
+
+
+def _structure_candidates(model: nn.Module, open_: OpenSettings) -> list[tuple[tuple[str, Any], ...]]:
+    """Kwargs overrides to try: head counts x block variants (the assumed ones first)."""
+    heads: list[tuple[tuple[str, Any], ...]] = [()]
+    if open_.heads:
+        prior = int(model.blocks[0].attn.num_heads)
+        others = [h for h in head_candidates(_attention_width(model), prior) if h != prior]
+        heads = [(("num_heads", prior),)] + [(("num_heads", h),) for h in others]
+    blocks = block_candidates() if open_.block else [()]
+    return [h + b for h in heads for b in blocks]
+
+
+def _record_decision(model: nn.Module, best: Candidate, score: tuple[float, int], open_: OpenSettings, where: str,
+                     class_names: list[str], tried: int) -> None:
+    """Replace the loader's assumption notes with what the images decided."""
+    record = record_of(model)
+    decided = ("num_heads=", "mean/std", "norm placement", "activation", "LayerNorm eps", "post-norm", "pre-norm")
+    record.notes = [n for n in record.notes if not ("assumed" in n and any(d in n for d in decided))]
+    record.notes.append(f"{', '.join(open_.names())} decided by behaviour: {best.label()} scored top-1 "
+                        f"{score[0]:.3f} on {score[1]} images of {where}, the best of {tried} candidates")
+    if record.class_names is None and class_names and len(class_names) == getattr(model, "num_classes", None):
+        record.class_names = list(class_names)
+
+
+# --- the entry point for convert and every loading command -----------------------------------------
+
+def load_resolved(spec: str | os.PathLike, load_kwargs: dict[str, Any], data: str | os.PathLike | None, *,
+                  module: str | None = None, module_args: str | None = None,
+                  refuse_guesses: bool = False, require_data: bool = False) -> tuple[nn.Module, Resolution | None]:
+    """``load_model(spec, **load_kwargs)``, then what it had to assume decided by behaviour.
+
+    ``module`` (``FILE.py:CALLABLE``) first matches the user's own model code (``vitshrink.io.user_module``):
+    its logits decide the computation, the images only the normalisation. Without labelled images (``data``,
+    or the bundled sample when the classes match), ``refuse_guesses`` (convert) refuses; otherwise the
+    assumptions stand as notes, unless ``require_data`` (``--resolve``).
+    """
+    from vitshrink.io.spec import load_model
+
+    model = load_model(spec, **load_kwargs)
+    open_ = open_settings(spec, model, load_kwargs)
+    if module is not None:
+        from vitshrink.io.user_module import match_user_module
+
+        model = match_user_module(spec, model, module, module_args, open_, data)
+        open_ = OpenSettings(normalisation=open_.normalisation)
+    if not (open_.any_decisive() or open_.eps):
+        if require_data:
+            record_of(model).notes.append(f"--resolve: nothing to decide ({spec} states its architecture and "
+                                          f"normalisation, or they were given)")
+        return model, None
+    if data is None and not bundled_fits(model):
+        if require_data:
+            raise UserError(f"--resolve: {spec} needs labelled images with its classes to decide "
+                            f"{', '.join(open_.names())}: pass --data (the bundled CIFAR-10 sample serves only "
+                            f"10-class RGB models)")
+        if refuse_guesses and open_.any_decisive():
+            raise unverified_refusal(spec, model, open_)
+        return model, None
+    resolution = resolve(model, open_, data, spec)
+    return resolution.model, resolution
