@@ -88,9 +88,9 @@ def print_resolution(resolution) -> None:
     if resolution is None:
         return
     err_console.print(f"decided by behaviour on {resolution.n_images} images of {resolution.data} "
-                      "(candidate -> top-1; * = taken):", markup=False, highlight=False)
+                      "(candidate -> top-1; * = taken):", markup=False, highlight=False, soft_wrap=True)
     for line in resolution.table():
-        err_console.print(line, markup=False, highlight=False)
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.callback()

@@ -33,9 +33,10 @@ def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options
     layout = None
     if arch is None or _is_vit_arch(arch):
         layout = convert_layout(state)
-        if arch is None and layout.name is not None:
+        if arch is None and (layout.name is not None or _is_timm_like_vit(layout.state)):
             arch, arch_was_inferred = DEFAULT_VIT_ARCH, True
-            notes.append(f"--arch {arch} assumed (a {layout.name}; every size is read from the tensors)")
+            notes.append(f"--arch {arch} assumed (a {layout.name or 'timm-like ViT'}; every size is read from the "
+                         f"tensors)")
     if arch is None:
         raise UserError(f"{path}: a foreign checkpoint (not saved by vitshrink) needs --arch NAME, the timm "
                         f"model it was trained as (e.g. vit_small_patch16_224)")
@@ -75,6 +76,11 @@ def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options
         set_data_config(model, input_size=(data_config(model)["input_size"][0], options["img_size"],
                                            options["img_size"]), crop_pct=1.0)
     return model
+
+
+def _is_timm_like_vit(state: dict[str, torch.Tensor]) -> bool:
+    """A patch projection and numbered blocks with attention: a ViT whatever module wrote it."""
+    return "patch_embed.proj.weight" in state and "blocks.0.attn.qkv.weight" in state
 
 
 def _is_vit_arch(arch: str) -> bool:

@@ -133,7 +133,7 @@ def _attention_width(model: nn.Module) -> int | None:
 
 def unverified_refusal(spec: Any, model: nn.Module, open_: OpenSettings) -> UserError:
     """The error ``convert`` raises when it would write a file from guesses no images checked."""
-    assumed = [n for n in record_of(model).notes if "assumed" in n]
+    assumed = [n.split(": pass")[0] for n in record_of(model).notes if "assumed" in n and "--arch" not in n]
     flags = [flag for is_open, flag in ((open_.heads, "--num-heads N"), (open_.normalisation, "--mean M --std S"))
              if is_open]
     given = f"state them ({' '.join(flags)}) or " if flags and not open_.block else ""

@@ -1,0 +1,85 @@
+"""What the weights cannot tell, decided by behaviour: two 4-head ViTs trained on real MNIST images, one on
+mean/std 0.5 and one on raw pixels, saved as plain state dicts; `convert --data` must pick 4 heads and the right
+normalisation together (also under an --arch whose defaults say otherwise), show the wrong candidates scoring
+lower, and refuse without images; the advice of that refusal writes a file equal to the original module."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from resolve_support import MNIST_TEST, MNIST_TRAIN, mnist_tensors, trained_hand_written
+from test_cli import assert_one_line_error, run_cli
+from vitshrink.io import data_config, load_model, record_of
+
+pytestmark = pytest.mark.skipif(not (MNIST_TRAIN.exists() and MNIST_TEST.exists()), reason="shared MNIST not present")
+HALF, RAW = ((0.5,), (0.5,)), ((0.0,), (1.0,))
+
+
+@pytest.fixture(scope="session")
+def trained_pair(tmp_path_factory) -> dict[str, tuple]:
+    folder = tmp_path_factory.mktemp("resolve")
+    return {name: trained_hand_written(folder / f"vit_{name}.pth", *norm, steps=200)
+            for name, norm in (("half", HALF), ("raw", RAW))}
+
+
+def _table(err: str) -> list[tuple[bool, str, float]]:
+    rows = []
+    for line in err.splitlines():
+        match = re.match(r"^([* ]) (.+)  ->  top-1 ([0-9.]+) on 256 images$", line)
+        if match:
+            rows.append((match.group(1) == "*", match.group(2), float(match.group(3))))
+    return rows
+
+
+@pytest.mark.parametrize("name, arch", [("half", None), ("raw", "deit_tiny_patch16_224")])
+def test_convert_decides_heads_and_normalisation_together(capsys, trained_pair, tmp_path, name, arch):
+    path, original = trained_pair[name]
+    out = tmp_path / "converted.safetensors"
+    code, stdout, err = run_cli(capsys, "convert", str(path), "-o", str(out), "--data", str(MNIST_TEST),
+                                *(["--arch", arch] if arch else []))
+    assert code == 0, err
+    rows = _table(err)
+    chosen = [r for r in rows if r[0]]
+    assert len(chosen) == 1 and "num_heads=4" in chosen[0][1]
+    expected_input = "input 0.5 (0.5 ± 0.5)" if name == "half" else "input none (0 ± 1)"
+    assert expected_input in chosen[0][1]
+    wrong = [r for r in rows if "num_heads=4" not in r[1] or expected_input not in r[1]]
+    assert wrong and all(r[2] < chosen[0][2] for r in wrong if "norm_eps" not in r[1])
+    model = load_model(out)
+    assert record_of(model).kwargs["num_heads"] == 4
+    cfg = data_config(model)
+    assert tuple(cfg["mean"]) == (HALF if name == "half" else RAW)[0]
+    # The written file computes what the original module computes, up to the LayerNorm eps (1e-6 vs 1e-5: top-1
+    # cannot tell them apart, so the assumed one stays; --module or --norm-eps settle it).
+    images, _ = mnist_tensors(MNIST_TEST, limit=32)
+    normalised = (images - cfg["mean"][0]) / cfg["std"][0]
+    with torch.no_grad():
+        assert (model(normalised) - original(normalised)).abs().max() < 1e-2
+
+
+def test_convert_without_images_refuses_and_its_advice_writes_the_right_file(capsys, trained_pair, tmp_path):
+    path, original = trained_pair["raw"]
+    out = tmp_path / "guess.safetensors"
+    code, _, err = run_cli(capsys, "convert", str(path), "-o", str(out))
+    assert_one_line_error(code, err, "num_heads, input normalisation", "cannot be read from the weights",
+                          "num_heads=1 assumed", "--data", "--num-heads N --mean M --std S", "nothing written")
+    assert not out.exists()
+    code, stdout, err = run_cli(capsys, "convert", str(path), "-o", str(out), "--num-heads", "4", "--mean", "0",
+                                "--std", "1", "--norm-eps", "1e-5")
+    assert code == 0, err
+    images, _ = mnist_tensors(MNIST_TEST, limit=16)
+    with torch.no_grad():
+        assert (load_model(out)(images) - original(images)).abs().max() <= 1e-4
+
+
+def test_resolve_on_a_loading_command(capsys, trained_pair):
+    path, original = trained_pair["half"]
+    code, stdout, err = run_cli(capsys, "evaluate", str(path), "--resolve", "--data", str(MNIST_TEST), "-j", "0",
+                                "--device", "cpu")
+    assert code == 0, err
+    assert any(chosen and "num_heads=4" in label for chosen, label, _ in _table(err))
+    assert float(stdout.split("top-1 ")[1].split()[0]) > 0.6
+    code, _, err = run_cli(capsys, "inspect", str(path), "--resolve")
+    assert_one_line_error(code, err, "--resolve", "needs labelled images", "pass --data")
