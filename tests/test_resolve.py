@@ -83,3 +83,39 @@ def test_resolve_on_a_loading_command(capsys, trained_pair):
     assert float(stdout.split("top-1 ")[1].split()[0]) > 0.6
     code, _, err = run_cli(capsys, "inspect", str(path), "--resolve")
     assert_one_line_error(code, err, "--resolve", "needs labelled images", "pass --data")
+
+
+# --- mismatch errors suggest the --key-map rule (names and shapes), never a shape complaint about a renamed tensor
+
+def _renamed(tmp_path, renames: dict[str, str]):
+    from resolve_support import hand_written_namespace
+
+    torch.manual_seed(0)
+    state = hand_written_namespace()["build"]().state_dict()
+    for old, new in renames.items():
+        state = {re.sub(old, new, k): v for k, v in state.items()}
+    path = tmp_path / "renamed.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("renames, needles", [
+    ({r"^pos_embed$": "pos_embed.pos_embedding"}, ["pos_embed.pos_embedding (1, 17, 32) looks like pos_embed"]),
+    ({r"^norm\.": "out_head.0.", r"^head\.": "out_head.1."}, ["out_head.", "would match"]),
+    ({r"^head\.": "classifer."}, ["classifer.", "looks like head."]),
+    ({r"^patch_embedding\.": "patch_embed."}, ["patch_embed.weight (32, 1, 7, 7) looks like patch_embed.proj.weight"]),
+])
+def test_mismatch_suggests_the_key_map_that_loads_the_file(tmp_path, renames, needles):
+    from vitshrink.errors import UserError
+
+    path = _renamed(tmp_path, renames)
+    for arch in (None, "deit_tiny_patch16_224"):  # sizes read from the file, or an arch of another width
+        with pytest.raises(UserError) as caught:
+            load_model(path, arch=arch, num_heads=4)
+        message = str(caught.value)
+        assert "has shape" not in message and "try --key-map" in message, message
+        for needle in needles:
+            assert needle in message, message
+    rules = re.findall(r"--key-map '([^']+)'", message)
+    model = load_model(path, num_heads=4, key_map=rules)  # the advice loads the file
+    assert model.num_classes == 10 and record_of(model).kwargs["embed_dim"] == 32
