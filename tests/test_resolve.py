@@ -63,11 +63,13 @@ def test_convert_without_images_refuses_and_its_advice_writes_the_right_file(cap
     path, original = trained_pair["raw"]
     out = tmp_path / "guess.safetensors"
     code, _, err = run_cli(capsys, "convert", str(path), "-o", str(out))
-    assert_one_line_error(code, err, "num_heads, input normalisation", "cannot be read from the weights",
-                          "num_heads=1 assumed", "--data", "--num-heads N --mean M --std S", "nothing written")
+    assert_one_line_error(code, err, "num_heads, input normalisation, norm placement, activation",
+                          "cannot be read from the weights", "num_heads=1 assumed", "--data",
+                          "--num-heads N --mean M --std S --assume norm_placement=pre --assume act_layer=gelu",
+                          "nothing written")
     assert not out.exists()
     code, stdout, err = run_cli(capsys, "convert", str(path), "-o", str(out), "--num-heads", "4", "--mean", "0",
-                                "--std", "1", "--norm-eps", "1e-5")
+                                "--std", "1", "--assume", "norm_placement=pre", "--assume", "act_layer=gelu")
     assert code == 0, err
     images, _ = mnist_tensors(MNIST_TEST, limit=16)
     with torch.no_grad():
@@ -101,9 +103,11 @@ def _renamed(tmp_path, renames: dict[str, str]):
 
 @pytest.mark.parametrize("renames, needles", [
     ({r"^pos_embed$": "pos_embed.pos_embedding"}, ["pos_embed.pos_embedding (1, 17, 32) looks like pos_embed"]),
-    ({r"^norm\.": "out_head.0.", r"^head\.": "out_head.1."}, ["out_head.", "would match"]),
-    ({r"^head\.": "classifer."}, ["classifer.", "looks like head."]),
-    ({r"^patch_embedding\.": "patch_embed."}, ["patch_embed.weight (32, 1, 7, 7) looks like patch_embed.proj.weight"]),
+    ({r"^norm\.": "final_ln.", r"^head\.": "predictor."}, ["--key-map '^final_ln\\.=norm.'",
+                                                          "--key-map '^predictor\\.=head.'", "(4 of 4 unmatched"]),
+    ({r"^head\.": "clf_layer."}, ["clf_layer.weight (10, 32) looks like head.weight"]),
+    ({r"\.mlp\.0\.": ".mlp.lin_a.", r"\.mlp\.2\.": ".mlp.lin_b."}, ["mlp\\.lin_a\\.=mlp.fc1.",
+                                                                    "mlp\\.lin_b\\.=mlp.fc2.", "(8 of 8 unmatched"]),
 ])
 def test_mismatch_suggests_the_key_map_that_loads_the_file(tmp_path, renames, needles):
     from vitshrink.errors import UserError
@@ -119,3 +123,10 @@ def test_mismatch_suggests_the_key_map_that_loads_the_file(tmp_path, renames, ne
     rules = re.findall(r"--key-map '([^']+)'", message)
     model = load_model(path, num_heads=4, key_map=rules)  # the advice loads the file
     assert model.num_classes == 10 and record_of(model).kwargs["embed_dim"] == 32
+
+
+def test_the_issues_layouts_load_without_a_rule(tmp_path):
+    # out_head.0/.1 (LayerNorm + Linear) and a misspelt classifer head are recognised layouts, not mismatches.
+    for renames in ({r"^norm\.": "out_head.0.", r"^head\.": "out_head.1."}, {r"^head\.": "classifer."}):
+        model = load_model(_renamed(tmp_path, renames), num_heads=4)
+        assert model.num_classes == 10

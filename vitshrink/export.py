@@ -58,6 +58,7 @@ class ParityResult:
     exporter: str = "dynamo"  # "dynamo" or "torchscript" (fallback)
     opset: int | None = None
     checked: bool = True
+    outputs: str = "logits"  # "probabilities" when the model's head ends in softmax (vitshrink_vit head_softmax)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -204,4 +205,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, sample: torch.Tens
                     "no file written")
         result.exporter = exporter
         result.opset = _onnx_opset(tmp)
+        if getattr(getattr(model, "module", model), "head_softmax", False):
+            result.outputs = "probabilities"
     return result

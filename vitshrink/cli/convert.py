@@ -6,8 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from vitshrink.cli import (ArchOpt, ImgSizeOpt, InChansOpt, KeyMapOpt, MeanOpt, ModuleArgsOpt, ModuleOpt, NormEpsOpt,
-                           NumClassesOpt, NumHeadsOpt, StdOpt, _floats, app, console, err_console, print_resolution)
+from vitshrink.cli import (ArchOpt, AssumeOpt, ImgSizeOpt, InChansOpt, KeyMapOpt, MeanOpt, ModuleArgsOpt, ModuleOpt, NormEpsOpt,
+                           NumClassesOpt, NumHeadsOpt, StdOpt, _floats, app, console, err_console, parse_assume,
+                           print_resolution)
 
 
 @app.command()
@@ -20,7 +21,7 @@ def convert(
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None,
     key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None, module: ModuleOpt = None,
-    module_args: ModuleArgsOpt = None,
+    module_args: ModuleArgsOpt = None, assume: AssumeOpt = None,
 ) -> None:
     """Write SPEC as a vitshrink safetensors with its architecture record; later commands need no loading flags."""
     from vitshrink.io.convert import convert as run_convert
@@ -28,7 +29,7 @@ def convert(
     result = run_convert(spec, output, data=data, arch=arch, num_heads=num_heads, img_size=img_size,
                          in_chans=in_chans, num_classes=num_classes, mean=_floats(mean, "--mean"),
                          std=_floats(std, "--std"), key_map=key_map, norm_eps=norm_eps, module=module,
-                         module_args=module_args)
+                         module_args=module_args, assume=parse_assume(assume))
     for note in result.notes:
         err_console.print(f"[yellow]note:[/yellow] {note}")
     print_resolution(result.resolution)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vitshrink.cli import (ArchOpt, DataOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt,
+from vitshrink.cli import (ArchOpt, AssumeOpt, DataOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt,
                            KeyMapOpt, ModuleArgsOpt, ModuleOpt, NormEpsOpt, ResolveOpt, PretrainedOpt,
                            StdOpt, app, console, load_spec)
 from vitshrink.errors import UserError
@@ -101,7 +101,7 @@ def distill(
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
     key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None, resolve: ResolveOpt = False,
-    module: ModuleOpt = None, module_args: ModuleArgsOpt = None,
+    module: ModuleOpt = None, module_args: ModuleArgsOpt = None, assume: AssumeOpt = None,
 ) -> None:
     """Distil TEACHER into a smaller student with a recipe; writes the run folder and prints the report.
 
@@ -138,7 +138,7 @@ def distill(
     else:
         model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
                           key_map=key_map, norm_eps=norm_eps, resolve=resolve, data=data,
-                          module=module, module_args=module_args)
+                          module=module, module_args=module_args, assume=assume)
     result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out, epochs=epochs,
                          batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume, seed=seed,
                          config=config, overrides=overrides, workers=workers, compile=compile_model,

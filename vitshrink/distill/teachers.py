@@ -47,9 +47,12 @@ class TeacherInput(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from vitshrink.models.blockwise_vit import as_logits
+
         out = self.teacher(self.fit(x))
         # A distilled-ViT teacher in eval mode already averages its heads; a tuple means train mode.
-        return sum(out) / len(out) if isinstance(out, (tuple, list)) else out
+        # A head that ends in softmax gives probabilities: distillation takes their log.
+        return as_logits(self.teacher, sum(out) / len(out) if isinstance(out, (tuple, list)) else out)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher.forward_features(self.fit(x))

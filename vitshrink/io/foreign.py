@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import timm
 import torch
@@ -32,7 +32,11 @@ def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options
     arch_was_inferred = False
     layout = None
     if arch is None or _is_vit_arch(arch):
-        layout = convert_layout(state)
+        layout = convert_layout(state, options.get("in_chans"))
+        if layout.name and "cls_token" not in layout.state and "norm.weight" in layout.state:
+            layout.assume("fc_norm", False, "the final norm before the average pooling")
+        given = {"norm_eps": options["norm_eps"]} if options["norm_eps"] is not None else {}
+        _apply_assume(layout, {**(options.get("assume") or {}), **given})
         if arch is None and (layout.name is not None or _is_timm_like_vit(layout.state)):
             arch, arch_was_inferred = DEFAULT_VIT_ARCH, True
             notes.append(f"--arch {arch} assumed (a {layout.name or 'timm-like ViT'}; every size is read from the "
@@ -48,6 +52,8 @@ def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options
         state = layout.state
         if layout.note():
             notes.append(layout.note())
+        if layout.assumption_note():
+            notes.append(layout.assumption_note())
     if is_vision_transformer(arch_probe) and "patch_embed.proj.weight" in state:
         kwargs = vit_kwargs_from_state(state, arch_probe, arch, options, path, notes,
                                        layout.kwargs if layout is not None else {})
@@ -60,7 +66,13 @@ def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options
         no_embed_class = kwargs.get("no_embed_class", bool(getattr(arch_probe, "no_embed_class", False)))
         state = resample_pos_embed(state, options["img_size"], kwargs["patch_size"], no_embed_class, path)
         kwargs["img_size"] = options["img_size"]
-    if "attn_width" in kwargs:
+    # timm's own ViT where it expresses the model (pre-norm, no head variant): vitshrink_vit only where needed.
+    defaults = {"norm_placement": "pre", "shared_norm": False, "head_hidden": 0, "head_softmax": False,
+                "fixed_pos_embed": False}
+    kwargs = {k: v for k, v in kwargs.items() if k not in defaults or v != defaults[k]}
+    if "head_hidden" not in kwargs:
+        kwargs.pop("head_act", None)
+    if "attn_width" in kwargs or any(k in kwargs for k in VITSHRINK_VARIANTS):
         arch = "vitshrink_vit"
         kwargs = blockwise_kwargs(kwargs, state)
     model = build_and_load(arch, kwargs, state, path, arch)
@@ -81,6 +93,48 @@ def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options
 def _is_timm_like_vit(state: dict[str, torch.Tensor]) -> bool:
     """Numbered blocks with attention: a ViT whatever module wrote it (a misnamed rest gets a --key-map hint)."""
     return "blocks.0.attn.qkv.weight" in state
+
+
+# vitshrink_vit's own kwargs: a layout that needs one is built as vitshrink_vit (timm's ViT has no such option).
+VITSHRINK_VARIANTS = ("norm_placement", "shared_norm", "head_hidden", "head_act", "head_softmax", "fixed_pos_embed")
+# What the caller may state for a foreign layout (``load_model(assume=...)``): what no tensor shape tells.
+ASSUMABLE = {"norm_placement": ("pre", "post"), "act_layer": None, "head_act": None, "head_softmax": (True, False),
+             "fc_norm": (True, False)}
+
+
+def check_assume(assume: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``assume`` keys and values checked (one-line ``UserError``), as a plain dict."""
+    from timm.layers import get_act_layer
+
+    checked = dict(assume or {})
+    for key, value in checked.items():
+        if key not in ASSUMABLE:
+            raise UserError(f"assume: unknown setting {key!r} (known: {', '.join(ASSUMABLE)})")
+        choices = ASSUMABLE[key]
+        if choices is None:
+            try:
+                get_act_layer(value)
+            except Exception:
+                value = None
+            if not isinstance(value, str):
+                raise UserError(f"assume: {key} must be a timm activation name (gelu, relu, silu, ...), "
+                                f"got {checked[key]!r}")
+        elif value not in choices or type(value) is not type(choices[0]):
+            raise UserError(f"assume: {key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return checked
+
+
+def _apply_assume(layout: Layout, assume: dict[str, Any]) -> None:
+    """The caller's values replace the layout's assumptions (and are no longer reported as assumed)."""
+    for key, value in assume.items():
+        layout.assumed = [a for a in layout.assumed if a[0] != key]
+        if key == "fc_norm":  # where the final norm sits is where its tensors go
+            layout.kwargs.pop("fc_norm", None)
+            old, new = ("norm.", "fc_norm.") if value else ("fc_norm.", "norm.")
+            if not any(k.startswith(new) for k in layout.state):
+                layout.state = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in layout.state.items()}
+            continue
+        layout.kwargs[key] = value
 
 
 def _is_vit_arch(arch: str) -> bool:
@@ -156,7 +210,8 @@ def vit_kwargs_from_state(state: dict[str, torch.Tensor], arch_probe: nn.Module,
             raise UserError(f"{path}: the checkpoint has {key}={kwargs[key]} but {key}={options[key]} was asked")
     qkv = state.get("blocks.0.attn.qkv.weight")
     attn_width = int(qkv.shape[0]) // 3 if qkv is not None and qkv.dim() == 2 else embed_dim
-    kwargs["num_heads"] = choose_num_heads(attn_width, arch_probe, arch, options["num_heads"], path, notes,
+    asked_heads = options["num_heads"] if options["num_heads"] is not None else (layout_kwargs or {}).get("num_heads")
+    kwargs["num_heads"] = choose_num_heads(attn_width, arch_probe, arch, asked_heads, path, notes,
                                            head_dim=64 if layout_kwargs and "patch_embed" in layout_kwargs else None)
     if attn_width != embed_dim:
         kwargs["attn_width"] = attn_width  # read by blockwise_kwargs
@@ -166,7 +221,8 @@ def vit_kwargs_from_state(state: dict[str, torch.Tensor], arch_probe: nn.Module,
 def blockwise_kwargs(kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """``vitshrink_vit`` kwargs for a ViT whose attention width (heads x head dim) differs from its width."""
     kwargs = dict(kwargs)
-    depth, heads, attn_width = kwargs.pop("depth"), kwargs.pop("num_heads"), kwargs.pop("attn_width")
+    depth, heads = kwargs.pop("depth"), kwargs.pop("num_heads")
+    attn_width = kwargs.pop("attn_width", kwargs["embed_dim"])
     kwargs.pop("mlp_ratio", None)
     hidden = [int(state[f"blocks.{i}.mlp.fc1.weight"].shape[0]) if f"blocks.{i}.mlp.fc1.weight" in state else 0
               for i in range(depth)]

@@ -8,6 +8,7 @@ before any of this. Each function returns new dicts; tensors are never modified 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -15,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from vitshrink.errors import UserError
+from vitshrink.io.folding import concat_per_head, fold_double_projection, is_sinusoidal, linear_patch_to_conv
 
 
 @dataclass
@@ -26,6 +28,9 @@ class Layout:
     conversions: list[str] = field(default_factory=list)  # e.g. "separate q/k/v fused into qkv"
     kwargs: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)  # preprocessing the layout's library uses (mean, std)
+    # What the tensors cannot tell and was taken from the layout's defaults: (kwarg, value, in words).
+    assumed: list[tuple[str, Any, str]] = field(default_factory=list)
+    assumed_why: str = ""
 
     def note(self) -> str | None:
         if self.name is None and not self.conversions:
@@ -33,6 +38,21 @@ class Layout:
         what = self.name or "timm-like ViT"
         done = f" ({'; '.join(self.conversions)})" if self.conversions else ""
         return f"layout recognised: {what}, converted to timm's VisionTransformer{done}"
+
+    def assume(self, kwarg: str, value: Any, words: str) -> None:
+        """Take ``kwarg=value`` (said ``words`` in the note) unless the tensors already decided it."""
+        if kwarg not in self.kwargs:
+            self.kwargs[kwarg] = value
+            self.assumed.append((kwarg, value, words))
+
+    def assumption_note(self) -> str | None:
+        """e.g. "nn.TransformerEncoder: assumed post-norm (norm_first=False), ReLU, eps 1e-5 (...): norm_placement=..."."""
+        if not self.assumed:
+            return None
+        words = ", ".join(w for _, _, w in self.assumed)
+        values = ", ".join(f"{k}={v!r}" for k, v, _ in self.assumed)
+        why = f" ({self.assumed_why}; the weights cannot tell)" if self.assumed_why else " (the weights cannot tell)"
+        return f"{self.name or 'hand-written ViT'}: assumed {words}{why}: {values}"
 
 
 def apply_key_map(state: dict[str, torch.Tensor], key_map: Sequence[str] | None,
@@ -91,28 +111,37 @@ _BLOCK_ALIASES = [
     (r"^(ln_1|ln1|norm_1|layernorm_before|attention_norm|attn_norm|norm_attn|layer_norm1|ln_attn)\.", "norm1."),
     (r"^(ln_2|ln2|norm_2|layernorm_after|ffn_norm|mlp_norm|norm_mlp|layer_norm2|ln_mlp)\.", "norm2."),
     (r"^(ffn|ff|feed_forward|feedforward|mlp_block)\.", "mlp."), (r"^mlp\.(net|layers|block)\.", "mlp."),
+    (r"^linear1\.", "mlp.fc1."), (r"^linear2\.", "mlp.fc2."),  # nn.TransformerEncoderLayer
     (r"^mlp\.(linear1|linear_1|lin1|dense1|w1|c_fc|up_proj|dense_1)\.", "mlp.fc1."),
     (r"^mlp\.(linear2|linear_2|lin2|dense2|w2|c_proj|down_proj|dense_2)\.", "mlp.fc2."),
 ]
 _BLOCK_CONTAINER = re.compile(r"^(?:encoder\.|transformer\.|vit\.|backbone\.)?"
-                              r"(?:blocks|layers|layer|resblocks)\.(\d+)\.(.+)$")
+                              r"(?:blocks|layers|layer|resblocks|encoder|transformer)\.(\d+)\.(.+)$")
 _TOP_ALIASES = [
-    (r"^(conv_proj|patch_embedding|patch_embed\.projection|patch_embed\.conv|patch_embeddings\.projection|"
-     r"patch_embeddings|to_patch_embedding\.0|embedding)\.(weight|bias)$", r"patch_embed.proj.\2"),
+    (r"^(conv_proj|patch_embedding|patch_embed|patch_embed\.projection|patch_embed\.conv|"
+     r"patch_embeddings\.projection|patch_embeddings|to_patch_embedding\.0|embedding|linear_embedding|"
+     r"patch_proj|patch_to_embedding)\.(weight|bias)$", r"patch_embed.proj.\2"),
     (r"^(class_token|cls_embedding|cls|class_embedding)$", "cls_token"),
     (r"^(pos_embedding|position_embedding|position_embeddings|positional_embedding|pos_emb|"
-     r"encoder\.pos_embedding)$", "pos_embed"),
+     r"encoder\.pos_embedding|positional_encoding|pos_encoding|pos_table|position_table|pe)$", "pos_embed"),
     (r"^(ln|ln_f|final_norm|encoder_norm|encoder\.ln|encoder\.norm|transformer\.norm|layernorm|norm_f|"
      r"ln_post|norm_final)\.", "norm."),
-    (r"^(fc|classifier|mlp_head|heads\.head|linear_head|heads|cls_head)\.(weight|bias)$", r"head.\2"),
+    (r"^(fc|classifier|classifer|mlp_head|heads\.head|linear_head|heads|cls_head|out_head|output_head|"
+     r"classification_head)\.(weight|bias)$", r"head.\2"),
 ]
 
 
-def convert_layout(state: dict[str, torch.Tensor]) -> Layout:
+def convert_layout(state: dict[str, torch.Tensor], in_chans: int | None = None) -> Layout:
     """The state dict in timm's ViT layout (unchanged where it already is), and what was converted."""
     layout = Layout(state=dict(state))
     keys = list(state)
-    if "conv_proj.weight" in state and any(k.startswith("encoder.layers.encoder_layer_") for k in keys):
+    if _is_torch_encoder(keys):
+        layout.name = "nn.TransformerEncoder"
+        layout.assumed_why = "nn.TransformerEncoderLayer's defaults"
+        layout.assume("norm_placement", "post", "post-norm (norm_first=False)")
+        layout.assume("act_layer", "relu", "ReLU")
+        layout.assume("norm_eps", 1e-5, "eps 1e-5")
+    elif "conv_proj.weight" in state and any(k.startswith("encoder.layers.encoder_layer_") for k in keys):
         layout.name = "torchvision VisionTransformer"
         if any(k.startswith("heads.pre_logits") for k in keys):
             raise UserError("torchvision ViT with representation_size (heads.pre_logits) has no timm equivalent")
@@ -126,9 +155,77 @@ def convert_layout(state: dict[str, torch.Tensor]) -> Layout:
         layout.kwargs["norm_eps"] = 1e-5  # vit-pytorch uses nn.LayerNorm's default epsilon
         if "patch_embed.pixel_norm.weight" in layout.state:
             layout.kwargs["patch_embed"] = "pixel_norm"
+    layout.state = _sequential_head(layout.state, layout)
     layout.state = _rename_top_level(layout.state, layout)
     layout.state = _rename_blocks(layout.state, layout)
+    _linear_patch_embedding(layout, in_chans)
+    if layout.name is None and layout.conversions and "patch_embed.proj.weight" in layout.state:
+        # Renamed from a user's own module: nn.LayerNorm's epsilon and timm's block are the likeliest.
+        layout.name = "hand-written ViT"
+        layout.assumed_why = "the usual nn.LayerNorm and timm block"
+        layout.assume("norm_placement", "pre", "pre-norm")
+        layout.assume("act_layer", "gelu", "GELU")
+        layout.assume("norm_eps", 1e-5, "eps 1e-5")
     return layout
+
+
+def _is_torch_encoder(keys: list[str]) -> bool:
+    """``nn.TransformerEncoderLayer``'s own attribute names: ``self_attn.in_proj_weight`` beside ``linear1``."""
+    return (any(re.search(r"(^|\.)\d+\.self_attn\.in_proj_weight$", k) for k in keys)
+            and any(re.search(r"(^|\.)\d+\.linear1\.weight$", k) for k in keys))
+
+
+_HEAD_SEQUENTIAL = re.compile(r"^(mlp_head|head|classifier|classifer|fc|cls_head|out_head|output_head|"
+                              r"classification_head|linear_head)\.(\d+)\.(weight|bias)$")
+
+
+def _sequential_head(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """A head written as ``nn.Sequential``: [LayerNorm, Linear] (the norm goes before the classifier: ``norm`` on
+    a class token, ``fc_norm`` after average pooling) or [Linear, activation, Linear] (``pre_logits.fc`` + ``head``)."""
+    children: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if match := _HEAD_SEQUENTIAL.match(key):
+            children.setdefault(int(match.group(2)), {})[match.group(3)] = tensor
+    if not children or len({m.group(1) for k in state if (m := _HEAD_SEQUENTIAL.match(k))}) != 1:
+        return state
+    order = sorted(children)
+    kinds = ["norm" if children[i]["weight"].dim() == 1 else "linear" for i in order if "weight" in children[i]]
+    has_cls = any(re.match(r"^(cls_token|class_token|cls_embedding|cls|class_embedding)$", k) for k in state)
+    if kinds == ["linear"]:
+        names = ["head"]
+    elif kinds == ["norm", "linear"]:
+        names = ["norm" if has_cls else "fc_norm", "head"]
+        if names[0] in state or any(k.startswith(f"{names[0]}.") for k in state):
+            return state  # a final norm already: left for the mismatch report
+        _note(layout, f"head [LayerNorm, Linear] as {names[0]} + head")
+    elif kinds == ["linear", "linear"] and order[1] - order[0] == 2:
+        names = ["pre_logits.fc", "head"]
+        layout.kwargs["head_hidden"] = int(children[order[0]]["weight"].shape[0])
+        layout.assume("head_act", "tanh", "a tanh between the head's Linears")
+        _note(layout, "head [Linear, activation, Linear] as pre_logits + head")
+    else:
+        return state
+    out = {k: v for k, v in state.items() if not _HEAD_SEQUENTIAL.match(k)}
+    for name, index in zip(names, order):
+        for kind, tensor in children[index].items():
+            out[f"{name}.{kind}"] = tensor
+    return out
+
+
+def _linear_patch_embedding(layout: Layout, in_chans: int | None) -> None:
+    """A Linear patch projection over unfolded patches -> the patch convolution (vit-pytorch's has its own)."""
+    weight = layout.state.get("patch_embed.proj.weight")
+    if weight is None or weight.dim() != 2 or layout.kwargs.get("patch_embed") == "pixel_norm":
+        return
+    patch_dim = int(weight.shape[1])
+    for chans in [in_chans] if in_chans else [3, 1, 4, 2]:
+        patch = math.isqrt(patch_dim // chans)
+        if patch * patch * chans == patch_dim:
+            layout.state["patch_embed.proj.weight"] = linear_patch_to_conv(weight, chans)
+            order = " (channel, row, column) order, as Tensor.unfold gives" if chans > 1 else ""
+            _note(layout, f"Linear patch embedding over unfolded {patch}x{patch} patches as the patch "
+                          f"convolution{order}")
+            return
 
 
 def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -159,6 +256,9 @@ def _rename_top_level(state: dict[str, torch.Tensor], layout: Layout) -> dict[st
     pos = out.get("pos_embed")
     if pos is not None and pos.dim() == 2:
         out["pos_embed"] = pos.unsqueeze(0)
+    if pos is not None and pos.shape[-2] > 1 and is_sinusoidal(pos):
+        layout.kwargs["fixed_pos_embed"] = True
+        _note(layout, "the position table is the fixed sin/cos table: kept constant")
     return out
 
 
@@ -172,6 +272,11 @@ def _rename_blocks(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, 
             continue
         per_block.setdefault(int(match.group(1)), {})[match.group(2)] = tensor
     for index, original in sorted(per_block.items()):
+        if fold_double_projection(original):
+            _note(layout, "q/k/v Linears into nn.MultiheadAttention folded into one qkv (W_in @ W_q)")
+        if heads := concat_per_head(original):
+            layout.kwargs["num_heads"] = heads
+            _note(layout, f"{heads} per-head q/k/v Linears concatenated into one qkv")
         block = {}
         for rest, tensor in original.items():
             if rest.endswith("in_proj_weight"):
@@ -185,6 +290,7 @@ def _rename_blocks(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, 
             block[new] = tensor
         block = _fuse_qkv(block, layout)
         block = _sequential_mlp(block, layout)
+        block = _shared_norm(block, layout)
         for rest, tensor in block.items():
             out[f"blocks.{index}.{rest}"] = tensor
     return out
@@ -208,6 +314,17 @@ def _fuse_qkv(block: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch
                                             for b, w in zip(biases, weights)])
     _note(layout, "separate q/k/v fused into qkv")
     return block
+
+
+def _shared_norm(block: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
+    """One block-level ``norm`` beside both branches and no norm1/norm2: the norm both sub-blocks use."""
+    if not any(k.startswith("norm.") for k in block) or any(k.startswith(("norm1.", "norm2.")) for k in block):
+        return block
+    if not any(k.startswith("attn.") for k in block) or not any(k.startswith("mlp.") for k in block):
+        return block
+    layout.kwargs["shared_norm"] = True
+    _note(layout, "one LayerNorm per block, shared by attention and MLP")
+    return {(f"norm1.{k[5:]}" if k.startswith("norm.") else k): v for k, v in block.items()}
 
 
 def _sequential_mlp(block: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:

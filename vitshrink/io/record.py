@@ -290,6 +290,9 @@ KWARG_RULES: dict[str, tuple[str, float, float]] = {
     # vitshrink_vit's per-block dims (one entry per block)
     "block_num_heads": ("ints", 0, 1024), "block_head_dims": ("ints", 0, 4096),
     "block_mlp_hidden": ("ints", 0, 262144), "kept_blocks": ("ints", 0, 511),
+    # vitshrink_vit's block and head variants (hand-written ViTs)
+    "norm_placement": ("str", 0, 0), "shared_norm": ("bool", 0, 0), "head_hidden": ("int", 0, 262144),
+    "head_act": ("str", 0, 0), "head_softmax": ("bool", 0, 0), "fixed_pos_embed": ("bool", 0, 0),
 }
 
 

@@ -4,14 +4,15 @@ No tensor shape reveals a ViT's head count, where its norms sit (pre- or post-no
 LayerNorm epsilon or the input normalisation it was trained with; a wrong guess still runs, at a lower
 accuracy. ``open_settings`` says which of these the loader had to assume for a SPEC; ``resolve`` tries the
 plausible candidates jointly (under a wrong normalisation every head count scores low) on a small labelled
-sample and keeps the best, with the table of what was tried. The same tensors are rebuilt under each
-candidate's kwargs (``rebuild``); images are decoded once, unnormalised, and each normalisation is applied as
-a tensor operation.
+sample and keeps the best, with the table of what was tried. Each candidate is the same file loaded again
+with ``num_heads``/``norm_eps``/``assume`` (``load_candidate``); images are decoded once, unnormalised, and each
+normalisation is applied as a tensor operation.
 """
 from __future__ import annotations
 
-import inspect
+import ast
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from vitshrink.errors import UserError
-from vitshrink.io.record import ModelRecord, data_config, model_from_record, record_of, set_data_config
+from vitshrink.io.record import data_config, record_of, set_data_config
 
 RESOLVE_IMAGES = 256  # labelled images the candidates are compared on
 SCREEN_IMAGES = 48  # first round: every candidate; the best KEEP_AFTER_SCREEN go on to all RESOLVE_IMAGES
@@ -31,8 +32,10 @@ EPS_CANDIDATES = (1e-6, 1e-5)  # timm's, torch.nn.LayerNorm's
 # Input normalisations seen in the wild; "data" (the sample's own per-channel statistics) is added per sample.
 NORMALISATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "0.5": ((0.5,), (0.5,)),
                   "none": ((0.0,), (1.0,))}
-# Layouts of libraries whose block computation is fixed (pre-norm, GELU): nothing to decide there.
-FIXED_BLOCK_LAYOUTS = ("torchvision", "vit-pytorch", "timm's checkpoint_filter_fn")
+# What a layout may assume (load_model's ``assume``) that changes top-1, with the values tried. (A softmax at the
+# end of the head does not change the argmax: not tried.)
+STRUCTURE_CHOICES: dict[str, tuple[Any, ...]] = {"norm_placement": ("pre", "post"), "act_layer": ("gelu", "relu"),
+                                                 "head_act": ("tanh", "gelu", "relu"), "fc_norm": (False, True)}
 
 
 @dataclass(frozen=True)
@@ -52,21 +55,22 @@ class Candidate:
 
 @dataclass
 class OpenSettings:
-    """Which settings the loader assumed (True) rather than read or was given."""
+    """Which settings the loader assumed rather than read or was given."""
 
     heads: bool = False
     normalisation: bool = False
-    block: bool = False  # norm placement and MLP activation
+    structure: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # assumed kwarg -> values (assumed first)
     eps: bool = False
 
     def names(self) -> list[str]:
-        return [name for name, is_open in (("num_heads", self.heads), ("input normalisation", self.normalisation),
-                                           ("norm placement/activation", self.block), ("LayerNorm eps", self.eps))
-                if is_open]
+        words = {"norm_placement": "norm placement", "act_layer": "activation", "head_act": "head activation",
+                 "fc_norm": "final norm position"}
+        return ([name for name, is_open in (("num_heads", self.heads), ("input normalisation", self.normalisation))
+                 if is_open] + [words.get(k, k) for k in self.structure] + (["LayerNorm eps"] if self.eps else []))
 
     def any_decisive(self) -> bool:
         """Open settings that change top-1 grossly (an epsilon does not)."""
-        return self.heads or self.normalisation or self.block
+        return self.heads or self.normalisation or bool(self.structure)
 
 
 @dataclass
@@ -92,14 +96,28 @@ def open_settings(spec: str | os.PathLike, model: nn.Module, load_kwargs: dict[s
     if not _is_foreign_state_dict(Path(str(spec)).expanduser()) or not hasattr(model, "blocks"):
         return OpenSettings()
     record = record_of(model)
-    library_layout = any(n.startswith("layout recognised:") and any(lib in n for lib in FIXED_BLOCK_LAYOUTS)
-                         for n in record.notes)
+    assumed = assumed_kwargs(record.notes)
+    structure = {k: _with_first(STRUCTURE_CHOICES[k], assumed[k]) for k in STRUCTURE_CHOICES if k in assumed}
     return OpenSettings(
         heads=load_kwargs.get("num_heads") is None and _attention_width(model) is not None,
         normalisation=load_kwargs.get("mean") is None or load_kwargs.get("std") is None,
-        block=not library_layout and _supports_block_variants(),
-        eps=load_kwargs.get("norm_eps") is None and "norm_eps" not in record.kwargs,
+        structure=structure,
+        eps=load_kwargs.get("norm_eps") is None and ("norm_eps" in assumed or "norm_eps" not in record.kwargs),
     )
+
+
+def assumed_kwargs(notes: list[str]) -> dict[str, Any]:
+    """``kwarg=value`` pairs a layout's note says were assumed ("...: assumed ... (...): norm_placement='post'")."""
+    found: dict[str, Any] = {}
+    for note in notes:
+        if "assumed" in note and "the weights cannot tell" in note:
+            for key, value in re.findall(r"(\w+)=('[^']*'|[-+.\w]+)", note.rsplit("): ", 1)[-1]):
+                found[key] = ast.literal_eval(value) if value[0] == "'" or value[0].isdigit() else value
+    return found
+
+
+def _with_first(values: tuple[Any, ...], first: Any) -> tuple[Any, ...]:
+    return (first,) + tuple(v for v in values if v != first)
 
 
 def _is_foreign_state_dict(path: Path) -> bool:
@@ -118,13 +136,6 @@ def _is_foreign_state_dict(path: Path) -> bool:
         return METADATA_KEY not in (handle.metadata() or {})
 
 
-def _supports_block_variants() -> bool:
-    """Whether ``vitshrink_vit`` builds post-norm blocks and other activations (``norm_placement``)."""
-    from vitshrink.models.blockwise_vit import BlockwiseVisionTransformer
-
-    return "norm_placement" in inspect.signature(BlockwiseVisionTransformer.__init__).parameters
-
-
 def _attention_width(model: nn.Module) -> int | None:
     attn = getattr(model.blocks[0], "attn", None) if len(model.blocks) else None
     qkv = getattr(attn, "qkv", None)
@@ -134,12 +145,12 @@ def _attention_width(model: nn.Module) -> int | None:
 def unverified_refusal(spec: Any, model: nn.Module, open_: OpenSettings) -> UserError:
     """The error ``convert`` raises when it would write a file from guesses no images checked."""
     assumed = [n.split(": pass")[0] for n in record_of(model).notes if "assumed" in n and "--arch" not in n]
-    flags = [flag for is_open, flag in ((open_.heads, "--num-heads N"), (open_.normalisation, "--mean M --std S"))
-             if is_open]
-    given = f"state them ({' '.join(flags)}) or " if flags and not open_.block else ""
+    flags = ([f"--num-heads N"] if open_.heads else []) + (["--mean M --std S"] if open_.normalisation else []) + [
+        f"--assume {key}={values[0]}" for key, values in open_.structure.items()]
     return UserError(f"{spec}: {', '.join(open_.names())} cannot be read from the weights and would be guesses "
                      f"({'; '.join(assumed) or 'assumed defaults'}); pass --data with labelled images to decide them "
-                     f"by behaviour, {given}give your model code with --module FILE.py:CALLABLE; nothing written")
+                     f"by behaviour, state them ({' '.join(flags)}), or give your model code with --module "
+                     f"FILE.py:CALLABLE; nothing written")
 
 
 # --- candidates --------------------------------------------------------------------------------
@@ -148,10 +159,6 @@ def head_candidates(width: int, prior: int) -> list[int]:
     """Divisors of the attention width giving heads at least ``MIN_HEAD_DIM`` wide (at most ``MAX_HEADS``)."""
     found = [h for h in range(1, MAX_HEADS + 1) if width % h == 0 and width // h >= MIN_HEAD_DIM]
     return sorted(set(found) | {prior})
-
-
-def block_candidates() -> list[tuple[tuple[str, Any], ...]]:
-    return [(("norm_placement", place), ("act_layer", act)) for place in ("pre", "post") for act in ("gelu", "relu")]
 
 
 def normalisation_candidates(raw: torch.Tensor, assumed: tuple[tuple[float, ...], tuple[float, ...]],
@@ -181,45 +188,26 @@ def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return len(a) == len(b) and all(abs(x - y) < 1e-3 for x, y in zip(a, b))
 
 
-# --- rebuilding the same tensors under other kwargs ----------------------------------------------
+# --- the same file read under other assumptions ----------------------------------------------------
 
-def rebuild(model: nn.Module, overrides: dict[str, Any]) -> nn.Module:
-    """``model``'s tensors in a model built with ``overrides`` (num_heads, norm_placement, act_layer, norm_eps)."""
-    record = record_of(model)
-    name, kwargs = record.name, dict(record.kwargs)
-    state = model.state_dict()
-    overrides = dict(overrides)
-    heads = overrides.pop("num_heads", None)
-    needs_blockwise = any(overrides.get(k, d) != d for k, d in (("norm_placement", "pre"), ("act_layer", "gelu")))
-    if name != "vitshrink_vit" and needs_blockwise:
-        from vitshrink.io.foreign import blockwise_kwargs
+def load_candidate(spec: str | os.PathLike, load_kwargs: dict[str, Any], overrides: dict[str, Any]) -> nn.Module:
+    """``spec`` loaded again with ``overrides`` (num_heads, norm_eps, and what ``load_model(assume=)`` takes)."""
+    from vitshrink.io.spec import load_model
 
-        width = _attention_width(model)
-        name, kwargs = "vitshrink_vit", blockwise_kwargs({**kwargs, "num_heads": kwargs.get("num_heads", 1),
-                                                          "attn_width": width}, state)
-    if heads is not None:
-        kwargs.update(_heads_kwargs(name, kwargs, int(heads)))
-    kwargs.update({k: v for k, v in overrides.items() if name == "vitshrink_vit" or k == "norm_eps"})
-    built = model_from_record(replace(record, name=name, kwargs=kwargs, notes=[]), record.spec or "model")
-    built.load_state_dict(state, strict=True)
-    new = record_of(built)
-    new.notes, new.class_names, new.spec = list(record.notes), record.class_names, record.spec
-    set_data_config(built, **record.data)
-    return built.eval()
-
-
-def _heads_kwargs(name: str, kwargs: dict[str, Any], heads: int) -> dict[str, Any]:
-    if name != "vitshrink_vit":
-        return {"num_heads": heads}
-    widths = [n * d for n, d in zip(kwargs["block_num_heads"], kwargs["block_head_dims"])]
-    return {"block_num_heads": [heads if w else 0 for w in widths],
-            "block_head_dims": [w // heads if w else d for w, d in zip(widths, kwargs["block_head_dims"])]}
+    kwargs, assume = dict(load_kwargs), dict(load_kwargs.get("assume") or {})
+    for key, value in overrides.items():
+        if key in ("num_heads", "norm_eps"):
+            kwargs[key] = value
+        else:
+            assume[key] = value
+    return load_model(spec, **{**kwargs, "assume": assume})
 
 
 def apply_candidate(model: nn.Module, candidate: Candidate) -> nn.Module:
-    built = rebuild(model, dict(candidate.kwargs)) if candidate.kwargs else model
-    set_data_config(built, mean=candidate.mean, std=candidate.std)
-    return built
+    set_data_config(model, mean=candidate.mean, std=candidate.std)
+    record = record_of(model)
+    record.notes = [n for n in record.notes if "mean/std" not in n]
+    return model
 
 
 # --- deciding -----------------------------------------------------------------------------------
@@ -273,36 +261,37 @@ def top1(model: nn.Module, raw: torch.Tensor, targets: torch.Tensor, mean: tuple
     return hits / len(raw)
 
 
-def resolve(model: nn.Module, open_: OpenSettings, data: str | os.PathLike | None, spec: Any = "") -> Resolution:
+def resolve(model: nn.Module, open_: OpenSettings, data: str | os.PathLike | None, spec: str | os.PathLike,
+            load_kwargs: dict[str, Any]) -> Resolution:
     """Try the open settings jointly on labelled images; return the best model with the table of what was tried.
 
-    Every candidate (heads x block variant x normalisation) is scored on ``SCREEN_IMAGES`` images, the best
+    Every candidate (heads x assumed structure x normalisation) is scored on ``SCREEN_IMAGES`` images, the best
     ``KEEP_AFTER_SCREEN`` on all ``RESOLVE_IMAGES``; an open LayerNorm eps is tried last (ties keep the
     assumed one). Refuses when even the best candidate is at chance level.
     """
     raw, targets, class_names, where = labelled_sample(model, data)
     cfg = data_config(model)
     norms = normalisation_candidates(raw, (tuple(cfg["mean"]), tuple(cfg["std"])), open_.normalisation)
-    structures = _structure_candidates(model, open_)
-    built: dict[tuple, nn.Module] = {}
     rows: dict[Candidate, tuple[float, int]] = {}
     screen = raw[: min(SCREEN_IMAGES, len(raw))], targets[: min(SCREEN_IMAGES, len(raw))]
-    for kwargs in structures:
-        built[kwargs] = rebuild(model, dict(kwargs)) if kwargs else model
+    for kwargs in structure_candidates(model, open_):
+        candidate_model = load_candidate(spec, load_kwargs, dict(kwargs)) if kwargs else model
         for norm in norms:
-            candidate = replace(norm, kwargs=kwargs)
-            rows[candidate] = (top1(built[kwargs], *screen, norm.mean, norm.std), len(screen[1]))
-    if len(raw) > len(screen[1]):
-        for candidate in sorted(rows, key=lambda c: -rows[c][0])[:KEEP_AFTER_SCREEN]:
-            rows[candidate] = (top1(built[candidate.kwargs], raw, targets, candidate.mean, candidate.std), len(raw))
+            rows[replace(norm, kwargs=kwargs)] = (top1(candidate_model, *screen, norm.mean, norm.std), len(screen[1]))
+    kept = sorted(rows, key=lambda c: -rows[c][0])[:KEEP_AFTER_SCREEN] if len(raw) > len(screen[1]) else []
+    loaded: dict[tuple, nn.Module] = {(): model}
+    for candidate in kept:
+        if candidate.kwargs not in loaded:
+            loaded[candidate.kwargs] = load_candidate(spec, load_kwargs, dict(candidate.kwargs))
+        rows[candidate] = (top1(loaded[candidate.kwargs], raw, targets, candidate.mean, candidate.std), len(raw))
     best = _first_among_equals(rows)
     if open_.eps:
         current = next((float(m.eps) for m in model.modules() if isinstance(m, nn.LayerNorm)), None)
         tried = [best]
         for eps in (e for e in EPS_CANDIDATES if current is None or abs(e - current) > 1e-12):
             candidate = replace(best, kwargs=best.kwargs + (("norm_eps", eps),))
-            built[candidate.kwargs] = rebuild(model, dict(candidate.kwargs))
-            rows[candidate] = (top1(built[candidate.kwargs], raw, targets, best.mean, best.std), len(raw))
+            loaded[candidate.kwargs] = load_candidate(spec, load_kwargs, dict(candidate.kwargs))
+            rows[candidate] = (top1(loaded[candidate.kwargs], raw, targets, best.mean, best.std), len(raw))
             tried.append(candidate)
         best = _first_among_equals({c: rows[c] for c in tried})
     classes = max(2, len(set(targets.tolist())))
@@ -310,7 +299,9 @@ def resolve(model: nn.Module, open_: OpenSettings, data: str | os.PathLike | Non
         raise UserError(f"{spec}: top-1 on {len(raw)} images of {where} is at chance level with every candidate "
                         f"tried (best: {best.label()}: {rows[best][0]:.3f}, {classes} classes); check that the "
                         f"images carry the model's classes and the layout, or give the model code with --module")
-    chosen = apply_candidate(built[best.kwargs], replace(best, kwargs=()))
+    if best.kwargs not in loaded:
+        loaded[best.kwargs] = load_candidate(spec, load_kwargs, dict(best.kwargs))
+    chosen = apply_candidate(loaded[best.kwargs], best)
     _record_decision(chosen, best, rows[best], open_, where, class_names, len(rows))
     return Resolution(chosen, best, [(c, s, n) for c, (s, n) in rows.items()], where, *rows[best])
 
@@ -324,23 +315,24 @@ def _first_among_equals(rows: dict[Candidate, tuple[float, int]]) -> Candidate:
     return next(c for c, s in scored.items() if s >= top - TIE_MARGIN)
 
 
-def _structure_candidates(model: nn.Module, open_: OpenSettings) -> list[tuple[tuple[str, Any], ...]]:
-    """Kwargs overrides to try: head counts x block variants (the assumed ones first)."""
-    heads: list[tuple[tuple[str, Any], ...]] = [()]
+def structure_candidates(model: nn.Module, open_: OpenSettings) -> list[tuple[tuple[str, Any], ...]]:
+    """Overrides to try: head counts x the assumed structure settings (the assumed values first)."""
+    combos: list[tuple[tuple[str, Any], ...]] = [()]
     if open_.heads:
         prior = int(model.blocks[0].attn.num_heads)
-        others = [h for h in head_candidates(_attention_width(model), prior) if h != prior]
-        heads = [(("num_heads", prior),)] + [(("num_heads", h),) for h in others]
-    blocks = block_candidates() if open_.block else [()]
-    return [h + b for h in heads for b in blocks]
+        combos = [(("num_heads", h),) for h in _with_first(tuple(head_candidates(_attention_width(model), prior)),
+                                                          prior)]
+    for key, values in open_.structure.items():
+        combos = [c + ((key, v),) for c in combos for v in values]
+    return combos
 
 
 def _record_decision(model: nn.Module, best: Candidate, score: tuple[float, int], open_: OpenSettings, where: str,
                      class_names: list[str], tried: int) -> None:
     """Replace the loader's assumption notes with what the images decided."""
     record = record_of(model)
-    decided = ("num_heads=", "mean/std", "norm placement", "activation", "LayerNorm eps", "post-norm", "pre-norm")
-    record.notes = [n for n in record.notes if not ("assumed" in n and any(d in n for d in decided))]
+    record.notes = [n for n in record.notes if not ("assumed" in n and ("num_heads=" in n or "mean/std" in n
+                                                                       or "the weights cannot tell" in n))]
     record.notes.append(f"{', '.join(open_.names())} decided by behaviour: {best.label()} scored top-1 "
                         f"{score[0]:.3f} on {score[1]} images of {where}, the best of {tried} candidates")
     if record.class_names is None and class_names and len(class_names) == getattr(model, "num_classes", None):
@@ -366,7 +358,7 @@ def load_resolved(spec: str | os.PathLike, load_kwargs: dict[str, Any], data: st
     if module is not None:
         from vitshrink.io.user_module import match_user_module
 
-        model = match_user_module(spec, model, module, module_args, open_, data)
+        model = match_user_module(spec, model, module, module_args, open_, data, load_kwargs)
         open_ = OpenSettings(normalisation=open_.normalisation)
     if not (open_.any_decisive() or open_.eps):
         if require_data:
@@ -381,5 +373,5 @@ def load_resolved(spec: str | os.PathLike, load_kwargs: dict[str, Any], data: st
         if refuse_guesses and open_.any_decisive():
             raise unverified_refusal(spec, model, open_)
         return model, None
-    resolution = resolve(model, open_, data, spec)
+    resolution = resolve(model, open_, data, spec, load_kwargs)
     return resolution.model, resolution

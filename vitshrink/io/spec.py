@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from vitshrink.errors import UserError
-from vitshrink.io.foreign import model_from_foreign_state
+from vitshrink.io.foreign import check_assume, model_from_foreign_state
 from vitshrink.io.hf import load_hf_directory
 from vitshrink.io.layouts import apply_key_map
 from vitshrink.io.readers import TORCH_SUFFIXES, read_safetensors, read_torch_state_dict
@@ -34,6 +34,7 @@ def load_model(
     pretrained: bool = False,
     key_map: Sequence[str] | None = None,
     norm_eps: float | None = None,
+    assume: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Load a model from a SPEC, in eval mode on CPU.
 
@@ -49,12 +50,16 @@ def load_model(
     (torchvision, vit-pytorch, hand-written q/k/v or Sequential MLPs, timm's ``checkpoint_filter_fn``
     formats) are converted to timm's layout (``vitshrink.io.layouts``), with a note naming the layout.
     ``record_of(model)`` holds how to rebuild it (so ``save_model`` can write it again) and ``notes``:
-    what was assumed, one line each.
+    what was assumed, one line each. ``assume`` states what a foreign layout's tensors cannot tell, in place
+    of the layout's defaults (each one otherwise named in a note): ``norm_placement`` ("pre"/"post"),
+    ``act_layer`` and ``head_act`` (timm activation names), ``head_softmax`` (the head ends in softmax) and
+    ``fc_norm`` (True: the final norm comes after the average pooling).
     """
     if norm_eps is not None and not (isinstance(norm_eps, (int, float)) and 0 < norm_eps < 1):
         raise UserError(f"--norm-eps must be a number in (0, 1), got {norm_eps!r}")
     options = {"arch": arch, "num_heads": num_heads, "img_size": img_size, "in_chans": in_chans,
-               "num_classes": num_classes, "key_map": list(key_map or []), "norm_eps": norm_eps}
+               "num_classes": num_classes, "key_map": list(key_map or []), "norm_eps": norm_eps,
+               "assume": check_assume(assume)}
     spec_str = str(spec)
     path = Path(spec_str).expanduser()
     notes: list[str] = []

@@ -96,22 +96,24 @@ def load_into_user_module(user: nn.Module, spec: str | os.PathLike, module: str)
 
 @torch.no_grad()
 def match_user_module(spec: str | os.PathLike, model: nn.Module, module: str, module_args: str | None,
-                      open_: Any, data: str | os.PathLike | None) -> nn.Module:
+                      open_: Any, data: str | os.PathLike | None, load_kwargs: dict[str, Any]) -> nn.Module:
     """The reading of ``spec`` whose logits equal the user's module's on real images (else a UserError saying
     where the two first diverge)."""
     from vitshrink.data import sample_images
-    from vitshrink.io.resolve import EPS_CANDIDATES, _structure_candidates, rebuild
+    from vitshrink.io.resolve import EPS_CANDIDATES, load_candidate, structure_candidates
 
     user = build_user_module(module, module_args)
     load_into_user_module(user, spec, module)
     images = sample_images(data_config(model), data, n=PARITY_IMAGES)
     reference = _logits(user, images)
-    structures = _structure_candidates(model, open_)
-    if open_.eps:
-        structures = [s + (("norm_eps", eps),) for s in structures for eps in EPS_CANDIDATES]
+    structures = structure_candidates(model, open_)
+    if open_.eps:  # the assumed epsilon first
+        current = next((float(m.eps) for m in model.modules() if isinstance(m, nn.LayerNorm)), EPS_CANDIDATES[0])
+        epsilons = sorted(EPS_CANDIDATES, key=lambda eps: abs(eps - current))
+        structures = [s + (("norm_eps", eps),) for s in structures for eps in epsilons]
     best, best_diff, best_kwargs = model, float("inf"), ()
     for kwargs in structures:
-        candidate = rebuild(model, dict(kwargs)) if kwargs else model
+        candidate = load_candidate(spec, load_kwargs, dict(kwargs)) if kwargs else model
         out = _logits(candidate, images)
         diff = (out - reference).abs().max().item() if out.shape == reference.shape else float("inf")
         if diff < best_diff:
@@ -124,7 +126,8 @@ def match_user_module(spec: str | os.PathLike, model: nn.Module, module: str, mo
                         f"max |logit diff| {best_diff:.3g} on {len(images)} real images, limit {PARITY_LIMIT:g}); "
                         f"{first_divergence(user, best, images)}")
     record = record_of(best)
-    record.notes = [n for n in record.notes if not ("assumed" in n and ("num_heads=" in n or "norm" in n))]
+    record.notes = [n for n in record.notes if not ("assumed" in n and ("num_heads=" in n
+                                                                       or "the weights cannot tell" in n))]
     record.notes.append(f"--module {module}: logits match your module within {best_diff:.1e} on {len(images)} real "
                         f"images ({settings})")
     return best

@@ -14,6 +14,7 @@ decoupling the head width from ``embed_dim / num_heads``; the MLP is timm's ``Ml
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import partial
 from typing import Any, Sequence
 
@@ -25,15 +26,19 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-__all__ = ["SlimBlock", "BlockwiseVisionTransformer", "vitshrink_vit"]
+__all__ = ["SlimBlock", "BlockwiseVisionTransformer", "vitshrink_vit", "as_logits"]
 
 
 class SlimBlock(nn.Module):
-    """Pre-norm transformer block with its own head count, head width and MLP width.
+    """Transformer block with its own head count, head width and MLP width.
 
     Submodule names match timm's ``Block`` (``norm1, attn, ls1, norm2, mlp, ls2``) so state dicts
-    slice over by name. ``num_heads == 0`` leaves out ``norm1/attn/ls1``; ``mlp_hidden == 0`` leaves
-    out ``norm2/mlp/ls2``.
+    slice over by name. ``num_heads == 0`` leaves out ``attn/ls1``; ``mlp_hidden == 0`` leaves out
+    ``mlp/ls2``. ``norm_placement="pre"`` (timm's) normalises each branch's input, and a removed branch
+    takes its norm with it; ``"post"`` (the original transformer's, ``nn.TransformerEncoderLayer``'s
+    default) normalises after each residual add, ``x = norm1(x + attn(x)); x = norm2(x + mlp(x))``, and
+    keeps both norms when a branch goes. ``shared_norm`` uses one module, ``norm1``, in both places (a
+    hand-written ViT with one LayerNorm per layer); there is no ``norm2`` then, so no tied tensors.
     """
 
     def __init__(
@@ -52,12 +57,19 @@ class SlimBlock(nn.Module):
         proj_drop: float = 0.0,
         norm_layer: type[nn.Module] = LayerNorm,
         act_layer: type[nn.Module] = nn.GELU,
+        norm_placement: str = "pre",
+        shared_norm: bool = False,
     ):
         super().__init__()
         self.has_attn = num_heads > 0
         self.has_mlp = mlp_hidden > 0
-        if self.has_attn:
+        self.post_norm = norm_placement == "post"
+        self.shared_norm = bool(shared_norm)
+        if self.has_attn or self.post_norm or (self.shared_norm and self.has_mlp):
             self.norm1 = norm_layer(dim)
+        if not self.shared_norm and (self.has_mlp or self.post_norm):
+            self.norm2 = norm_layer(dim)
+        if self.has_attn:
             self.attn = Attention(dim, num_heads=num_heads, attn_head_dim=head_dim, qkv_bias=qkv_bias,
                                   qk_norm=qk_norm, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop,
                                   norm_layer=norm_layer)
@@ -66,7 +78,6 @@ class SlimBlock(nn.Module):
         else:
             self.attn = None
         if self.has_mlp:
-            self.norm2 = norm_layer(dim)
             self.mlp = Mlp(in_features=dim, hidden_features=mlp_hidden, act_layer=act_layer, bias=proj_bias,
                            drop=proj_drop)
             self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
@@ -74,11 +85,22 @@ class SlimBlock(nn.Module):
         else:
             self.mlp = None
 
+    def mlp_norm(self) -> nn.Module:
+        """The norm of the MLP branch: ``norm2``, or ``norm1`` when the block shares one norm."""
+        return self.norm1 if self.shared_norm else self.norm2
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if self.post_norm:
+            if self.has_attn:
+                x = x + self.drop_path1(self.ls1(self.attn(x, attn_mask=attn_mask, is_causal=is_causal)))
+            x = self.norm1(x)
+            if self.has_mlp:
+                x = x + self.drop_path2(self.ls2(self.mlp(x)))
+            return self.mlp_norm()(x)
         if self.has_attn:
             x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         if self.has_mlp:
-            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            x = x + self.drop_path2(self.ls2(self.mlp(self.mlp_norm()(x))))
         return x
 
 
@@ -88,6 +110,15 @@ class BlockwiseVisionTransformer(VisionTransformer):
     ``kept_blocks`` records which blocks of the unpruned teacher these are (provenance; default
     ``0..depth-1``). ``norm_eps`` (LayerNorm epsilon, default timm's 1e-6) and ``act_layer`` (a timm
     activation name) are plain values so that they survive the JSON architecture record. Any other ``VisionTransformer`` kwarg passes through.
+
+    Variants that hand-written ViTs use, all plain JSON values too: ``norm_placement`` ("pre" | "post") and
+    ``shared_norm`` (see ``SlimBlock``); ``head_hidden``/``head_act``: a Linear-act-Linear head
+    (``pre_logits.fc``, ``pre_logits.act``, then ``head``); ``head_softmax``: the head ends in softmax, so in
+    eval mode the model outputs probabilities (in training mode it outputs the logits the losses need);
+    ``fixed_pos_embed``: the position table is a constant (e.g. sinusoidal), never trained.
+    Pooling without a class token, a final norm before (``norm``) or after (``fc_norm``) the pooling,
+    register tokens, LayerScale and qk-norm are timm's own kwargs (``class_token``, ``global_pool``,
+    ``fc_norm``, ``final_norm``, ``reg_tokens``, ``init_values``, ``qk_norm``).
     """
 
     def __init__(
@@ -110,9 +141,16 @@ class BlockwiseVisionTransformer(VisionTransformer):
         attn_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         weight_init: str = "",
+        norm_placement: str = "pre",
+        shared_norm: bool = False,
+        head_hidden: int = 0,
+        head_act: str = "tanh",
+        head_softmax: bool = False,
+        fixed_pos_embed: bool = False,
         **kwargs: Any,
     ):
         depth = len(block_num_heads)
+        _check_variants(norm_placement, head_hidden)
         if not (len(block_head_dims) == len(block_mlp_hidden) == depth):
             raise ValueError(f"block_num_heads, block_head_dims and block_mlp_hidden must have one entry per block, "
                              f"got {depth}, {len(block_head_dims)}, {len(block_mlp_hidden)}")
@@ -140,14 +178,39 @@ class BlockwiseVisionTransformer(VisionTransformer):
         self.blocks = nn.Sequential(*[
             SlimBlock(embed_dim, heads, head_dim, hidden, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_bias=proj_bias,
                       init_values=init_values, drop_path=dpr[i], attn_drop=attn_drop_rate,
-                      proj_drop=proj_drop_rate, norm_layer=norm_layer, act_layer=act)
+                      proj_drop=proj_drop_rate, norm_layer=norm_layer, act_layer=act,
+                      norm_placement=norm_placement, shared_norm=shared_norm)
             for i, (heads, head_dim, hidden) in enumerate(
                 zip(self.block_num_heads, self.block_head_dims, self.block_mlp_hidden))])
         reduction = self.patch_embed.feat_ratio() if hasattr(self.patch_embed, "feat_ratio") else kwargs.get("patch_size", 16)
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self.norm_placement, self.shared_norm = norm_placement, bool(shared_norm)
+        self.head_softmax = bool(head_softmax)
+        self.pre_logits: nn.Module | None = None
+        if head_hidden:
+            self.pre_logits = nn.Sequential(OrderedDict(
+                fc=nn.Linear(embed_dim, int(head_hidden)), act=get_act_layer(head_act)()))
+            self.head_hidden_size = int(head_hidden)
+            self.head = nn.Linear(int(head_hidden), self.num_classes) if self.num_classes > 0 else nn.Identity()
+        if fixed_pos_embed and self.pos_embed is not None:
+            self.pos_embed.requires_grad_(False)
         self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
         if weight_init != "skip":
             self.init_weights(needs_reset=False)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        if self.pre_logits is not None:  # timm's would size the new head by embed_dim
+            self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        if self.pre_logits is not None:
+            x = self.pre_logits(x)
+        if pre_logits:
+            return x
+        x = self.head(x)
+        return x.softmax(dim=-1) if self.head_softmax and not self.training else x
 
     def fix_init_weight(self) -> None:
         with torch.no_grad():
@@ -157,6 +220,22 @@ class BlockwiseVisionTransformer(VisionTransformer):
                     layer.attn.proj.weight.div_(scale)
                 if layer.mlp is not None:
                     layer.mlp.fc2.weight.div_(scale)
+
+
+def as_logits(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """``model``'s output as logits: the log of a softmax head's probabilities (logits up to a per-image constant,
+    which softmax, cross-entropy and KD at any temperature ignore), any other output as it is."""
+    inner = getattr(model, "module", model)  # DDP / wrappers
+    if getattr(inner, "head_softmax", False) and not inner.training:
+        return output.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+    return output
+
+
+def _check_variants(norm_placement: str, head_hidden: int) -> None:
+    if norm_placement not in ("pre", "post"):
+        raise ValueError(f"norm_placement must be 'pre' or 'post', got {norm_placement!r}")
+    if int(head_hidden) < 0:
+        raise ValueError(f"head_hidden must be >= 0, got {head_hidden}")
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:

@@ -130,8 +130,27 @@ def _arch_kwargs(model: VisionTransformer) -> dict[str, Any]:
         "norm_eps": float(norm.eps) if norm is not None else 1e-6,
         "act_layer": _act_name(mlp_blk.mlp.act, "mlp") if mlp_blk is not None else "gelu",
     }
+    kwargs.update(_variant_kwargs(model))
     if getattr(pe, "dynamic_img_pad", False):
         kwargs["dynamic_img_pad"] = True
+    return kwargs
+
+
+def _variant_kwargs(model: VisionTransformer) -> dict[str, Any]:
+    """``vitshrink_vit``'s own block and head variants (only those that differ from the defaults)."""
+    kwargs: dict[str, Any] = {}
+    if getattr(model, "norm_placement", "pre") != "pre":
+        kwargs["norm_placement"] = model.norm_placement
+    if getattr(model, "shared_norm", False):
+        kwargs["shared_norm"] = True
+    pre_logits = getattr(model, "pre_logits", None)
+    if isinstance(pre_logits, nn.Sequential):
+        kwargs["head_hidden"] = int(pre_logits.fc.out_features)
+        kwargs["head_act"] = _act_name(pre_logits.act, "pre_logits")
+    if getattr(model, "head_softmax", False):
+        kwargs["head_softmax"] = True
+    if model.pos_embed is not None and not model.pos_embed.requires_grad:
+        kwargs["fixed_pos_embed"] = True
     return kwargs
 
 
@@ -146,8 +165,10 @@ def _copy_into(dst: nn.Module, src: nn.Module) -> None:
 
 @torch.no_grad()
 def _slice_block(src: nn.Module, dst: SlimBlock, keep: BlockKeep) -> None:
+    for name in ("norm1", "norm2"):  # which norms a block has depends on its placement and sharing
+        if hasattr(dst, name):
+            _copy_into(getattr(dst, name), getattr(src, name))
     if dst.attn is not None:
-        _copy_into(dst.norm1, src.norm1)
         _copy_into(dst.ls1, src.ls1)
         attn = src.attn
         hd, width = attn.head_dim, attn.num_heads * attn.head_dim
@@ -170,7 +191,6 @@ def _slice_block(src: nn.Module, dst: SlimBlock, keep: BlockKeep) -> None:
         if attn.proj.bias is not None:
             dst.attn.proj.bias.copy_(attn.proj.bias)
     if dst.mlp is not None:
-        _copy_into(dst.norm2, src.norm2)
         _copy_into(dst.ls2, src.ls2)
         idx = torch.tensor(keep.mlp, dtype=torch.long)
         dst.mlp.fc1.weight.copy_(src.mlp.fc1.weight[idx])
@@ -266,7 +286,14 @@ def mask_vit(model: nn.Module, plan: Plan) -> nn.Module:
     check_sliceable(model)
     keeps = check_plan(model, plan)
     masked = copy.deepcopy(model)
+    if getattr(model, "norm_placement", "pre") == "post":
+        # Zeroing a post-norm block's units leaves its norms: a removed block is the identity instead.
+        for i, keep in enumerate(keeps):
+            if keep is None:
+                masked.blocks[i] = nn.Identity()
     for blk, keep in zip(masked.blocks, keeps):
+        if isinstance(blk, nn.Identity):
+            continue
         attn, mlp = blk.attn, blk.mlp
         if attn is not None:
             keep_mask = torch.zeros(attn.num_heads * attn.head_dim, dtype=torch.bool)

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitshrink.errors import UserError
+from vitshrink.models.blockwise_vit import as_logits
 from vitshrink.prune.decisions import Decisions
 from vitshrink.prune.importance import block_groups, next_norm, norm_scale, removal_sets
 from vitshrink.prune.plan import Plan
@@ -246,7 +247,7 @@ class _Search:
         if self.objective is not None:
             images, soft_targets = self.objective.mix(images, targets)
         with torch.no_grad():
-            teacher_logits = self.teacher(images)
+            teacher_logits = as_logits(self.teacher, self.teacher(images))  # a softmax head's log-probabilities
         logits = self.model(images)
         if self.objective is not None:
             loss = self.objective(logits, teacher_logits, soft_targets)["loss"]
