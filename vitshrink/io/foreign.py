@@ -37,10 +37,9 @@ def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options
             layout.assume("fc_norm", False, "the final norm before the average pooling")
         given = {"norm_eps": options["norm_eps"]} if options["norm_eps"] is not None else {}
         _apply_assume(layout, {**(options.get("assume") or {}), **given})
-        if arch is None and (layout.name is not None or _is_timm_like_vit(layout.state)):
+        if arch is None and layout.name is not None:
             arch, arch_was_inferred = DEFAULT_VIT_ARCH, True
-            notes.append(f"--arch {arch} assumed (a {layout.name or 'timm-like ViT'}; every size is read from the "
-                         f"tensors)")
+            notes.append(f"--arch {arch} assumed (a {layout.name}; every size is read from the tensors)")
     if arch is None:
         raise UserError(f"{path}: a foreign checkpoint (not saved by vitshrink) needs --arch NAME, the timm "
                         f"model it was trained as (e.g. vit_small_patch16_224)")
@@ -88,11 +87,6 @@ def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options
         set_data_config(model, input_size=(data_config(model)["input_size"][0], options["img_size"],
                                            options["img_size"]), crop_pct=1.0)
     return model
-
-
-def _is_timm_like_vit(state: dict[str, torch.Tensor]) -> bool:
-    """Numbered blocks with attention: a ViT whatever module wrote it (a misnamed rest gets a --key-map hint)."""
-    return "blocks.0.attn.qkv.weight" in state
 
 
 # vitshrink_vit's own kwargs: a layout that needs one is built as vitshrink_vit (timm's ViT has no such option).
@@ -290,7 +284,7 @@ def _pool_and_head_kwargs(state: dict[str, torch.Tensor], arch_probe: nn.Module,
 def choose_num_heads(embed_dim: int, arch_probe: nn.Module, arch: str, asked: int | None, path: Path,
                      notes: list[str], head_dim: int | None = None) -> int:
     """No tensor shape reveals the head count: take the user's, else the layout's head width, else the arch's,
-    else 64-wide heads."""
+    else 64-wide heads. This is only the stated prior: ``vitshrink.io.resolve`` decides by behaviour."""
     if asked is not None:
         if asked < 1 or embed_dim % asked:
             raise UserError(f"{path}: num_heads={asked} does not divide the attention width {embed_dim}")
@@ -306,7 +300,8 @@ def choose_num_heads(embed_dim: int, arch_probe: nn.Module, arch: str, asked: in
         return default_heads
     heads = embed_dim // 64 if embed_dim % 64 == 0 else (default_heads if embed_dim % default_heads == 0 else 1)
     notes.append(f"num_heads={heads} assumed (width {embed_dim} differs from {arch}'s {arch_probe.embed_dim}; "
-                 f"{embed_dim // heads}-wide heads): pass --num-heads, or --resolve with --data to decide it by behaviour")
+                 f"{embed_dim // heads}-wide heads): pass --num-heads, or --resolve with --data to decide it by "
+                 f"behaviour")
     return heads
 
 

@@ -112,7 +112,10 @@ def assumed_kwargs(notes: list[str]) -> dict[str, Any]:
     for note in notes:
         if "assumed" in note and "the weights cannot tell" in note:
             for key, value in re.findall(r"(\w+)=('[^']*'|[-+.\w]+)", note.rsplit("): ", 1)[-1]):
-                found[key] = ast.literal_eval(value) if value[0] == "'" or value[0].isdigit() else value
+                try:  # the note writes each value as repr(): 'post', False, 1e-05
+                    found[key] = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    found[key] = value
     return found
 
 
@@ -145,7 +148,7 @@ def _attention_width(model: nn.Module) -> int | None:
 def unverified_refusal(spec: Any, model: nn.Module, open_: OpenSettings) -> UserError:
     """The error ``convert`` raises when it would write a file from guesses no images checked."""
     assumed = [n.split(": pass")[0] for n in record_of(model).notes if "assumed" in n and "--arch" not in n]
-    flags = ([f"--num-heads N"] if open_.heads else []) + (["--mean M --std S"] if open_.normalisation else []) + [
+    flags = (["--num-heads N"] if open_.heads else []) + (["--mean M --std S"] if open_.normalisation else []) + [
         f"--assume {key}={values[0]}" for key, values in open_.structure.items()]
     return UserError(f"{spec}: {', '.join(open_.names())} cannot be read from the weights and would be guesses "
                      f"({'; '.join(assumed) or 'assumed defaults'}); pass --data with labelled images to decide them "
@@ -273,7 +276,8 @@ def resolve(model: nn.Module, open_: OpenSettings, data: str | os.PathLike | Non
     cfg = data_config(model)
     norms = normalisation_candidates(raw, (tuple(cfg["mean"]), tuple(cfg["std"])), open_.normalisation)
     rows: dict[Candidate, tuple[float, int]] = {}
-    screen = raw[: min(SCREEN_IMAGES, len(raw))], targets[: min(SCREEN_IMAGES, len(raw))]
+    every = max(1, len(raw) // SCREEN_IMAGES)  # the sample is in class order: the screen strides over it
+    screen = raw[::every][:SCREEN_IMAGES], targets[::every][:SCREEN_IMAGES]
     for kwargs in structure_candidates(model, open_):
         candidate_model = load_candidate(spec, load_kwargs, dict(kwargs)) if kwargs else model
         for norm in norms:
