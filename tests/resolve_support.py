@@ -33,7 +33,8 @@ def mnist_tensors(path: Path = MNIST_TRAIN, limit: int | None = None) -> tuple[t
 
 
 def train_briefly(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float],
-                  std: Sequence[float], steps: int = 300, batch: int = 64, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+                  std: Sequence[float], steps: int = 300, batch: int = 64, lr: float = 3e-3,
+                  seed: int = 0) -> nn.Module:
     """AdamW on cross-entropy for ``steps`` batches of ``(images - mean) / std``; returns the model in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)

@@ -36,7 +36,8 @@ def test_module_proves_parity_and_the_converted_file_equals_the_users_module(cap
                                 "--std", "0.5")
     assert code == 0, err
     flat = " ".join(err.split())
-    assert "logits match your module within" in flat and "(num_heads=4, norm_placement=pre, act_layer=gelu, norm_eps=1e-05)" in flat
+    assert "logits match your module within" in flat
+    assert "(num_heads=4, norm_placement=pre, act_layer=gelu, norm_eps=1e-05)" in flat
     images, _ = mnist_tensors(MNIST_TEST, limit=16)
     with torch.no_grad():
         assert (load_model(out)(images) - pre(images)).abs().max() <= 1e-4

@@ -6,9 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from vitshrink.cli import (ArchOpt, AssumeOpt, ImgSizeOpt, InChansOpt, KeyMapOpt, MeanOpt, ModuleArgsOpt, ModuleOpt, NormEpsOpt,
-                           NumClassesOpt, NumHeadsOpt, StdOpt, _floats, app, console, err_console, parse_assume,
-                           print_resolution)
+from vitshrink.cli import (ArchOpt, AssumeOpt, ImgSizeOpt, InChansOpt, KeyMapOpt, MeanOpt, ModuleArgsOpt, ModuleOpt,
+                           NormEpsOpt, NumClassesOpt, NumHeadsOpt, StdOpt, _floats, app, console, err_console,
+                           parse_assume, print_resolution)
 
 
 @app.command()

@@ -41,13 +41,16 @@ def build_user_module(module: str, module_args: str | None) -> nn.Module:
     try:
         spec.loader.exec_module(code)
     except Exception as exc:  # noqa: BLE001  (anything the user's file raises on import)
-        raise UserError(f"--module {module}: importing {file} failed ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise UserError(f"--module {module}: importing {file} failed "
+                        f"({type(exc).__name__}: {_first_line(exc)})") from None
     finally:
         sys.path.remove(str(path.resolve().parent))
     factory = getattr(code, name, None)
     if not callable(factory):
-        defined = sorted(k for k, v in vars(code).items() if callable(v) and getattr(v, "__module__", "") == code.__name__)
-        raise UserError(f"--module {module}: {file} defines no callable {name} (it defines: {', '.join(defined) or 'none'})")
+        defined = sorted(k for k, v in vars(code).items()
+                         if callable(v) and getattr(v, "__module__", "") == code.__name__)
+        raise UserError(f"--module {module}: {file} defines no callable {name} "
+                        f"(it defines: {', '.join(defined) or 'none'})")
     try:
         built = factory(**kwargs)
     except Exception as exc:  # noqa: BLE001
