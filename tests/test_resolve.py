@@ -27,7 +27,7 @@ def trained_pair(tmp_path_factory) -> dict[str, tuple]:
 def _table(err: str) -> list[tuple[bool, str, float]]:
     rows = []
     for line in err.splitlines():
-        match = re.match(r"^([* ]) (.+)  ->  top-1 ([0-9.]+) on 256 images$", line)
+        match = re.match(r"^([* ]) (.+)  ->  top-1 ([0-9.]+) on 256 images \(cross-entropy [0-9.]+\)$", line)
         if match:
             rows.append((match.group(1) == "*", match.group(2), float(match.group(3))))
     return rows

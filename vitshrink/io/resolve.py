@@ -27,7 +27,7 @@ RESOLVE_IMAGES = 256  # labelled images the candidates are compared on
 SCREEN_IMAGES = 48  # first round: every candidate; the best KEEP_AFTER_SCREEN go on to all RESOLVE_IMAGES
 KEEP_AFTER_SCREEN = 6
 MIN_HEAD_DIM, MAX_HEADS = 8, 16
-TIE_MARGIN = 0.01  # top-1 differences below this (2-3 images of 256) are noise: the earlier candidate stays
+TIE_MARGIN = 0.01  # top-1 differences below this (2-3 images of 256) are noise: cross-entropy decides
 EPS_CANDIDATES = (1e-6, 1e-5)  # timm's, torch.nn.LayerNorm's
 # Input normalisations seen in the wild; "data" (the sample's own per-channel statistics) is added per sample.
 NORMALISATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "0.5": ((0.5,), (0.5,)),
@@ -77,16 +77,16 @@ class OpenSettings:
 class Resolution:
     model: nn.Module
     chosen: Candidate
-    rows: list[tuple[Candidate, float, int]] = field(default_factory=list)  # candidate, top-1, images
+    rows: list[tuple[Candidate, float, int, float]] = field(default_factory=list)  # top-1, images, cross-entropy
     data: str = ""
     top1: float = 0.0  # the chosen candidate's, on n_images
     n_images: int = 0
 
     def table(self, limit: int = 8) -> list[str]:
         """``candidate -> top-1 on N images`` lines, best first (the chosen one marked)."""
-        ordered = sorted(self.rows, key=lambda row: (-row[2], -row[1]))[:limit]
-        return [f"{'*' if c == self.chosen else ' '} {c.label()}  ->  top-1 {top1:.3f} on {n} images"
-                for c, top1, n in ordered]
+        ordered = sorted(self.rows, key=lambda row: (row[0] != self.chosen, -row[2], -row[1], row[3]))[:limit]
+        return [f"{'*' if c == self.chosen else ' '} {c.label()}  ->  top-1 {top1:.3f} on {n} images "
+                f"(cross-entropy {loss:.3f})" for c, top1, n, loss in ordered]
 
 
 # --- what is open ------------------------------------------------------------------------------
@@ -224,9 +224,10 @@ def labelled_sample(model: nn.Module, data: str | os.PathLike | None,
     channels = int(cfg["input_size"][0])
     split, description = resolve_eval_split(data, in_chans=channels)
     split.transform = build_transform({**cfg, "mean": (0.0,) * channels, "std": (1.0,) * channels})
-    stride = max(1, len(split) // n)
+    # Evenly spaced over the whole split: a folder or tar is in class order.
+    spaced = sorted({round(i * (len(split) - 1) / max(1, n - 1)) for i in range(n)}) if len(split) > n else None
     images, targets = [], []
-    for index in range(0, len(split), stride):
+    for index in spaced or range(len(split)):
         item = split[index]
         if item is not None:
             images.append(item[0])
@@ -253,15 +254,26 @@ def bundled_fits(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def top1(model: nn.Module, raw: torch.Tensor, targets: torch.Tensor, mean: tuple[float, ...],
-         std: tuple[float, ...]) -> float:
+def score(model: nn.Module, raw: torch.Tensor, targets: torch.Tensor, mean: tuple[float, ...],
+          std: tuple[float, ...]) -> tuple[float, float]:
+    """(top-1, mean cross-entropy) of ``model`` on ``(raw - mean) / std`` (a softmax head's output is taken as
+    probabilities)."""
     mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-    hits = 0
+    hits, loss = 0, 0.0
     for start in range(0, len(raw), 128):
         out = model((raw[start:start + 128] - mean_t) / std_t)
-        out = sum(out) / len(out) if isinstance(out, (tuple, list)) else out
-        hits += int((out.argmax(1) == targets[start:start + 128]).sum())
-    return hits / len(raw)
+        out = (sum(out) / len(out) if isinstance(out, (tuple, list)) else out).float()
+        is_probability = bool((out >= 0).all()) and torch.allclose(out.sum(1), torch.ones(len(out)), atol=1e-4)
+        log_probs = out.clamp_min(1e-12).log() if is_probability else out.log_softmax(1)
+        batch_targets = targets[start:start + 128]
+        hits += int((out.argmax(1) == batch_targets).sum())
+        loss += float(nn.functional.nll_loss(log_probs, batch_targets, reduction="sum"))
+    return hits / len(raw), loss / len(raw)
+
+
+def top1(model: nn.Module, raw: torch.Tensor, targets: torch.Tensor, mean: tuple[float, ...],
+         std: tuple[float, ...]) -> float:
+    return score(model, raw, targets, mean, std)[0]
 
 
 def resolve(model: nn.Module, open_: OpenSettings, data: str | os.PathLike | None, spec: str | os.PathLike,
@@ -269,35 +281,38 @@ def resolve(model: nn.Module, open_: OpenSettings, data: str | os.PathLike | Non
     """Try the open settings jointly on labelled images; return the best model with the table of what was tried.
 
     Every candidate (heads x assumed structure x normalisation) is scored on ``SCREEN_IMAGES`` images, the best
-    ``KEEP_AFTER_SCREEN`` on all ``RESOLVE_IMAGES``; an open LayerNorm eps is tried last (ties keep the
-    assumed one). Refuses when even the best candidate is at chance level.
+    ``KEEP_AFTER_SCREEN`` on all ``RESOLVE_IMAGES`` (``_best`` picks); an open LayerNorm eps is tried last.
+    Refuses when even the best candidate is at chance level.
     """
     raw, targets, class_names, where = labelled_sample(model, data)
     cfg = data_config(model)
     norms = normalisation_candidates(raw, (tuple(cfg["mean"]), tuple(cfg["std"])), open_.normalisation)
-    rows: dict[Candidate, tuple[float, int]] = {}
+    rows: dict[Candidate, tuple[float, int, float]] = {}  # top-1, images, cross-entropy
     every = max(1, len(raw) // SCREEN_IMAGES)  # the sample is in class order: the screen strides over it
     screen = raw[::every][:SCREEN_IMAGES], targets[::every][:SCREEN_IMAGES]
     for kwargs in structure_candidates(model, open_):
         candidate_model = load_candidate(spec, load_kwargs, dict(kwargs)) if kwargs else model
         for norm in norms:
-            rows[replace(norm, kwargs=kwargs)] = (top1(candidate_model, *screen, norm.mean, norm.std), len(screen[1]))
-    kept = sorted(rows, key=lambda c: -rows[c][0])[:KEEP_AFTER_SCREEN] if len(raw) > len(screen[1]) else []
+            accuracy, loss = score(candidate_model, *screen, norm.mean, norm.std)
+            rows[replace(norm, kwargs=kwargs)] = (accuracy, len(screen[1]), loss)
+    kept = sorted(rows, key=lambda c: (-rows[c][0], rows[c][2]))[:KEEP_AFTER_SCREEN]
     loaded: dict[tuple, nn.Module] = {(): model}
-    for candidate in kept:
+    for candidate in kept if len(raw) > len(screen[1]) else []:
         if candidate.kwargs not in loaded:
             loaded[candidate.kwargs] = load_candidate(spec, load_kwargs, dict(candidate.kwargs))
-        rows[candidate] = (top1(loaded[candidate.kwargs], raw, targets, candidate.mean, candidate.std), len(raw))
-    best = _first_among_equals(rows)
+        accuracy, loss = score(loaded[candidate.kwargs], raw, targets, candidate.mean, candidate.std)
+        rows[candidate] = (accuracy, len(raw), loss)
+    best = _best(rows)
     if open_.eps:
         current = next((float(m.eps) for m in model.modules() if isinstance(m, nn.LayerNorm)), None)
         tried = [best]
         for eps in (e for e in EPS_CANDIDATES if current is None or abs(e - current) > 1e-12):
             candidate = replace(best, kwargs=best.kwargs + (("norm_eps", eps),))
             loaded[candidate.kwargs] = load_candidate(spec, load_kwargs, dict(candidate.kwargs))
-            rows[candidate] = (top1(loaded[candidate.kwargs], raw, targets, best.mean, best.std), len(raw))
+            accuracy, loss = score(loaded[candidate.kwargs], raw, targets, best.mean, best.std)
+            rows[candidate] = (accuracy, len(raw), loss)
             tried.append(candidate)
-        best = _first_among_equals({c: rows[c] for c in tried})
+        best = _best({c: rows[c] for c in tried})
     classes = max(2, len(set(targets.tolist())))
     if rows[best][0] <= 1.5 / classes:
         raise UserError(f"{spec}: top-1 on {len(raw)} images of {where} is at chance level with every candidate "
@@ -306,17 +321,17 @@ def resolve(model: nn.Module, open_: OpenSettings, data: str | os.PathLike | Non
     if best.kwargs not in loaded:
         loaded[best.kwargs] = load_candidate(spec, load_kwargs, dict(best.kwargs))
     chosen = apply_candidate(loaded[best.kwargs], best)
-    _record_decision(chosen, best, rows[best], open_, where, class_names, len(rows))
-    return Resolution(chosen, best, [(c, s, n) for c, (s, n) in rows.items()], where, *rows[best])
+    _record_decision(chosen, best, rows[best][:2], open_, where, class_names, len(rows))
+    return Resolution(chosen, best, [(c, *row) for c, row in rows.items()], where, *rows[best][:2])
 
 
-def _first_among_equals(rows: dict[Candidate, tuple[float, int]]) -> Candidate:
-    """The best score on the most images; within ``TIE_MARGIN`` of it, the earliest candidate (the assumed
-    settings come first, named normalisations before the sample's own statistics)."""
-    most = max(n for _, n in rows.values())
-    scored = {c: s for c, (s, n) in rows.items() if n == most}
-    top = max(scored.values())
-    return next(c for c, s in scored.items() if s >= top - TIE_MARGIN)
+def _best(rows: dict[Candidate, tuple[float, int, float]]) -> Candidate:
+    """Among the candidates scored on the most images, those within ``TIE_MARGIN`` of the best top-1 (top-1 alone
+    cannot tell GELU from ReLU or one epsilon from another on a few hundred images), the lowest cross-entropy."""
+    most = max(row[1] for row in rows.values())
+    scored = {c: row for c, row in rows.items() if row[1] == most}
+    top = max(row[0] for row in scored.values())
+    return min((c for c, row in scored.items() if row[0] >= top - TIE_MARGIN), key=lambda c: scored[c][2])
 
 
 def structure_candidates(model: nn.Module, open_: OpenSettings) -> list[tuple[tuple[str, Any], ...]]:
