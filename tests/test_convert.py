@@ -41,10 +41,11 @@ def test_convert_decides_the_head_count_on_labelled_images(capsys, foreign_teach
     code, _, err = run_cli(capsys, "convert", str(foreign_teacher), "-o", str(out), "--arch", "vit_tiny_patch16_224",
                            "--data", str(CIFAR_TEST_1K), *NORM)
     assert code == 0, err
-    scores = {line[2:].split(",")[0]: float(line.split("top-1 ")[1].split()[0])
-              for line in err.splitlines() if "  ->  top-1" in line and "norm_eps" not in line}
+    rows = [(line[2:].split(",")[0], float(line.split("top-1 ")[1].split()[0]))
+            for line in err.splitlines() if "  ->  top-1" in line and " on 256 images" in line]
     assert any(line.startswith("* num_heads=6") for line in err.splitlines())
-    assert scores["num_heads=3"] < scores["num_heads=6"] - 0.1
+    best_other = max(top1 for heads, top1 in rows if heads != "num_heads=6")
+    assert best_other < max(top1 for heads, top1 in rows if heads == "num_heads=6") - 0.05
     assert record_of(load_model(out)).kwargs["num_heads"] == 6
 
 
