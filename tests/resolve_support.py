@@ -119,3 +119,16 @@ def trained_hand_written(path: Path, mean: Sequence[float], std: Sequence[float]
     train_briefly(model, images, labels, mean, std, steps=steps)
     torch.save(model.state_dict(), path)
     return path, model
+
+
+def small_image_folder(folder: Path, per_class: int = 30, source: Path = MNIST_TEST) -> Path:
+    """The first ``per_class`` images of each class of ``source`` as an ImageFolder (a cheap labelled set)."""
+    counts: dict[str, int] = {}
+    with tarfile.open(source) as tar:
+        for member in tar.getmembers():
+            label = Path(member.name).parent.name
+            if member.isfile() and counts.get(label, 0) < per_class:
+                counts[label] = counts.get(label, 0) + 1
+                (folder / label).mkdir(parents=True, exist_ok=True)
+                (folder / label / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+    return folder

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from resolve_support import MNIST_TEST, MNIST_TRAIN, mnist_tensors, trained_hand_written
+from resolve_support import (MNIST_TEST, MNIST_TRAIN, accuracy, mnist_tensors, small_image_folder,
+                             trained_hand_written)
 from test_cli import assert_one_line_error, run_cli
 from vitshrink.io import data_config, load_model, record_of
 
@@ -24,20 +25,26 @@ def trained_pair(tmp_path_factory) -> dict[str, tuple]:
             for name, norm in (("half", HALF), ("raw", RAW))}
 
 
-def _table(err: str) -> list[tuple[bool, str, float]]:
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory):
+    """300 MNIST test images (30 a class) as a folder: cheaper to open than the 10,000-image tar."""
+    return small_image_folder(tmp_path_factory.mktemp("mnist_300"), per_class=30)
+
+
+def _table(err: str, n: int = 256) -> list[tuple[bool, str, float]]:
     rows = []
     for line in err.splitlines():
-        match = re.match(r"^([* ]) (.+)  ->  top-1 ([0-9.]+) on 256 images \(cross-entropy [0-9.]+\)$", line)
+        match = re.match(rf"^([* ]) (.+)  ->  top-1 ([0-9.]+) on {n} images \(cross-entropy [0-9.]+\)$", line)
         if match:
             rows.append((match.group(1) == "*", match.group(2), float(match.group(3))))
     return rows
 
 
 @pytest.mark.parametrize("name, arch", [("half", None), ("raw", "deit_tiny_patch16_224")])
-def test_convert_decides_heads_and_normalisation_together(capsys, trained_pair, tmp_path, name, arch):
+def test_convert_decides_heads_and_normalisation_together(capsys, trained_pair, labelled, tmp_path, name, arch):
     path, original = trained_pair[name]
     out = tmp_path / "converted.safetensors"
-    code, stdout, err = run_cli(capsys, "convert", str(path), "-o", str(out), "--data", str(MNIST_TEST),
+    code, stdout, err = run_cli(capsys, "convert", str(path), "-o", str(out), "--data", str(labelled),
                                 *(["--arch", arch] if arch else []))
     assert code == 0, err
     rows = _table(err)
@@ -51,12 +58,13 @@ def test_convert_decides_heads_and_normalisation_together(capsys, trained_pair, 
     assert record_of(model).kwargs["num_heads"] == 4
     cfg = data_config(model)
     assert tuple(cfg["mean"]) == (HALF if name == "half" else RAW)[0]
-    # The written file computes what the original module computes, up to the LayerNorm eps (1e-6 vs 1e-5: top-1
-    # cannot tell them apart, so the assumed one stays; --module or --norm-eps settle it).
-    images, _ = mnist_tensors(MNIST_TEST, limit=32)
-    normalised = (images - cfg["mean"][0]) / cfg["std"][0]
-    with torch.no_grad():
-        assert (model(normalised) - original(normalised)).abs().max() < 1e-2
+    # The written file, with its recorded normalisation, classifies as well as the original module with its own.
+    # (Not logit parity: on a briefly trained model ReLU may score as well as the true GELU, and top-1 cannot
+    # tell one LayerNorm eps from another; --module settles those, tests/test_module.py.)
+    images, labels = mnist_tensors(MNIST_TEST, limit=500)
+    norm = HALF if name == "half" else RAW
+    original_top1 = accuracy(original, images, labels, *norm)
+    assert accuracy(model, images, labels, tuple(cfg["mean"]), tuple(cfg["std"])) >= original_top1 - 0.02
 
 
 def test_convert_without_images_refuses_and_its_advice_writes_the_right_file(capsys, trained_pair, tmp_path):
@@ -76,12 +84,12 @@ def test_convert_without_images_refuses_and_its_advice_writes_the_right_file(cap
         assert (load_model(out)(images) - original(images)).abs().max() <= 1e-4
 
 
-def test_resolve_on_a_loading_command(capsys, trained_pair):
+def test_resolve_on_a_loading_command(capsys, trained_pair, labelled):
     path, original = trained_pair["half"]
-    code, stdout, err = run_cli(capsys, "evaluate", str(path), "--resolve", "--data", str(MNIST_TEST), "-j", "0",
+    code, stdout, err = run_cli(capsys, "evaluate", str(path), "--resolve", "--data", str(labelled), "-j", "0",
                                 "--device", "cpu")
     assert code == 0, err
-    assert any(chosen and "num_heads=4" in label for chosen, label, _ in _table(err))
+    assert any(chosen and "num_heads=4" in label for chosen, label, _ in _table(err, n=256))
     assert float(stdout.split("top-1 ")[1].split()[0]) > 0.6
     code, _, err = run_cli(capsys, "inspect", str(path), "--resolve")
     assert_one_line_error(code, err, "--resolve", "needs labelled images", "pass --data")
