@@ -99,7 +99,8 @@ def open_settings(spec: str | os.PathLike, model: nn.Module, load_kwargs: dict[s
     assumed = assumed_kwargs(record.notes)
     structure = {k: _with_first(STRUCTURE_CHOICES[k], assumed[k]) for k in STRUCTURE_CHOICES if k in assumed}
     return OpenSettings(
-        heads=load_kwargs.get("num_heads") is None and _attention_width(model) is not None,
+        heads=load_kwargs.get("num_heads") is None and _attention_width(model) is not None
+        and any("num_heads=" in n and "assumed" in n for n in record.notes),  # per-head layouts show the count
         normalisation=load_kwargs.get("mean") is None or load_kwargs.get("std") is None,
         structure=structure,
         eps=load_kwargs.get("norm_eps") is None and ("norm_eps" in assumed or "norm_eps" not in record.kwargs),

@@ -110,6 +110,8 @@ def match_user_module(spec: str | os.PathLike, model: nn.Module, module: str, mo
     images = sample_images(data_config(model), data, n=PARITY_IMAGES)
     reference = _logits(user, images)
     structures = structure_candidates(model, open_)
+    if "head_softmax" not in (load_kwargs.get("assume") or {}):  # no tensor shows it; the logits do
+        structures = [s + (("head_softmax", ending),) for ending in (False, True) for s in structures]
     if open_.eps:  # the assumed epsilon first
         current = next((float(m.eps) for m in model.modules() if isinstance(m, nn.LayerNorm)), EPS_CANDIDATES[0])
         epsilons = sorted(EPS_CANDIDATES, key=lambda eps: abs(eps - current))
