@@ -37,7 +37,7 @@ def test_module_proves_parity_and_the_converted_file_equals_the_users_module(cap
     assert code == 0, err
     flat = " ".join(err.split())
     assert "logits match your module within" in flat
-    assert "(num_heads=4, norm_placement=pre, act_layer=gelu, norm_eps=1e-05)" in flat
+    assert "(num_heads=4, norm_placement=pre, act_layer=gelu, head_softmax=False, norm_eps=1e-05)" in flat
     images, _ = mnist_tensors(MNIST_TEST, limit=16)
     with torch.no_grad():
         assert (load_model(out)(images) - pre(images)).abs().max() <= 1e-4
@@ -67,3 +67,26 @@ def test_module_errors_are_one_line(capsys, user_files, module, args, needles):
     code, _, err = run_cli(capsys, "inspect", str(folder / "pre.pth"), "--module", path,
                            *(["--module-args", args] if args else []))
     assert_one_line_error(code, err, *needles)
+
+
+@pytest.mark.parametrize("layout, callable_name", [("torch_encoder", "TorchEncoderViT"), ("per_head", "PerHeadViT")])
+def test_module_settles_what_behaviour_cannot(capsys, tmp_path, layout, callable_name):
+    # nn.TransformerEncoder (post-norm, ReLU) and per-head attention ending in a softmax: the module's logits pick
+    # the reading (a softmax at the end and ReLU vs GELU are invisible to top-1), and the file equals the module.
+    from pathlib import Path
+
+    from handwritten_vits import LAYOUTS
+
+    torch.manual_seed(0)
+    original = LAYOUTS[layout](img_size=28, patch_size=7, in_chans=1).eval()
+    checkpoint, out = tmp_path / f"{layout}.pth", tmp_path / f"{layout}.safetensors"
+    torch.save(original.state_dict(), checkpoint)
+    module_file = Path(__file__).with_name("handwritten_vits.py")
+    code, _, err = run_cli(capsys, "convert", str(checkpoint), "-o", str(out), "--module",
+                           f"{module_file}:{callable_name}", "--module-args",
+                           '{"img_size": 28, "patch_size": 7, "in_chans": 1}', "--mean", "0.5", "--std", "0.5")
+    assert code == 0, err
+    assert "logits match your module within" in " ".join(err.split())
+    images, _ = mnist_tensors(MNIST_TEST, limit=16)
+    with torch.no_grad():
+        assert (load_model(out)(images) - original(images)).abs().max() <= 1e-4
