@@ -14,7 +14,7 @@ its own switches; ``LAYOUTS`` names one builder per layout (tests and benchmarks
   table in a buffer; a head ending in softmax.
 - ``linear_patch_avgpool``: a Linear over unfolded patches (7x7 on MNIST), no class token, average pooling,
   a hand-written post-norm block.
-- ``mlp_head``: the pre-norm ViT with a Linear-act-Linear head.
+- ``mlp_head``: the pre-norm ViT with a Linear-act-Linear head (``linear_linear_head``: no activation between).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from functools import partial
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["TorchEncoderViT", "MHAPreNormViT", "DoubleProjectionViT", "PerHeadViT", "LinearPatchAvgPoolViT",
@@ -75,14 +74,16 @@ class MHAPreNormViT(nn.Module):
 
     def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3, num_classes: int = 10,
                  dim: int = 32, depth: int = 2, heads: int = 4, mlp_dim: int = 64, head_hidden: int = 0,
-                 head_act: Callable[[], nn.Module] = nn.Tanh):
+                 head_act: Callable[[], nn.Module] | None = nn.Tanh):
         super().__init__()
         self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, _grid(img_size, patch_size) + 1, dim) * 0.02)
         self.layers = nn.ModuleList([_PreNormMHABlock(dim, heads, mlp_dim) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
-        if head_hidden:
+        if head_hidden and head_act is None:  # two Linears with nothing between
+            self.head = nn.Sequential(nn.Linear(dim, head_hidden), nn.Linear(head_hidden, num_classes))
+        elif head_hidden:
             self.head = nn.Sequential(nn.Linear(dim, head_hidden), head_act(), nn.Linear(head_hidden, num_classes))
         else:
             self.head = nn.Linear(dim, num_classes)
@@ -271,4 +272,5 @@ LAYOUTS: dict[str, Callable[..., nn.Module]] = {
     "linear_patch_avgpool": LinearPatchAvgPoolViT,
     "linear_patch_avgpool_norm_after": partial(LinearPatchAvgPoolViT, pool_norm="after"),
     "mlp_head": partial(MHAPreNormViT, head_hidden=48),
+    "linear_linear_head": partial(MHAPreNormViT, head_hidden=48, head_act=None),
 }

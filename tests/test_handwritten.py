@@ -36,6 +36,7 @@ CASES = {
     "linear_patch_avgpool": (dict(num_heads=4, assume={"norm_placement": "post"}), True),
     "linear_patch_avgpool_norm_after": (dict(num_heads=4, assume={"norm_placement": "post", "fc_norm": True}), True),
     "mlp_head": (dict(num_heads=4), False),
+    "linear_linear_head": (dict(num_heads=4), False),  # folded into one Linear
 }
 
 
@@ -185,3 +186,65 @@ def test_uvc_half_flops_slices_exports_and_reloads(variant_models, name, tmp_pat
         torch.testing.assert_close(again(images), student(images), atol=0, rtol=0)
     parity = export_onnx(again, tmp_path / "uvc.onnx", sample=images)
     assert parity.passed and parity.max_abs_diff <= 1e-4
+
+
+def test_deit_keeps_the_variants_exports_and_reloads(variant_models, tmp_path):
+    from distill_support import small_data
+    from vitshrink.pipeline import distill
+
+    teacher = variant_models["torch_encoder"]  # post-norm, ReLU, LayerNorm+Linear head
+    out = tmp_path / "deit"
+    result = distill(teacher, "deit", data=small_data(n_train=32, n_val=16), out_dir=out, epochs=1, batch_size=16,
+                     progress=False, workers=0, overrides={"bench_batch_sizes": [1]})
+    assert result.report["onnx"]["passed"]
+    student = load_model(out / "student.safetensors")  # no flags
+    assert record_of(student).name == "vitshrink_vit_distilled"
+    assert student.norm_placement == "post" and isinstance(student.blocks[0].mlp.act, torch.nn.ReLU)
+    assert len(student.blocks) == 1  # half the teacher's depth
+    images = _images(student, grey=False)
+    with torch.no_grad():
+        assert student(images).shape == (8, 10)
+
+
+@pytest.mark.parametrize("name", ["per_head", "mlp_head", "linear_patch_avgpool_norm_after"])
+def test_head_and_pooling_variants_slice_exactly_and_reload(name, tmp_path):
+    from vitshrink.prune.surgery import BlockKeep, mask_vit, slice_vit
+
+    load_kwargs, grey = CASES[name]
+    model = load_model(_save_original(_randomise(LAYOUTS[name]()), tmp_path / "m.safetensors"), **load_kwargs)
+    plan = [BlockKeep(heads=[0, 2], mlp=list(range(0, 64, 2))), BlockKeep(heads=[], mlp=[1, 5, 9])]
+    student = slice_vit(model, plan)
+    images = _images(model, grey)
+    with torch.no_grad():
+        torch.testing.assert_close(student(images), mask_vit(model, plan)(images), atol=1e-5, rtol=0)
+    again = load_model(save_model(student, tmp_path / "s.safetensors"))
+    for attr in ("head_softmax", "fixed_pos_embed", "norm_placement"):
+        assert getattr(again, attr) == getattr(model, attr)
+    assert type(again.pre_logits) is type(model.pre_logits) and type(again.fc_norm) is type(model.fc_norm)
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), student(images), atol=0, rtol=0)
+    if name == "per_head":  # a softmax head: the export says its output holds probabilities
+        from vitshrink.export import export_onnx
+
+        parity = export_onnx(again, tmp_path / "probs.onnx", sample=images)
+        assert parity.passed and parity.outputs == "probabilities"
+
+
+def test_registers_layerscale_and_qk_norm_with_post_norm_slice_exactly(tmp_path):
+    from vitshrink.io import create_model
+    from vitshrink.prune.surgery import BlockKeep, mask_vit, slice_vit
+
+    torch.manual_seed(0)
+    model = _randomise(create_model("vitshrink_vit", embed_dim=16, block_num_heads=[2, 2], block_head_dims=[8, 8],
+                                    block_mlp_hidden=[32, 32], img_size=16, patch_size=4, num_classes=5,
+                                    reg_tokens=2, init_values=0.5, qk_norm=True, norm_placement="post",
+                                    shared_norm=True, act_layer="silu"))
+    plan = [BlockKeep(heads=[1], mlp=list(range(0, 32, 3))), None]
+    student = slice_vit(model, plan)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), mask_vit(model, plan)(x), atol=1e-5, rtol=0)
+    again = load_model(save_model(student, tmp_path / "s.safetensors"))
+    assert again.num_reg_tokens == 2 and again.blocks[0].attn.q_norm.weight.shape == (8,)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), student(x), atol=0, rtol=0)

@@ -152,10 +152,13 @@ def derive_student(teacher: nn.Module, *, depth_ratio: float = 0.5, init: bool =
     s_depth = max(1, int(round(t_depth * depth_ratio)))
     kept = kept_blocks(t_depth, s_depth)
     kwargs = dict(record.kwargs)
+    per_block = record.name.startswith("vitshrink_vit")  # per-block lists instead of a depth
     for key, value in kwargs.items():
-        if isinstance(value, list) and len(value) == t_depth:
+        if isinstance(value, list) and len(value) == t_depth and (not per_block or key.startswith("block_")
+                                                                   or key == "kept_blocks"):
             kwargs[key] = [value[i] for i in kept]
-    kwargs["depth"] = s_depth
+    if not per_block:
+        kwargs["depth"] = s_depth
     try:
         student = create_model(record.name, **kwargs)
     except TypeError as exc:
@@ -254,7 +257,11 @@ def add_distillation_token(student: nn.Module, recipe: str = "deit") -> "VisionT
             or student.num_reg_tokens or student.global_pool != "token":
         raise UserError(f"--recipe {recipe} needs a timm ViT student with a class token and token pooling, got "
                         f"{type(student).__name__}")
-    distilled = create_model(DISTILLED_ARCH, **vit_kwargs(student))
+    record = record_of(student)
+    if record is not None and record.name == "vitshrink_vit":  # keeps its block and head variants
+        distilled = create_model("vitshrink_vit_distilled", **record.kwargs)
+    else:
+        distilled = create_model(DISTILLED_ARCH, **vit_kwargs(student))
     set_data_config(distilled, input_size=data_config(student)["input_size"])
     copy_data_config(distilled, student)
     state = student.state_dict()

@@ -99,7 +99,7 @@ def linear_patch_to_conv(weight: torch.Tensor, chans: int) -> torch.Tensor:
 def is_sinusoidal(table: torch.Tensor) -> bool:
     """The table (tokens, dim) is the transformer's sin/cos table (interleaved, or sin half then cos half)."""
     tokens, dim = table.shape[-2:]
-    if dim % 2:
+    if dim % 2 or table.numel() != tokens * dim:
         return False
     position = torch.arange(tokens, dtype=torch.float64)[:, None]
     angle = position * torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))

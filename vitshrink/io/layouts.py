@@ -1,9 +1,13 @@
 """Foreign ViT state-dict layouts renamed into timm's ``VisionTransformer`` layout.
 
 Recognised: torchvision's ``VisionTransformer`` (``vit_b_16`` family), lucidrains' ``vit-pytorch`` ``ViT``,
-and hand-written timm-like modules: separate q/k/v linears (fused into ``qkv``), ``nn.MultiheadAttention``
-(``in_proj``/``out_proj``), ``nn.Sequential`` MLPs, common aliases of the norms, embeddings and head, a 1-D/2-D
-class token or position embedding. ``apply_key_map`` runs the user's ``--key-map REGEX=REPLACEMENT`` rules
+PyTorch's ``nn.TransformerEncoder`` (post-norm ReLU unless told otherwise), and hand-written modules: separate
+q/k/v linears (fused into ``qkv``), ``nn.MultiheadAttention`` (``in_proj``/``out_proj``), q/k/v Linears feeding
+one (folded), per-head attention (concatenated), one norm per block (shared), ``nn.Sequential`` MLPs and heads,
+a Linear patch embedding, common aliases of the norms, embeddings and head, a 1-D/2-D class token or position
+embedding (a sin/cos one kept constant). What no tensor tells (norm placement, activation, epsilon) is taken
+from the layout's defaults and listed in ``Layout.assumed`` (the note says it; ``load_model(assume=...)``
+states it instead). ``apply_key_map`` runs the user's ``--key-map REGEX=REPLACEMENT`` rules
 before any of this. Each function returns new dicts; tensors are never modified in place.
 """
 from __future__ import annotations
@@ -46,7 +50,8 @@ class Layout:
             self.assumed.append((kwarg, value, words))
 
     def assumption_note(self) -> str | None:
-        """e.g. "nn.TransformerEncoder: assumed post-norm (norm_first=False), ReLU, eps 1e-5 (...): norm_placement=..."."""
+        """e.g. "nn.TransformerEncoder: assumed post-norm (norm_first=False), ReLU, eps 1e-5 (...): norm_placement=..."
+        (what was assumed in words, then as the kwargs that state it otherwise)."""
         if not self.assumed:
             return None
         words = ", ".join(w for _, _, w in self.assumed)
@@ -181,7 +186,8 @@ _HEAD_SEQUENTIAL = re.compile(r"^(mlp_head|head|classifier|classifer|fc|cls_head
 
 def _sequential_head(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
     """A head written as ``nn.Sequential``: [LayerNorm, Linear] (the norm goes before the classifier: ``norm`` on
-    a class token, ``fc_norm`` after average pooling) or [Linear, activation, Linear] (``pre_logits.fc`` + ``head``)."""
+    a class token, ``fc_norm`` after average pooling) or [Linear, activation, Linear] (``pre_logits.fc`` and
+    ``head``; the activation has no weights, so it is assumed)."""
     children: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         if match := _HEAD_SEQUENTIAL.match(key):
@@ -203,6 +209,15 @@ def _sequential_head(state: dict[str, torch.Tensor], layout: Layout) -> dict[str
         layout.kwargs["head_hidden"] = int(children[order[0]]["weight"].shape[0])
         layout.assume("head_act", "tanh", "a tanh between the head's Linears")
         _note(layout, "head [Linear, activation, Linear] as pre_logits + head")
+    elif kinds == ["linear", "linear"] and order[1] - order[0] == 1:
+        # Two Linears with nothing between are one: W = W2 @ W1, b = W2 @ b1 + b2.
+        first, second = children[order[0]], children[order[1]]
+        weight = second["weight"] @ first["weight"]
+        bias = second.get("bias", torch.zeros(weight.shape[0], dtype=weight.dtype))
+        if "bias" in first:
+            bias = bias + second["weight"] @ first["bias"]
+        children, order, names = {0: {"weight": weight, "bias": bias}}, [0], ["head"]
+        _note(layout, "head [Linear, Linear] folded into one Linear")
     else:
         return state
     out = {k: v for k, v in state.items() if not _HEAD_SEQUENTIAL.match(k)}
@@ -256,7 +271,7 @@ def _rename_top_level(state: dict[str, torch.Tensor], layout: Layout) -> dict[st
     pos = out.get("pos_embed")
     if pos is not None and pos.dim() == 2:
         out["pos_embed"] = pos.unsqueeze(0)
-    if pos is not None and pos.shape[-2] > 1 and is_sinusoidal(pos):
+    if pos is not None and pos.dim() >= 2 and pos.shape[-2] > 1 and is_sinusoidal(pos):
         layout.kwargs["fixed_pos_embed"] = True
         _note(layout, "the position table is the fixed sin/cos table: kept constant")
     return out

@@ -74,6 +74,8 @@ def load_model(
             state, metadata = read_torch_state_dict(path, notes), {}
         state = apply_key_map(state, options["key_map"], spec_str)
         if METADATA_KEY in metadata:
+            if options["assume"]:
+                notes.append(f"assume={options['assume']} ignored: {path.name} records its architecture")
             model = _model_from_vitshrink_file(path, state, metadata[METADATA_KEY], options, notes)
         else:
             model = model_from_foreign_state(path, state, options, notes)

@@ -23,10 +23,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, calculate_drop_path_rates, get_act_layer
 from timm.layers.attention import Attention
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-__all__ = ["SlimBlock", "BlockwiseVisionTransformer", "vitshrink_vit", "as_logits"]
+__all__ = ["SlimBlock", "BlockwiseVisionTransformer", "BlockwiseVisionTransformerDistilled", "vitshrink_vit",
+           "vitshrink_vit_distilled", "as_logits"]
 
 
 class SlimBlock(nn.Module):
@@ -192,6 +194,7 @@ class BlockwiseVisionTransformer(VisionTransformer):
                 fc=nn.Linear(embed_dim, int(head_hidden)), act=get_act_layer(head_act)()))
             self.head_hidden_size = int(head_hidden)
             self.head = nn.Linear(int(head_hidden), self.num_classes) if self.num_classes > 0 else nn.Identity()
+        self.fixed_pos_embed = bool(fixed_pos_embed)
         if fixed_pos_embed and self.pos_embed is not None:
             self.pos_embed.requires_grad_(False)
         self.weight_init_mode = "reset" if weight_init == "skip" else weight_init
@@ -222,6 +225,30 @@ class BlockwiseVisionTransformer(VisionTransformer):
                     layer.mlp.fc2.weight.div_(scale)
 
 
+class BlockwiseVisionTransformerDistilled(VisionTransformerDistilled, BlockwiseVisionTransformer):
+    """``vitshrink_vit`` with DeiT's distillation token and second head (timm's ``VisionTransformerDistilled``),
+    so that the ``deit`` recipe keeps a teacher's block and head variants (post-norm, shared norms, ...)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.pre_logits is not None and self.num_classes > 0:  # timm sizes it by embed_dim
+            self.head_dist = nn.Linear(self.head_hidden_size, self.num_classes)
+        if self.fixed_pos_embed:  # timm made a new (trainable) table with a row for the distillation token
+            self.pos_embed.requires_grad_(False)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x, x_dist = (self.head_drop(self.fc_norm(t)) for t in (x[:, 0], x[:, 1]))
+        if self.pre_logits is not None:
+            x, x_dist = self.pre_logits(x), self.pre_logits(x_dist)
+        if pre_logits:
+            return (x + x_dist) / 2
+        x, x_dist = self.head(x), self.head_dist(x_dist)
+        if self.distilled_training and self.training:
+            return x, x_dist
+        x = (x + x_dist) / 2
+        return x.softmax(dim=-1) if self.head_softmax and not self.training else x
+
+
 def as_logits(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
     """``model``'s output as logits: the log of a softmax head's probabilities (logits up to a per-image constant,
     which softmax, cross-entropy and KD at any temperature ignore), any other output as it is."""
@@ -247,11 +274,19 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 # Read by timm's register_model to attach the pretrained_cfg (no weights are published under this name).
-default_cfgs = generate_default_cfgs({"vitshrink_vit": _cfg()})
+default_cfgs = generate_default_cfgs({"vitshrink_vit": _cfg(), "vitshrink_vit_distilled": _cfg(
+    classifier=("head", "head_dist"))})
 
 
 @register_model
 def vitshrink_vit(pretrained: bool = False, **kwargs: Any) -> BlockwiseVisionTransformer:
     """ViT with per-block heads / head dims / MLP widths (the output of vitshrink's pruning)."""
     return build_model_with_cfg(BlockwiseVisionTransformer, "vitshrink_vit", pretrained,
+                                feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
+
+
+@register_model
+def vitshrink_vit_distilled(pretrained: bool = False, **kwargs: Any) -> BlockwiseVisionTransformerDistilled:
+    """``vitshrink_vit`` with a distillation token and head (the ``deit`` recipe's student)."""
+    return build_model_with_cfg(BlockwiseVisionTransformerDistilled, "vitshrink_vit_distilled", pretrained,
                                 feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
