@@ -34,6 +34,17 @@ KeyMapOpt = Annotated[Optional[list[str]], typer.Option(
     "--key-map", help="rename checkpoint tensors before loading: 'REGEX=REPLACEMENT' (repeatable)")]
 NormEpsOpt = Annotated[Optional[float], typer.Option(
     "--norm-eps", help="LayerNorm epsilon the checkpoint was trained with (timm 1e-6, torch.nn 1e-5)")]
+ResolveOpt = Annotated[bool, typer.Option(
+    "--resolve", help="decide what the weights cannot tell (heads, norm placement, activation, eps, mean/std) by "
+                      "top-1 on labelled images (--data, or the bundled set when the classes match)")]
+AssumeOpt = Annotated[Optional[list[str]], typer.Option(
+    "--assume", help="state what a foreign layout's weights cannot tell: KEY=VALUE (repeatable): norm_placement="
+                     "pre|post, act_layer=gelu|relu|..., head_act=..., head_softmax=true|false, fc_norm=true|false")]
+ModuleOpt = Annotated[Optional[str], typer.Option(
+    "--module", help="FILE.py:CALLABLE building your own model: its outputs decide how the checkpoint is read "
+                     "(runs your code)")]
+ModuleArgsOpt = Annotated[Optional[str], typer.Option("--module-args", help="JSON object of keyword arguments "
+                                                                             "for --module's CALLABLE")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="ImageFolder dir or .tar (default: bundled CIFAR-10)")]
 
 
@@ -44,10 +55,27 @@ def _floats(text: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
     return parse_floats(text, flag, positive=flag == "--std")
 
 
+def parse_assume(items: Optional[list[str]]) -> Optional[dict]:
+    """``--assume KEY=VALUE`` items as a dict (true/false as booleans); load_model checks keys and values."""
+    if not items:
+        return None
+    found = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--assume {item!r}: expected KEY=VALUE, e.g. norm_placement=post")
+        value = value.strip()
+        found[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
+    return found
+
+
 def load_spec(spec: str, arch: Optional[str], num_heads: Optional[int], img_size: Optional[int],
               in_chans: Optional[int], num_classes: Optional[int], mean: Optional[str], std: Optional[str],
-              pretrained: bool = False, *, key_map: Optional[list[str]] = None, norm_eps: Optional[float] = None):
-    """Load a SPEC with the shared loading options and print any assumption the loader made."""
+              pretrained: bool = False, *, key_map: Optional[list[str]] = None, norm_eps: Optional[float] = None,
+              resolve: bool = False, data: Optional[Path] = None, module: Optional[str] = None,
+              module_args: Optional[str] = None, assume: Optional[list[str]] = None):
+    """Load a SPEC with the shared loading options and print any assumption the loader made; ``resolve`` or
+    ``module`` decide what the weights cannot tell (vitshrink.io.resolve) and print the candidates tried."""
     from vitshrink.validate import check_load_options, check_float
 
     means, stds = _floats(mean, "--mean"), _floats(std, "--std")
@@ -55,14 +83,32 @@ def load_spec(spec: str, arch: Optional[str], num_heads: Optional[int], img_size
                        mean=means, std=stds)
     check_float(norm_eps, "--norm-eps", low=0.0, high=1.0, low_open=True, optional=True)
     from vitshrink.io import load_model, record_of  # after the checks: importing torch takes seconds
-    model = load_model(spec, arch=arch, num_heads=num_heads, img_size=img_size, in_chans=in_chans,
-                       num_classes=num_classes, mean=means, std=stds, pretrained=pretrained, key_map=key_map,
-                       norm_eps=norm_eps)
+    load_kwargs = dict(arch=arch, num_heads=num_heads, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+                       mean=means, std=stds, pretrained=pretrained, key_map=key_map, norm_eps=norm_eps,
+                       assume=parse_assume(assume))
+    if resolve or module:
+        from vitshrink.io.resolve import load_resolved
+
+        model, resolution = load_resolved(spec, load_kwargs, data, module=module, module_args=module_args,
+                                          require_data=resolve)
+        print_resolution(resolution)
+    else:
+        model = load_model(spec, **load_kwargs)
     record = record_of(model)
     record.spec = spec
     for note in record.notes:
         err_console.print(f"[yellow]note:[/yellow] {note}")
     return model
+
+
+def print_resolution(resolution) -> None:
+    """The candidates tried for what the weights cannot tell (stderr: stdout stays the command's output)."""
+    if resolution is None:
+        return
+    err_console.print(f"decided by behaviour on {resolution.n_images} images of {resolution.data} "
+                      "(candidate -> top-1; * = taken):", markup=False, highlight=False, soft_wrap=True)
+    for line in resolution.table():
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.callback()

@@ -11,8 +11,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from vitshrink.cli import (ArchOpt, DataOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt,
-                           KeyMapOpt, NormEpsOpt, PretrainedOpt, StdOpt, app, console, load_spec)
+from vitshrink.cli import (ArchOpt, AssumeOpt, DataOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt,
+                           KeyMapOpt, ModuleArgsOpt, ModuleOpt, NormEpsOpt, ResolveOpt, PretrainedOpt,
+                           StdOpt, app, console, load_spec)
 from vitshrink.errors import UserError
 
 
@@ -103,7 +104,8 @@ def distill(
     synth_num: Annotated[Optional[int], typer.Option("--synth-num", help="images to synthesise (--data-free)")] = None,
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
-    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None, resolve: ResolveOpt = False,
+    module: ModuleOpt = None, module_args: ModuleArgsOpt = None, assume: AssumeOpt = None,
 ) -> None:
     """Distil TEACHER into a smaller student with a recipe; writes the run folder and prints the report.
 
@@ -140,7 +142,8 @@ def distill(
         model = load_bundled_teacher()
     else:
         model = load_spec(teacher, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
-                          key_map=key_map, norm_eps=norm_eps)
+                          key_map=key_map, norm_eps=norm_eps, resolve=resolve, data=data,
+                          module=module, module_args=module_args, assume=assume)
     with run_lock(out):
         result = run_distill(model, recipe, student=student, data=data, val_data=val_data, out_dir=out,
                              epochs=epochs, batch_size=batch_size, lr=lr, device=device, amp=amp, resume=resume,

@@ -8,8 +8,9 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from vitshrink.cli import (ArchOpt, DataOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt,
-                           KeyMapOpt, NormEpsOpt, PretrainedOpt, StdOpt, _device, app, console, err_console, load_spec)
+from vitshrink.cli import (ArchOpt, AssumeOpt, DataOpt, ImgSizeOpt, InChansOpt, MeanOpt, NumClassesOpt, NumHeadsOpt,
+                           KeyMapOpt, ModuleArgsOpt, ModuleOpt, NormEpsOpt, ResolveOpt, PretrainedOpt,
+                           StdOpt, _device, app, console, err_console, load_spec)
 from vitshrink.errors import UserError
 
 
@@ -18,7 +19,8 @@ def inspect(
     spec: Annotated[str, typer.Argument(help="timm name, .safetensors, .pt/.pth, or HF directory")],
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
-    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None, resolve: ResolveOpt = False,
+    module: ModuleOpt = None, module_args: ModuleArgsOpt = None, assume: AssumeOpt = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the summary as JSON")] = None,
 ) -> None:
     """Architecture summary: family, input, patch size, width, depth, heads, MLP, params, GMACs/GFLOPs."""
@@ -30,7 +32,8 @@ def inspect(
     if json_out:
         check_output_file(json_out, "--json")
     model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
-                      key_map=key_map, norm_eps=norm_eps)
+                      key_map=key_map, norm_eps=norm_eps, resolve=resolve,
+                      module=module, module_args=module_args, assume=assume)
     info = describe(model)
     table = Table(title=f"{spec}", show_header=False)
     for key, value in info["summary"].items():
@@ -59,7 +62,8 @@ def evaluate(
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda")] = "auto",
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
-    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None, resolve: ResolveOpt = False,
+    module: ModuleOpt = None, module_args: ModuleArgsOpt = None, assume: AssumeOpt = None,
 ) -> None:
     """Top-1/top-5 on the validation split (whole set when it has no split and --val-data is not given)."""
     from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -69,7 +73,8 @@ def evaluate(
     from vitshrink.io import data_config
 
     model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
-                          key_map=key_map, norm_eps=norm_eps)
+                          key_map=key_map, norm_eps=norm_eps, resolve=resolve, data=data,
+                          module=module, module_args=module_args, assume=assume)
     split, description = resolve_eval_split(data, val_data, in_chans=data_config(model)["input_size"][0])
     with Progress(*Progress.get_default_columns()[:-1], MofNCompleteColumn(), TimeRemainingColumn(),
                   console=err_console) as progress:
@@ -86,7 +91,8 @@ def export(
     data: DataOpt = None,
     arch: ArchOpt = None, num_heads: NumHeadsOpt = None, img_size: ImgSizeOpt = None, in_chans: InChansOpt = None,
     num_classes: NumClassesOpt = None, mean: MeanOpt = None, std: StdOpt = None, pretrained: PretrainedOpt = False,
-    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None,
+    key_map: KeyMapOpt = None, norm_eps: NormEpsOpt = None, resolve: ResolveOpt = False,
+    module: ModuleOpt = None, module_args: ModuleArgsOpt = None, assume: AssumeOpt = None,
 ) -> None:
     """Export to ONNX (dynamic batch) and check it against PyTorch on real images."""
     from vitshrink.data import sample_images
@@ -98,7 +104,8 @@ def export(
     check_outputs_apart(out_files={"--output": output}, inputs={"SPEC": spec, "--data": data})
     check_output_file(output, "--output")
     model = load_spec(spec, arch, num_heads, img_size, in_chans, num_classes, mean, std, pretrained,
-                      key_map=key_map, norm_eps=norm_eps)
+                      key_map=key_map, norm_eps=norm_eps, resolve=resolve, data=data,
+                      module=module, module_args=module_args, assume=assume)
     sample = sample_images(data_config(model), data)
     result = export_onnx(model, output, sample=sample)
     console.print(f"wrote {output}: max |logit diff| {result.max_abs_diff:.2e} (limit 1e-4), top-1 agreement "

@@ -83,10 +83,12 @@ def model_from_foreign_state(path: Path, state: dict[str, torch.Tensor], options
     model = build_and_load(arch, kwargs, state, path, arch)
     if layout is not None and layout.data:
         set_data_config(model, **layout.data)
-    elif arch_was_inferred:
-        cfg = data_config(model)
-        notes.append(f"mean/std {tuple(cfg['mean'])}/{tuple(cfg['std'])} assumed ({arch}'s defaults; a "
-                     f"{layout.name} records none): pass --mean/--std with the values it was trained with")
+    # A state dict never records its input normalisation: whatever is used is an assumption, said so.
+    cfg = data_config(model)
+    where = f"{layout.name}'s usual" if layout is not None and layout.data else f"{arch}'s defaults"
+    notes.append(f"mean/std {tuple(round(v, 4) for v in cfg['mean'])}/{tuple(round(v, 4) for v in cfg['std'])} "
+                 f"assumed ({where}; the checkpoint records none): pass --mean/--std, or --resolve with --data to "
+                 f"decide it by behaviour")
     if options["img_size"] is not None and "img_size" not in kwargs:
         set_data_config(model, input_size=(data_config(model)["input_size"][0], options["img_size"],
                                            options["img_size"]), crop_pct=1.0)
@@ -288,23 +290,24 @@ def _pool_and_head_kwargs(state: dict[str, torch.Tensor], arch_probe: nn.Module,
 def choose_num_heads(embed_dim: int, arch_probe: nn.Module, arch: str, asked: int | None, path: Path,
                      notes: list[str], head_dim: int | None = None) -> int:
     """No tensor shape reveals the head count: take the user's, else the layout's head width, else the arch's,
-    else 64-wide heads."""
+    else 64-wide heads. This is only the stated prior: ``vitshrink.io.resolve`` decides by behaviour."""
     if asked is not None:
         if asked < 1 or embed_dim % asked:
             raise UserError(f"{path}: num_heads={asked} does not divide the attention width {embed_dim}")
         return int(asked)
     if head_dim is not None and embed_dim % head_dim == 0:
         notes.append(f"num_heads={embed_dim // head_dim} assumed ({head_dim}-wide heads, the layout's default; the "
-                     f"checkpoint cannot tell): pass --num-heads if it was trained with another count")
+                     f"checkpoint cannot tell): pass --num-heads, or --resolve with --data to decide it by behaviour")
         return embed_dim // head_dim
     default_heads = int(arch_probe.blocks[0].attn.num_heads)
     if int(arch_probe.embed_dim) == embed_dim:
         notes.append(f"num_heads={default_heads} assumed (timm default for {arch}; the checkpoint cannot tell): "
-                     f"pass --num-heads if it was trained with another count")
+                     f"pass --num-heads, or --resolve with --data to decide it by behaviour")
         return default_heads
     heads = embed_dim // 64 if embed_dim % 64 == 0 else (default_heads if embed_dim % default_heads == 0 else 1)
     notes.append(f"num_heads={heads} assumed (width {embed_dim} differs from {arch}'s {arch_probe.embed_dim}; "
-                 f"{embed_dim // heads}-wide heads): pass --num-heads if it was trained with another count")
+                 f"{embed_dim // heads}-wide heads): pass --num-heads, or --resolve with --data to decide it by "
+                 f"behaviour")
     return heads
 
 

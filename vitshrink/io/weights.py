@@ -83,15 +83,17 @@ def build_and_load(name: str, kwargs: dict[str, Any], state: dict[str, torch.Ten
 
 def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: Path | str,
                 label: str) -> None:
-    """One line naming the first tensor whose shape differs, or the tensors missing / left over."""
-    for key, tensor in state.items():
-        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
-            raise UserError(f"{source}: {key} has shape {tuple(tensor.shape)} but arch {label} expects "
-                            f"{tuple(expected[key].shape)}")
+    """One line naming the tensors missing / left over (with the ``--key-map`` rule that renames them), else the
+    first tensor whose shape differs. Names come first: a renamed tensor is a name problem, and the sizes read
+    from a half-recognised file are not worth comparing."""
     # Checkpoints from PyTorch < 0.4.1 have no BatchNorm step counter; it does not affect the outputs.
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     if not missing and not unexpected:
+        for key, tensor in state.items():
+            if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+                raise UserError(f"{source}: {key} has shape {tuple(tensor.shape)} but arch {label} expects "
+                                f"{tuple(expected[key].shape)}")
         return
     details = ("tensors in the file that the model lacks:\n  " + "\n  ".join(
         f"{k} {tuple(state[k].shape)}" for k in unexpected) + "\ntensors the model needs that the file lacks:\n  "
@@ -99,9 +101,10 @@ def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     hint = " (--debug lists every unmatched key)"
     suggestion = suggest_key_map(unexpected, missing, state, expected)
     if suggestion is not None:
-        found, wanted, rule, fixed = suggestion
-        raise UserError(f"{source}: {found} {tuple(state[found].shape)} looks like {wanted}: try --key-map "
-                        f"'{rule}' ({fixed} of {len(unexpected)} unmatched tensors would match){hint}", details)
+        found, wanted, rules, fixed = suggestion
+        flags = " ".join(f"--key-map '{rule}'" for rule in rules)
+        raise UserError(f"{source}: {found} {tuple(state[found].shape)} looks like {wanted}: try {flags} ({fixed} of "
+                        f"{len(unexpected)} unmatched tensors would match){hint}", details)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"{source}: arch {label} needs tensor {missing[0]}{more}, which the file lacks{hint}", details)
@@ -109,34 +112,76 @@ def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     raise UserError(f"{source}: tensor {unexpected[0]}{more} is not part of arch {label}{hint}", details)
 
 
-def suggest_key_map(unexpected: list[str], missing: list[str], state: dict[str, torch.Tensor],
-                    expected: dict[str, torch.Tensor]) -> tuple[str, str, str, int] | None:
-    """The ``--key-map`` rule that renames the most unmatched file tensors onto needed ones of the same shape.
+# timm names a foreign file may hold under another name even when the arch built has no such tensor (a head
+# when the file's classifier was not recognised), with their number of dimensions.
+STANDARD_TENSORS = {"head.weight": 2, "head.bias": 1, "norm.weight": 1, "norm.bias": 1, "cls_token": 3,
+                    "pos_embed": 3, "patch_embed.proj.weight": 4, "patch_embed.proj.bias": 1}
+MAX_RULES = 3
 
-    Candidates pair a file tensor with a needed tensor of the same shape; the rule replaces the dotted
-    segment where their names differ (with the segment before it as context, e.g. ``mlp\\.0\\.=mlp.fc1.``).
+
+def suggest_key_map(unexpected: list[str], missing: list[str], state: dict[str, torch.Tensor],
+                    expected: dict[str, torch.Tensor]) -> tuple[str, str, list[str], int] | None:
+    """``--key-map`` rules (greedy, at most ``MAX_RULES``) renaming the most unmatched file tensors onto needed
+    names: (first file tensor, the name it maps to, rules, tensors they fix).
+
+    A file tensor pairs with a needed name of the same shape, or, since sizes read from a half-recognised file
+    can be wrong, of the same rank whose name contains or shares its last part with it; top-level tensors pair
+    with top-level names, block tensors with names of the same block. Each rule replaces the dotted segment
+    where the two names differ (with the segment before it as context, e.g. ``mlp\\.0\\.=mlp.fc1.``).
     """
+    targets = {k: (tuple(v.shape), v.dim()) for k, v in expected.items() if k in set(missing)}
+    targets.update({k: (None, rank) for k, rank in STANDARD_TENSORS.items() if k not in expected})
+    remaining, rules, fixed, first = list(unexpected), [], 0, None
+    for _ in range(MAX_RULES):
+        best = _best_rule(remaining, targets, state)
+        if best is None:
+            break
+        found, wanted, rule, mapped = best
+        first = first or (found, wanted)
+        rules.append(rule)
+        fixed += len(mapped)
+        remaining = [k for k in remaining if k not in mapped]
+        for target in mapped.values():
+            targets.pop(target, None)
+    return (first[0], first[1], rules, fixed) if rules else None
+
+
+def _best_rule(unexpected: list[str], targets: dict[str, tuple[tuple[int, ...] | None, int]],
+               state: dict[str, torch.Tensor]) -> tuple[str, str, str, dict[str, str]] | None:
     import re
 
-    needed = set(missing)
-    best: tuple[str, str, str, int] | None = None
-    tried: set[str] = set()
+    best, best_score, tried = None, (0, 0), set()
     for found in unexpected[:64]:
-        shape = tuple(state[found].shape)
-        for wanted in missing:
-            if tuple(expected[wanted].shape) != shape:
+        for wanted in targets:
+            if not _plausible(found, wanted, tuple(state[found].shape), targets[wanted]):
                 continue
             rule = _rule_between(found, wanted)
             if rule is None or rule in tried:
                 continue
             tried.add(rule)
             pattern, replacement = rule.split("=", 1)
-            fixed = sum(1 for key in unexpected
-                        if re.sub(pattern, replacement, key) in needed
-                        and tuple(state[key].shape) == tuple(expected[re.sub(pattern, replacement, key)].shape))
-            if fixed and (best is None or fixed > best[3]):
-                best = (found, wanted, rule, fixed)
+            mapped = {k: re.sub(pattern, replacement, k) for k in unexpected}
+            mapped = {k: v for k, v in mapped.items() if v in targets and v != k
+                      and _plausible(k, v, tuple(state[k].shape), targets[v])}
+            same_shape = sum(tuple(state[k].shape) == targets[v][0] for k, v in mapped.items())
+            if len(set(mapped.values())) == len(mapped) and (len(mapped), same_shape) > best_score:
+                best, best_score = (found, wanted, rule, mapped), (len(mapped), same_shape)
     return best
+
+
+def _plausible(found: str, wanted: str, shape: tuple[int, ...], target: tuple[tuple[int, ...] | None, int]) -> bool:
+    import re
+
+    def block(name: str) -> str | None:  # a numbered block holds modules (blocks.3.attn.x), a Sequential leaf not
+        match = re.search(r"(?:^|\.)(\d+)\.[^.]+\.", name)
+        return match.group(1) if match else None
+
+    if block(found) != block(wanted):
+        return False
+    if shape == target[0]:
+        return True
+    head, tail = found.rsplit(".", 1)[-1], wanted.rsplit(".", 1)[-1]
+    return len(shape) == target[1] and (head == tail or wanted in found or found in wanted)
 
 
 def _rule_between(found: str, wanted: str) -> str | None:
@@ -150,8 +195,12 @@ def _rule_between(found: str, wanted: str) -> str | None:
     while end < min(len(a), len(b)) - start and a[-1 - end] == b[-1 - end]:
         end += 1
     old, new = a[start:len(a) - end], b[start:len(b) - end]
-    if not old:
-        return None
+    if not old:  # a segment inserted (patch_embed.weight -> patch_embed.proj.weight)
+        if start == 0 or not new:
+            return None
+        lead = "^" if start == 1 else r"\."
+        pattern = lead + re.escape(a[start - 1]) + r"\." + f"(?!{re.escape('.'.join(new))}\\.)"
+        return f"{pattern}={'' if start == 1 else '.'}{'.'.join([a[start - 1]] + new)}."
     context = [a[start - 1]] if start > 0 and not a[start - 1].isdigit() else []
     lead = "" if context or start == 0 else "."
     pattern = (re.escape(lead) + re.escape(".".join(context + old))) if start else "^" + re.escape(".".join(old))
