@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+import torch
+
 from conftest import (REPO, RESNET20, TEACHER_ARCH, TEACHER_KWARGS, coadvise_teachers,  # noqa: F401  (re-exports)
                       tiny_teacher_path, train_tiny_teacher)
 

@@ -208,6 +208,6 @@ def test_train_teacher_unknown_arch_is_a_user_error(tmp_path):
     from vitshrink.errors import UserError
     from vitshrink.supervised import train_teacher
 
-    with pytest.raises(UserError, match="ARCH 'nosuchnet'"):
+    with pytest.raises(UserError, match="nosuchnet: unknown ARCH"):
         train_teacher("nosuchnet", data=small_data(16, 8), out_dir=tmp_path / "t", device="cpu", progress=False)
     assert not (tmp_path / "t" / "model.safetensors").exists()

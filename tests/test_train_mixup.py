@@ -2,6 +2,8 @@
 batch's (epoch, index) keys, resumable bit for bit; every label-taking task accepts the soft targets."""
 from __future__ import annotations
 
+import json
+
 import random
 
 import numpy as np
@@ -19,6 +21,7 @@ from vitshrink.distill.tasks import FeatureKDTask, LogitKDTask, MultiTokenKDTask
 from vitshrink.distill.teachers import Teachers
 from vitshrink.errors import UserError
 from vitshrink.io import create_model, set_data_config
+from vitshrink.io.record import architecture_record
 from vitshrink.train import Checkpointing, Evaluation, Schedule, TrainEnv, load_checkpoint, train
 from vitshrink.train.mixup import MIXUP_KEYS, SeededMixup, check_mixup_allowed, mixup_from_settings
 
@@ -161,7 +164,8 @@ def _run(out, *, mixing, stop_after=None, resume=False):
     if stop_after is not None:
         source = StopAfter(source, stop_after)
     schedule = Schedule(epochs=2, batch_size=16, lr=1e-3, warmup_epochs=0, max_steps_per_epoch=4)
-    checkpointing = Checkpointing(out, 2, "{}", lambda epoch, top1: None,
+    arch_json = json.dumps(architecture_record(student))  # last.pt's record is validated on resume
+    checkpointing = Checkpointing(out, 2, arch_json, lambda epoch, top1: None,
                                   load_checkpoint(out / "last.pt") if resume else None)
     env = TrainEnv(torch.device("cpu"), log=lambda message: None)
     train(task, source, schedule, checkpointing, evaluation=Evaluation(student, None), env=env, mixing=mixing)

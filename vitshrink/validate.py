@@ -164,7 +164,7 @@ _SETTING_RANGES: dict[str, tuple[float | None, float | None, bool, str]] = {
 }
 # Settings whose null value means "off" or "default".
 _NULLABLE = {"clip_grad", "steps_per_epoch", "workers", "kd_weight", "flops_target", "amp", "aug_auto_augment",
-             "latency_target"}
+             "latency_target", "synth_iterations", "synth_batch_size", "synth_divergence_weight"}  # synthesis: null = the chosen set's value
 
 
 def _setting_flag(key: str, source: str | None) -> str:
