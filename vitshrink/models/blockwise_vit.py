@@ -153,13 +153,7 @@ class BlockwiseVisionTransformer(VisionTransformer):
     ):
         depth = len(block_num_heads)
         _check_variants(norm_placement, head_hidden)
-        if not (len(block_head_dims) == len(block_mlp_hidden) == depth):
-            raise ValueError(f"block_num_heads, block_head_dims and block_mlp_hidden must have one entry per block, "
-                             f"got {depth}, {len(block_head_dims)}, {len(block_mlp_hidden)}")
-        if kept_blocks is not None and len(kept_blocks) != depth:
-            raise ValueError(f"kept_blocks has {len(kept_blocks)} entries for {depth} blocks")
-        if any(int(v) < 0 for v in (*block_num_heads, *block_head_dims, *block_mlp_hidden)):
-            raise ValueError("per-block dims must be >= 0")
+        _check_block_lists(block_num_heads, block_head_dims, block_mlp_hidden, kept_blocks)
         if global_pool == "prr":
             raise ValueError("vitshrink_vit does not support the 'prr' attention pooling head")
         for key in ("depth", "num_heads", "mlp_ratio", "block_fn", "mlp_layer", "attn_layer"):
@@ -234,6 +228,18 @@ def as_logits(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
     if getattr(inner, "head_softmax", False) and not inner.training:
         return output.float().clamp_min(torch.finfo(torch.float32).tiny).log()
     return output
+
+
+def _check_block_lists(heads: Sequence[int], head_dims: Sequence[int], mlp_hidden: Sequence[int],
+                       kept_blocks: Sequence[int] | None) -> None:
+    depth = len(heads)
+    if not (len(head_dims) == len(mlp_hidden) == depth):
+        raise ValueError(f"block_num_heads, block_head_dims and block_mlp_hidden must have one entry per block, "
+                         f"got {depth}, {len(head_dims)}, {len(mlp_hidden)}")
+    if kept_blocks is not None and len(kept_blocks) != depth:
+        raise ValueError(f"kept_blocks has {len(kept_blocks)} entries for {depth} blocks")
+    if any(int(v) < 0 for v in (*heads, *head_dims, *mlp_hidden)):
+        raise ValueError("per-block dims must be >= 0")
 
 
 def _check_variants(norm_placement: str, head_hidden: int) -> None:
